@@ -1,0 +1,443 @@
+//! The envelope (SPEC §2): parse and serialise preserving unknown fields, validation, the
+//! route rules and status handling.
+//!
+//! The payload is kept as raw JSON text ([`RawValue`]): the host never looks inside it, so it
+//! is neither parsed into a tree nor re-formatted on the way through.
+
+use std::fmt;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+/// Header that carries the trace id across hops.
+pub const HEADER_TRACE_ID: &str = "trace_id";
+/// W3C trace context header.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+/// The route of an envelope: processed actors, the actor that must process it, the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Route {
+    #[serde(default)]
+    pub prev: Vec<String>,
+    pub curr: String,
+    #[serde(default)]
+    pub next: Vec<String>,
+}
+
+impl Route {
+    /// The route after `curr` has processed the envelope: `curr` joins `prev`, `next[0]`
+    /// becomes `curr` (or `""` at the end of the route).
+    pub fn shifted(&self) -> Route {
+        let mut prev = Vec::with_capacity(self.prev.len() + 1);
+        prev.extend(self.prev.iter().cloned());
+        prev.push(self.curr.clone());
+        let mut next = self.next.iter().cloned();
+        let curr = next.next().unwrap_or_default();
+        Route {
+            prev,
+            curr,
+            next: next.collect(),
+        }
+    }
+
+    /// True when no actor is left to process the envelope.
+    pub fn is_finished(&self) -> bool {
+        self.curr.is_empty()
+    }
+
+    /// Route rules (SPEC §2): `out` is a legal successor of `self` — processed steps are
+    /// history, so `out.prev` must be exactly `self.prev + [self.curr]`. `out.curr` and
+    /// `out.next` are free (a handler or a policy may add, remove or replace future actors).
+    pub fn check_successor(&self, out: &Route) -> Result<(), RouteViolation> {
+        let n = self.prev.len();
+        let ok =
+            out.prev.len() == n + 1 && out.prev[..n] == self.prev[..] && out.prev[n] == self.curr;
+        if ok {
+            Ok(())
+        } else {
+            Err(RouteViolation {
+                expected_prev: {
+                    let mut p = self.prev.clone();
+                    p.push(self.curr.clone());
+                    p
+                },
+                got_prev: out.prev.clone(),
+            })
+        }
+    }
+
+    /// Every actor named by the route, in order.
+    pub fn actors(&self) -> impl Iterator<Item = &str> {
+        self.prev
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(self.curr.as_str()).filter(|c| !c.is_empty()))
+            .chain(self.next.iter().map(String::as_str))
+    }
+}
+
+/// A route that rewrites history.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("route rewrites processed steps: prev must be {expected_prev:?}, got {got_prev:?}")]
+pub struct RouteViolation {
+    pub expected_prev: Vec<String>,
+    pub got_prev: Vec<String>,
+}
+
+/// Lifecycle phase of an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Pending,
+    Processing,
+    Retrying,
+    Succeeded,
+    Failed,
+    Paused,
+    Canceled,
+}
+
+/// Why an envelope reached its phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reason {
+    Completed,
+    RuntimeError,
+    Timeout,
+    ParseError,
+    ValidationError,
+    RouteMismatch,
+    PolicyRejected,
+    MaxRetriesExhausted,
+    NonRetryableFailure,
+}
+
+/// The error carried by a failed envelope (the runtime's 500 body, or the host's own).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mro: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
+}
+
+impl ErrorInfo {
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorInfo {
+            message: message.into(),
+            kind: kind.into(),
+            mro: Vec::new(),
+            traceback: None,
+        }
+    }
+}
+
+/// `status` of an envelope. Unknown fields are preserved.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Status {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// An envelope. Unknown top-level fields live in `extra` and are written back unchanged.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub id: String,
+    pub parent_id: Option<String>,
+    pub route: Route,
+    pub headers: Map<String, Value>,
+    pub payload: Box<RawValue>,
+    pub status: Option<Status>,
+    pub extra: Map<String, Value>,
+}
+
+/// Why bytes are not a usable envelope.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Not JSON, not an object, or a known field of the wrong type.
+    #[error("not an envelope: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// Well-formed JSON that breaks a rule (missing id, ...).
+    #[error("invalid envelope: {0}")]
+    Invalid(&'static str),
+}
+
+impl EnvelopeError {
+    /// `parse_error` or `validation_error` (the metric reason).
+    pub fn is_parse(&self) -> bool {
+        matches!(self, EnvelopeError::Parse(_))
+    }
+}
+
+fn null_payload() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("null is JSON")
+}
+
+impl Envelope {
+    /// A new envelope (used by the gateway, tests and the host's own error envelopes).
+    pub fn new(id: impl Into<String>, route: Route, payload: Box<RawValue>) -> Self {
+        Envelope {
+            id: id.into(),
+            parent_id: None,
+            route,
+            headers: Map::new(),
+            payload,
+            status: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// Parse and validate bytes received from a queue.
+    pub fn parse(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+        let env: Envelope = serde_json::from_slice(bytes)?;
+        env.validate()?;
+        Ok(env)
+    }
+
+    /// Structural rules beyond types.
+    pub fn validate(&self) -> Result<(), EnvelopeError> {
+        if self.id.is_empty() {
+            return Err(EnvelopeError::Invalid("missing or empty id"));
+        }
+        Ok(())
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("envelope serialisation cannot fail")
+    }
+
+    pub fn trace_id(&self) -> &str {
+        self.headers
+            .get(HEADER_TRACE_ID)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    pub fn status_mut(&mut self) -> &mut Status {
+        self.status.get_or_insert_with(Status::default)
+    }
+
+    pub fn deadline_at(&self) -> Option<&str> {
+        self.status.as_ref()?.deadline_at.as_deref()
+    }
+
+    /// The deadline as a time, when set and valid RFC 3339.
+    pub fn deadline(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let s = self.deadline_at()?;
+        chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|d| d.with_timezone(&chrono::Utc))
+    }
+}
+
+/// Current time as RFC 3339 UTC with millisecond precision.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Serialize for Envelope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &self.id)?;
+        if let Some(p) = &self.parent_id {
+            m.serialize_entry("parent_id", p)?;
+        }
+        m.serialize_entry("route", &self.route)?;
+        if !self.headers.is_empty() {
+            m.serialize_entry("headers", &self.headers)?;
+        }
+        m.serialize_entry("payload", &self.payload)?;
+        if let Some(st) = &self.status {
+            m.serialize_entry("status", st)?;
+        }
+        for (k, v) in &self.extra {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Envelope;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an envelope object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
+                let mut id: Option<String> = None;
+                let mut parent_id = None;
+                let mut route: Option<Route> = None;
+                let mut headers = None;
+                let mut payload = None;
+                let mut status = None;
+                let mut extra = Map::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "id" => id = Some(map.next_value()?),
+                        "parent_id" => parent_id = map.next_value()?,
+                        "route" => route = Some(map.next_value()?),
+                        "headers" => {
+                            headers = map.next_value::<Option<Map<String, Value>>>()?;
+                        }
+                        "payload" => payload = Some(map.next_value()?),
+                        "status" => status = map.next_value()?,
+                        _ => {
+                            let v: Value = map.next_value()?;
+                            extra.insert(key.into_owned(), v);
+                        }
+                    }
+                }
+                Ok(Envelope {
+                    id: id.unwrap_or_default(),
+                    parent_id,
+                    route: route.ok_or_else(|| de::Error::missing_field("route"))?,
+                    headers: headers.unwrap_or_default(),
+                    payload: payload.unwrap_or_else(null_payload),
+                    status,
+                    extra,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// One output of a runtime call (SPEC §3): the route is already shifted by the runtime.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Frame {
+    pub route: Route,
+    #[serde(default = "null_payload")]
+    pub payload: Box<RawValue>,
+    #[serde(default)]
+    pub headers: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub status: Option<Status>,
+}
+
+impl Frame {
+    /// The outgoing envelope for this frame: identity, unknown fields and the deadline of
+    /// `input`; route, payload and (when given) headers and status of the frame.
+    pub fn into_envelope(self, input: &Envelope) -> Envelope {
+        let mut status = self.status.or_else(|| input.status.clone());
+        // The deadline is set once and carried unchanged across every hop.
+        if let Some(d) = input.deadline_at() {
+            status.get_or_insert_with(Status::default).deadline_at = Some(d.to_owned());
+        }
+        let mut headers = self.headers.unwrap_or_else(|| input.headers.clone());
+        for key in [HEADER_TRACE_ID, HEADER_TRACEPARENT] {
+            if let Some(v) = input.headers.get(key) {
+                headers.entry(key).or_insert_with(|| v.clone());
+            }
+        }
+        Envelope {
+            id: input.id.clone(),
+            parent_id: input.parent_id.clone(),
+            route: self.route,
+            headers,
+            payload: self.payload,
+            status,
+            extra: input.extra.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prev: &[&str], curr: &str, next: &[&str]) -> Route {
+        Route {
+            prev: prev.iter().map(|s| s.to_string()).collect(),
+            curr: curr.into(),
+            next: next.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn round_trip_preserves_unknown_fields_and_payload_text() {
+        let text = r#"{"id":"e1","route":{"prev":[],"curr":"a","next":["b"]},"payload":{"k": [1, 2.50]},"custom":{"x":1},"status":{"deadline_at":"2030-01-01T00:00:00Z","mine":true}}"#;
+        let env = Envelope::parse(text.as_bytes()).unwrap();
+        assert_eq!(env.payload.get(), r#"{"k": [1, 2.50]}"#);
+        let back: Value = serde_json::from_slice(&env.to_vec()).unwrap();
+        assert_eq!(back["custom"]["x"], 1);
+        assert_eq!(back["status"]["mine"], true);
+        assert_eq!(back["status"]["deadline_at"], "2030-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn missing_id_is_a_validation_error_and_garbage_a_parse_error() {
+        let e = Envelope::parse(br#"{"route":{"curr":"a"},"payload":1}"#).unwrap_err();
+        assert!(!e.is_parse(), "{e}");
+        let e = Envelope::parse(br#"{"id":"","route":{"curr":"a"}}"#).unwrap_err();
+        assert!(!e.is_parse());
+        for bad in [
+            &b"not json"[..],
+            b"[1,2]",
+            br#"{"id":1,"route":{"curr":"a"}}"#,
+        ] {
+            assert!(Envelope::parse(bad).unwrap_err().is_parse());
+        }
+        assert!(Envelope::parse(br#"{"id":"x"}"#).unwrap_err().is_parse());
+    }
+
+    #[test]
+    fn shift_and_route_rules() {
+        let r = route(&["a"], "b", &["c", "d"]);
+        assert_eq!(r.shifted(), route(&["a", "b"], "c", &["d"]));
+        assert_eq!(route(&[], "a", &[]).shifted(), route(&["a"], "", &[]));
+        // next may change freely, curr of the successor too
+        assert!(r.check_successor(&route(&["a", "b"], "x", &["y"])).is_ok());
+        assert!(r.check_successor(&route(&["a", "b"], "", &[])).is_ok());
+        // history may not
+        assert!(r.check_successor(&route(&["a"], "b", &["c"])).is_err());
+        assert!(r.check_successor(&route(&["z", "b"], "c", &[])).is_err());
+        assert!(r
+            .check_successor(&route(&["a", "b", "c"], "d", &[]))
+            .is_err());
+    }
+
+    #[test]
+    fn frame_keeps_identity_deadline_and_trace() {
+        let input = Envelope::parse(
+            br#"{"id":"e1","parent_id":"p","route":{"curr":"a"},"headers":{"trace_id":"t-1"},"payload":1,"status":{"deadline_at":"2030-01-01T00:00:00Z"},"z":1}"#,
+        )
+        .unwrap();
+        let frame: Frame = serde_json::from_str(
+            r#"{"route":{"prev":["a"],"curr":""},"payload":2,"headers":{"h":1},"status":{"phase":"processing"}}"#,
+        )
+        .unwrap();
+        let out = frame.into_envelope(&input);
+        assert_eq!(out.id, "e1");
+        assert_eq!(out.parent_id.as_deref(), Some("p"));
+        assert_eq!(out.trace_id(), "t-1");
+        assert_eq!(out.deadline_at(), Some("2030-01-01T00:00:00Z"));
+        assert_eq!(out.extra["z"], 1);
+        assert_eq!(out.payload.get(), "2");
+    }
+}

@@ -1,0 +1,101 @@
+//! The `asya-host` binary: parse the command line, initialise logging, call the library,
+//! map errors to exit codes (1 = configuration or startup error, 3 = runtime timeout crash).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use asya_host::config::{ProcessEnv, SidecarConfig};
+use asya_host::sidecar::Exit;
+
+#[derive(Parser)]
+#[command(
+    name = "asya-host",
+    version,
+    about = "Asya actor host: sidecar, gateway, local mesh, plugin tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar next to one actor's runtime (configured by ASYA_* variables).
+    Sidecar,
+}
+
+/// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
+const EXIT_RUNTIME_TIMEOUT: u8 = 3;
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let level = std::env::var("ASYA_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(level.to_ascii_lowercase()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("ASYA_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("asya-host: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command.unwrap_or(Command::Sidecar) {
+            Command::Sidecar => sidecar().await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("asya-host: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn sidecar() -> anyhow::Result<ExitCode> {
+    let cfg = SidecarConfig::from_source(&ProcessEnv)?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let exit = asya_host::serve_sidecar(cfg, shutdown).await?;
+    Ok(match exit {
+        Exit::Shutdown => ExitCode::SUCCESS,
+        Exit::RuntimeTimeout => ExitCode::from(EXIT_RUNTIME_TIMEOUT),
+    })
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+        shutdown.cancel();
+    });
+}

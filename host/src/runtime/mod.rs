@@ -1,0 +1,332 @@
+//! Client for the runtime protocol (SPEC §3): HTTP/1.1 over a Unix socket with keep-alive,
+//! HTTP/1.0 and close-delimited responses accepted, JSON frames, 204/400/500, SSE streams.
+//!
+//! Every request carries a fresh `X-Request-Id`; a response that echoes a different id is a
+//! stale response on a reused connection and is rejected (the connection is dropped).
+//! A broken or truncated response is an error, never a panic.
+
+mod sse;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+
+use crate::envelope::{ErrorInfo, Frame};
+pub use sse::{SseEvent, SseStream};
+
+/// Header carrying the per-request id.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Why a runtime call failed (as opposed to the handler failing, which is a [`Reply`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot connect to runtime socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runtime connection failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("runtime did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("runtime answered request {expected} with X-Request-Id {got}")]
+    RequestIdMismatch { expected: String, got: String },
+    #[error("runtime response body exceeds {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("runtime response is broken: {0}")]
+    Malformed(String),
+    #[error("runtime answered with unexpected status {status}: {body}")]
+    UnexpectedStatus { status: u16, body: String },
+    #[error("runtime not ready after {waited:?}: {reason}")]
+    NotReady { waited: Duration, reason: String },
+}
+
+impl RuntimeError {
+    /// The error `type` recorded on an envelope that failed this way.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            RuntimeError::Timeout(_) => "Timeout",
+            RuntimeError::RequestIdMismatch { .. } => "RequestIdMismatch",
+            RuntimeError::Malformed(_) | RuntimeError::BodyTooLarge(_) => "MalformedResponse",
+            RuntimeError::UnexpectedStatus { .. } => "UnexpectedStatus",
+            _ => "ConnectionError",
+        }
+    }
+}
+
+/// What the runtime answered.
+#[derive(Debug)]
+pub enum Reply {
+    /// 200 JSON: the outgoing frames.
+    Frames(Vec<Frame>),
+    /// 200 SSE: frames arrive one by one.
+    Stream(SseStream),
+    /// 204: the handler aborted (returned None).
+    Abort,
+    /// 400: the runtime could not parse the envelope.
+    BadRequest(ErrorInfo),
+    /// 500: the handler raised.
+    HandlerError(ErrorInfo),
+}
+
+#[derive(Deserialize)]
+struct FramesBody {
+    frames: Vec<Frame>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    details: Value,
+}
+
+impl ErrorBody {
+    fn into_info(self, default_type: &str) -> ErrorInfo {
+        let mut info: ErrorInfo = serde_json::from_value(self.details.clone()).unwrap_or_default();
+        if info.kind.is_empty() {
+            info.kind = default_type.to_owned();
+        }
+        if info.message.is_empty() {
+            info.message = match &self.details {
+                Value::Null => self.error.clone(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+        }
+        info
+    }
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// Pool of keep-alive connections to one runtime socket.
+pub struct RuntimeClient {
+    socket: PathBuf,
+    pool: Mutex<Vec<Sender>>,
+    max_body: usize,
+}
+
+impl RuntimeClient {
+    pub fn new(socket: impl Into<PathBuf>, max_body: usize) -> Self {
+        RuntimeClient {
+            socket: socket.into(),
+            pool: Mutex::new(Vec::new()),
+            max_body,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn connect(&self) -> Result<Sender, RuntimeError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| RuntimeError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            // Errors surface on the request side; the task just drives the connection.
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// A ready connection: a pooled one if any is still usable, else a new one.
+    async fn checkout(&self) -> Result<Sender, RuntimeError> {
+        loop {
+            let pooled = self.pool.lock().expect("pool lock").pop();
+            match pooled {
+                Some(mut s) => {
+                    if s.is_closed() {
+                        continue;
+                    }
+                    if s.ready().await.is_ok() {
+                        return Ok(s);
+                    }
+                }
+                None => return self.connect().await,
+            }
+        }
+    }
+
+    fn checkin(&self, sender: Sender) {
+        if !sender.is_closed() {
+            self.pool.lock().expect("pool lock").push(sender);
+        }
+    }
+
+    /// Drop every pooled connection (after a timeout the runtime may still answer late).
+    pub fn reset(&self) {
+        self.pool.lock().expect("pool lock").clear();
+    }
+
+    async fn request(
+        &self,
+        req: Request<Full<Bytes>>,
+        request_id: &str,
+        deadline: Instant,
+    ) -> Result<(hyper::Response<Incoming>, Sender), RuntimeError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let fut = async {
+            let mut sender = self.checkout().await?;
+            let resp = sender.send_request(req).await?;
+            Ok::<_, RuntimeError>((resp, sender))
+        };
+        let (resp, sender) = tokio::time::timeout_at(deadline, fut)
+            .await
+            .map_err(|_| RuntimeError::Timeout(timeout))??;
+        if let Some(got) = resp.headers().get(REQUEST_ID) {
+            if got.as_bytes() != request_id.as_bytes() {
+                // A stale answer: this connection is out of step; drop it.
+                return Err(RuntimeError::RequestIdMismatch {
+                    expected: request_id.to_owned(),
+                    got: String::from_utf8_lossy(got.as_bytes()).into_owned(),
+                });
+            }
+        }
+        Ok((resp, sender))
+    }
+
+    async fn read_body(&self, body: Incoming, deadline: Instant) -> Result<Bytes, RuntimeError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let collected =
+            tokio::time::timeout_at(deadline, Limited::new(body, self.max_body).collect())
+                .await
+                .map_err(|_| RuntimeError::Timeout(timeout))?;
+        match collected {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) => {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Err(RuntimeError::BodyTooLarge(self.max_body))
+                } else {
+                    Err(RuntimeError::Malformed(format!("body read failed: {e}")))
+                }
+            }
+        }
+    }
+
+    /// `POST /invoke` with the envelope bytes; answer within `deadline`.
+    pub async fn invoke(&self, envelope: Bytes, deadline: Instant) -> Result<Reply, RuntimeError> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let req = Request::post("/invoke")
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(REQUEST_ID, &request_id)
+            .body(Full::new(envelope))
+            .expect("static request parts are valid");
+        let (resp, sender) = self.request(req, &request_id, deadline).await?;
+        let status = resp.status();
+        let is_sse = resp
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if status == StatusCode::OK && is_sse {
+            return Ok(Reply::Stream(SseStream::new(
+                resp.into_body(),
+                deadline,
+                self.max_body,
+                sender,
+            )));
+        }
+        let body = self.read_body(resp.into_body(), deadline).await?;
+        self.checkin(sender);
+        match status {
+            StatusCode::OK => {
+                let parsed: FramesBody = serde_json::from_slice(&body).map_err(|e| {
+                    RuntimeError::Malformed(format!("200 body is not {{\"frames\": [...]}}: {e}"))
+                })?;
+                Ok(Reply::Frames(parsed.frames))
+            }
+            StatusCode::NO_CONTENT => Ok(Reply::Abort),
+            StatusCode::BAD_REQUEST | StatusCode::INTERNAL_SERVER_ERROR => {
+                let parsed: ErrorBody = serde_json::from_slice(&body).map_err(|e| {
+                    RuntimeError::Malformed(format!(
+                        "{} body is not an error object: {e}",
+                        status.as_u16()
+                    ))
+                })?;
+                if status == StatusCode::BAD_REQUEST {
+                    Ok(Reply::BadRequest(parsed.into_info("MessageParsingError")))
+                } else {
+                    Ok(Reply::HandlerError(parsed.into_info("ProcessingError")))
+                }
+            }
+            other => Err(RuntimeError::UnexpectedStatus {
+                status: other.as_u16(),
+                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+            }),
+        }
+    }
+
+    /// `GET /healthz`: true when the runtime answers 200.
+    pub async fn healthz(&self, timeout: Duration) -> bool {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let req = Request::get("/healthz")
+            .header(hyper::header::HOST, "localhost")
+            .header(REQUEST_ID, &request_id)
+            .body(Full::new(Bytes::new()))
+            .expect("static request parts are valid");
+        let deadline = Instant::now() + timeout;
+        match self.request(req, &request_id, deadline).await {
+            Ok((resp, sender)) => {
+                let ok = resp.status() == StatusCode::OK;
+                if self.read_body(resp.into_body(), deadline).await.is_ok() {
+                    self.checkin(sender);
+                }
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Wait until the socket exists, `ready_file` exists and a connection succeeds.
+    pub async fn wait_ready(
+        &self,
+        ready_file: &Path,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut reason;
+        loop {
+            reason = if !self.socket.exists() {
+                format!("socket {} does not exist", self.socket.display())
+            } else if !ready_file.exists() {
+                format!("ready file {} does not exist", ready_file.display())
+            } else {
+                match UnixStream::connect(&self.socket).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => format!("cannot connect to {}: {e}", self.socket.display()),
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::NotReady {
+                    waited: start.elapsed(),
+                    reason,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

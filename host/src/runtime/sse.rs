@@ -1,0 +1,198 @@
+//! Server-sent events from a streaming handler: `downstream` (a frame), `upstream`
+//! (progress), `error` (the handler failed mid-stream), `done` (last).
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{ErrorBody, RuntimeError, Sender};
+use crate::envelope::{ErrorInfo, Frame};
+
+/// One event of the stream.
+#[derive(Debug)]
+pub enum SseEvent {
+    Downstream(Frame),
+    Upstream(Value),
+    Error(ErrorInfo),
+    Done,
+}
+
+/// An SSE response being read.
+pub struct SseStream {
+    body: Incoming,
+    buf: BytesMut,
+    deadline: Instant,
+    max_event: usize,
+    finished: bool,
+    // Keeps the connection's sender alive until the stream is read; not pooled again.
+    _sender: Sender,
+}
+
+impl std::fmt::Debug for SseStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseStream")
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+impl SseStream {
+    pub(super) fn new(body: Incoming, deadline: Instant, max_event: usize, sender: Sender) -> Self {
+        SseStream {
+            body,
+            buf: BytesMut::new(),
+            deadline,
+            max_event,
+            finished: false,
+            _sender: sender,
+        }
+    }
+
+    /// The next event; `Ok(None)` after `done`. A stream that ends without `done`, or an
+    /// event that cannot be parsed, is an error.
+    pub async fn next(&mut self) -> Result<Option<SseEvent>, RuntimeError> {
+        if self.finished {
+            return Ok(None);
+        }
+        loop {
+            if let Some(raw) = take_event(&mut self.buf) {
+                if let Some(ev) = parse_event(&raw)? {
+                    if matches!(ev, SseEvent::Done) {
+                        self.finished = true;
+                    }
+                    return Ok(Some(ev));
+                }
+                continue;
+            }
+            if self.buf.len() > self.max_event {
+                return Err(RuntimeError::BodyTooLarge(self.max_event));
+            }
+            let timeout = self.deadline.saturating_duration_since(Instant::now());
+            let frame = tokio::time::timeout_at(self.deadline, self.body.frame())
+                .await
+                .map_err(|_| RuntimeError::Timeout(timeout))?;
+            match frame {
+                None => {
+                    return Err(RuntimeError::Malformed(
+                        "event stream ended before the done event".into(),
+                    ))
+                }
+                Some(Err(e)) => return Err(RuntimeError::Http(e)),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Split off one complete event (terminated by a blank line), if buffered.
+fn take_event(buf: &mut BytesMut) -> Option<Bytes> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                let ev = buf.split_to(i).freeze();
+                buf.advance(2);
+                return Some(ev);
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                let ev = buf.split_to(i).freeze();
+                buf.advance(3);
+                return Some(ev);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+fn parse_event(raw: &[u8]) -> Result<Option<SseEvent>, RuntimeError> {
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| RuntimeError::Malformed("event stream is not UTF-8".into()))?;
+    let mut event = "message";
+    let mut data = String::new();
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => event = value,
+            "data" => {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(value);
+            }
+            _ => {}
+        }
+    }
+    let bad = |what: &str, e: serde_json::Error| {
+        RuntimeError::Malformed(format!("{what} event data is not valid: {e}"))
+    };
+    Ok(Some(match event {
+        "downstream" => {
+            SseEvent::Downstream(serde_json::from_str(&data).map_err(|e| bad("downstream", e))?)
+        }
+        "upstream" => {
+            let v: Value = serde_json::from_str(&data).map_err(|e| bad("upstream", e))?;
+            SseEvent::Upstream(match v {
+                Value::Object(mut m) if m.contains_key("payload") => {
+                    m.remove("payload").unwrap_or_default()
+                }
+                other => other,
+            })
+        }
+        "error" => {
+            let body: ErrorBody = serde_json::from_str(&data).map_err(|e| bad("error", e))?;
+            SseEvent::Error(body.into_info("ProcessingError"))
+        }
+        "done" => SseEvent::Done,
+        // Unknown event types are ignored, as SSE clients do.
+        _ => return Ok(None),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_events_on_blank_lines() {
+        let mut b = BytesMut::from(&b"event: a\ndata: 1\n\nevent: b\r\ndata: 2\r\n\r\npartial"[..]);
+        assert_eq!(&take_event(&mut b).unwrap()[..], b"event: a\ndata: 1");
+        assert_eq!(&take_event(&mut b).unwrap()[..], b"event: b\r\ndata: 2\r");
+        assert!(take_event(&mut b).is_none());
+        assert_eq!(&b[..], b"partial");
+    }
+
+    #[test]
+    fn parses_each_event_kind() {
+        let ev = parse_event(
+            b"event: downstream\ndata: {\"route\":{\"prev\":[\"a\"],\"curr\":\"\"},\"payload\":1}",
+        )
+        .unwrap();
+        assert!(matches!(ev, Some(SseEvent::Downstream(_))));
+        let ev = parse_event(b"event: upstream\ndata: {\"payload\": {\"pct\": 50}}").unwrap();
+        assert!(matches!(ev, Some(SseEvent::Upstream(v)) if v["pct"] == 50));
+        let ev = parse_event(b"event: error\ndata: {\"error\":\"processing_error\",\"details\":{\"message\":\"boom\",\"type\":\"ValueError\"}}").unwrap();
+        assert!(
+            matches!(ev, Some(SseEvent::Error(e)) if e.kind == "ValueError" && e.message == "boom")
+        );
+        assert!(matches!(
+            parse_event(b"event: done\ndata: {}").unwrap(),
+            Some(SseEvent::Done)
+        ));
+        assert!(parse_event(b"event: downstream\ndata: {oops").is_err());
+        assert!(parse_event(b": comment").unwrap().is_none());
+    }
+}

@@ -1,0 +1,220 @@
+//! The sidecar loop (SPEC §5): receive → parse → check → invoke → route → ack, with
+//! retries, crash-on-timeout, concurrency and graceful drain.
+
+mod inflight;
+mod process;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Mutex as AsyncMutex;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::SidecarConfig;
+use crate::metrics::{ActorMetrics, Metrics};
+use crate::plugin::RoutePolicy;
+use crate::runtime::{RuntimeClient, RuntimeError};
+use crate::transport::{Receiver, Transport, TransportError};
+
+pub use inflight::{Inflight, InflightRow, Stage};
+
+/// Why a sidecar stopped (when it did not fail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested and in-flight work drained.
+    Shutdown,
+    /// The runtime exceeded the actor timeout: the envelope went to x-sump and was acked;
+    /// the process should exit non-zero so the orchestrator restarts the pair.
+    RuntimeTimeout,
+}
+
+/// Why a sidecar could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("runtime is not ready: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot consume queue {queue}: {source}")]
+    Subscribe {
+        queue: String,
+        #[source]
+        source: TransportError,
+    },
+}
+
+/// Shared state for `/readyz`.
+#[derive(Default)]
+pub struct Readiness {
+    runtime_ready: AtomicBool,
+    consuming: AtomicBool,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.runtime_ready.load(Ordering::Relaxed) && self.consuming.load(Ordering::Relaxed)
+    }
+}
+
+/// What a sidecar is wired to.
+#[derive(Clone)]
+pub struct Deps {
+    pub transport: Arc<dyn Transport>,
+    pub metrics: Arc<Metrics>,
+    pub inflight: Arc<Inflight>,
+    pub readiness: Arc<Readiness>,
+    pub policy: Option<Arc<dyn RoutePolicy>>,
+}
+
+impl Deps {
+    pub fn new(transport: Arc<dyn Transport>, metrics: Arc<Metrics>) -> Self {
+        Deps {
+            transport,
+            metrics,
+            inflight: Inflight::new(),
+            readiness: Arc::new(Readiness::default()),
+            policy: None,
+        }
+    }
+}
+
+/// Everything a worker needs, shared by all workers of one sidecar.
+struct Shared {
+    cfg: SidecarConfig,
+    actor: Arc<str>,
+    queue: String,
+    sink_queue: String,
+    sump_queue: String,
+    transport: Arc<dyn Transport>,
+    runtime: Arc<RuntimeClient>,
+    metrics: ActorMetrics,
+    inflight: Arc<Inflight>,
+    policy: Option<Arc<dyn RoutePolicy>>,
+}
+
+/// Run one sidecar until `shutdown` is cancelled (→ [`Exit::Shutdown`]) or the runtime times
+/// out with crash-on-timeout (→ [`Exit::RuntimeTimeout`]).
+pub async fn run(
+    cfg: SidecarConfig,
+    deps: Deps,
+    shutdown: CancellationToken,
+) -> Result<Exit, SidecarError> {
+    let queue = cfg.queue();
+    let runtime = Arc::new(RuntimeClient::new(&cfg.socket_path, cfg.max_message_bytes));
+    if !cfg.is_end_actor {
+        info!(actor = %cfg.actor, socket = %cfg.socket_path.display(), "waiting for runtime");
+        tokio::select! {
+            r = runtime.wait_ready(&cfg.ready_file, cfg.ready_timeout) => r?,
+            _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
+        }
+    }
+    deps.readiness.runtime_ready.store(true, Ordering::Relaxed);
+    let receiver = deps
+        .transport
+        .subscribe(&queue, cfg.concurrency)
+        .await
+        .map_err(|source| SidecarError::Subscribe {
+            queue: queue.clone(),
+            source,
+        })?;
+    deps.readiness.consuming.store(true, Ordering::Relaxed);
+    info!(actor = %cfg.actor, %queue, concurrency = cfg.concurrency, transport = cfg.transport.as_str(), "consuming");
+
+    let shared = Arc::new(Shared {
+        actor: Arc::from(cfg.actor.as_str()),
+        sink_queue: cfg.queue_of(&cfg.sink),
+        sump_queue: cfg.queue_of(&cfg.sump),
+        metrics: ActorMetrics::new(deps.metrics.clone(), &queue, deps.transport.kind().as_str()),
+        queue,
+        transport: deps.transport.clone(),
+        runtime,
+        inflight: deps.inflight.clone(),
+        policy: deps.policy.clone(),
+        cfg,
+    });
+    let receiver = Arc::new(AsyncMutex::new(receiver));
+    // Cancelled by a worker that hit a runtime timeout with crash-on-timeout.
+    let crash = CancellationToken::new();
+    let stop_receiving = CancellationToken::new();
+    let mut workers = JoinSet::new();
+    for _ in 0..shared.cfg.concurrency {
+        workers.spawn(worker(
+            shared.clone(),
+            receiver.clone(),
+            stop_receiving.clone(),
+            crash.clone(),
+        ));
+    }
+
+    let exit = tokio::select! {
+        _ = shutdown.cancelled() => Exit::Shutdown,
+        _ = crash.cancelled() => Exit::RuntimeTimeout,
+    };
+    stop_receiving.cancel();
+    deps.readiness.consuming.store(false, Ordering::Relaxed);
+    match exit {
+        Exit::Shutdown => {
+            let grace = shared.cfg.shutdown_grace;
+            info!(actor = %shared.actor, in_flight = shared.metrics.active.get(), ?grace, "draining");
+            let drained = tokio::time::timeout(grace, async {
+                while workers.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                // Unacked deliveries are redelivered by the broker; nothing is dead-lettered.
+                warn!(actor = %shared.actor, "shutdown grace elapsed; in-flight envelopes left unacked for redelivery");
+                workers.abort_all();
+            }
+        }
+        Exit::RuntimeTimeout => {
+            error!(actor = %shared.actor, "runtime exceeded the actor timeout; exiting so the runtime is restarted");
+            // Other in-flight envelopes stay unacked and are redelivered.
+            workers.abort_all();
+        }
+    }
+    while workers.join_next().await.is_some() {}
+    Ok(exit)
+}
+
+async fn worker(
+    shared: Arc<Shared>,
+    receiver: Arc<AsyncMutex<Box<dyn Receiver>>>,
+    stop: CancellationToken,
+    crash: CancellationToken,
+) {
+    loop {
+        let waited = Instant::now();
+        let delivery = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            d = async { receiver.lock().await.recv().await } => d,
+        };
+        match delivery {
+            Ok(d) => {
+                shared
+                    .metrics
+                    .receive_duration
+                    .observe(waited.elapsed().as_secs_f64());
+                if process::handle(&shared, d).await == process::After::Crash {
+                    crash.cancel();
+                    return;
+                }
+            }
+            Err(TransportError::Closed) => {
+                stop.cancel();
+                return;
+            }
+            Err(e) => {
+                shared
+                    .metrics
+                    .failed(crate::metrics::FailReason::TransportError);
+                warn!(actor = %shared.actor, error = %e, "receive failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Queue transports (SPEC §8). The sidecar loop only sees [`Transport`], [`Receiver`] and
+//! [`Delivery`]; `memory`, `nats` and `wasm` implement them.
+//!
+//! Semantics every transport provides (the conformance suite checks them):
+//! - `send` returns once the broker has accepted the message (durably, where it can).
+//! - A delivery is redelivered unless it is acked; `nack(delay)` redelivers after `delay`.
+//! - `Delivery::attempt` counts deliveries of the same message, starting at 1.
+//! - Messages carry an id; transports that deduplicate drop a second send of the same id.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod memory;
+
+/// Which transport a sidecar uses (`ASYA_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Memory,
+    Nats,
+    Wasm,
+}
+
+impl TransportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Memory => "memory",
+            TransportKind::Nats => "nats",
+            TransportKind::Wasm => "wasm",
+        }
+    }
+}
+
+/// A failure of the broker or of the transport plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("transport is closed")]
+    Closed,
+    #[error("queue {queue}: {message}")]
+    Queue { queue: String, message: String },
+    #[error("{context}: {source}")]
+    Broker {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl TransportError {
+    pub fn broker(
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        TransportError::Broker {
+            context,
+            source: source.into(),
+        }
+    }
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct OutMessage {
+    /// Destination queue name (`asya-<ns>-<actor>`).
+    pub queue: String,
+    /// Deterministic message id, used for deduplication where the transport supports it.
+    pub id: String,
+    pub body: Bytes,
+}
+
+/// Publish and subscribe.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    fn kind(&self) -> TransportKind;
+
+    /// Start consuming `queue`; at most `prefetch` deliveries are outstanding (unacked).
+    async fn subscribe(
+        &self,
+        queue: &str,
+        prefetch: usize,
+    ) -> Result<Box<dyn Receiver>, TransportError>;
+
+    /// Publish one message; returns when the broker accepted it.
+    async fn send(&self, msg: OutMessage) -> Result<(), TransportError>;
+
+    /// Publish several messages; returns when all were accepted. Transports that can
+    /// pipeline publishes override this.
+    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<(), TransportError> {
+        for m in msgs {
+            self.send(m).await?;
+        }
+        Ok(())
+    }
+
+    /// Make sure `queues` exist (idempotent).
+    async fn ensure_queues(&self, _queues: &[String]) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// True while connected to the broker (for `/readyz`).
+    fn is_connected(&self) -> bool {
+        true
+    }
+}
+
+/// The consuming side of one queue.
+#[async_trait]
+pub trait Receiver: Send {
+    /// Wait for the next delivery. Cancel-safe: dropping the future loses nothing.
+    async fn recv(&mut self) -> Result<Delivery, TransportError>;
+}
+
+/// Acknowledgement of one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The message is done; it will not be delivered again.
+    async fn ack(self: Box<Self>) -> Result<(), TransportError>;
+    /// Deliver the message again after `delay`.
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), TransportError>;
+    /// Still working on it: extend the redelivery timer.
+    async fn in_progress(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+/// A received message.
+pub struct Delivery {
+    pub body: Bytes,
+    /// 1 for the first delivery, +1 for every redelivery.
+    pub attempt: u32,
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("len", &self.body.len())
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+/// Queue name of `actor` in `namespace` (SPEC §5).
+pub fn queue_name(namespace: &str, actor: &str) -> String {
+    format!("asya-{namespace}-{actor}")
+}
+
+/// The transport a standalone sidecar uses, from `ASYA_TRANSPORT` and its variables.
+pub async fn connect(
+    kind: TransportKind,
+    _src: &dyn crate::config::Source,
+) -> Result<std::sync::Arc<dyn Transport>, TransportError> {
+    match kind {
+        TransportKind::Memory => Err(TransportError::Queue {
+            queue: String::new(),
+            message: "ASYA_TRANSPORT=memory only works inside one process (`asya-host up`); use nats or wasm for a standalone sidecar".into(),
+        }),
+        TransportKind::Nats | TransportKind::Wasm => Err(TransportError::Queue {
+            queue: String::new(),
+            message: format!("ASYA_TRANSPORT={} is not available in this build yet", kind.as_str()),
+        }),
+    }
+}

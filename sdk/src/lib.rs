@@ -1,0 +1,1 @@
+//! Guest SDK for Asya plugins (see the plugin issue).
