@@ -3,6 +3,7 @@
 
 mod inflight;
 mod process;
+mod report;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::runtime::{RuntimeClient, RuntimeError};
 use crate::transport::{Receiver, Transport, TransportError};
 
 pub use inflight::{Inflight, InflightRow, Stage};
+pub use report::{HopReport, Report, Reporter};
 
 /// Why a sidecar stopped (when it did not fail).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,7 @@ pub struct Deps {
     pub inflight: Arc<Inflight>,
     pub readiness: Arc<Readiness>,
     pub policy: Option<Arc<dyn RoutePolicy>>,
+    pub reporter: Option<Arc<dyn Reporter>>,
 }
 
 impl Deps {
@@ -75,6 +78,7 @@ impl Deps {
             inflight: Inflight::new(),
             readiness: Arc::new(Readiness::default()),
             policy: None,
+            reporter: None,
         }
     }
 }
@@ -91,6 +95,7 @@ struct Shared {
     metrics: ActorMetrics,
     inflight: Arc<Inflight>,
     policy: Option<Arc<dyn RoutePolicy>>,
+    reporter: Option<Arc<dyn Reporter>>,
 }
 
 /// Run one sidecar until `shutdown` is cancelled (→ [`Exit::Shutdown`]) or the runtime times
@@ -131,6 +136,7 @@ pub async fn run(
         runtime,
         inflight: deps.inflight.clone(),
         policy: deps.policy.clone(),
+        reporter: deps.reporter.clone(),
         cfg,
     });
     let receiver = Arc::new(AsyncMutex::new(receiver));

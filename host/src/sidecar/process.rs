@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::report::{HopLog, HopReport, Report};
 use super::{Shared, Stage};
 use crate::envelope::{now_rfc3339, Envelope, ErrorInfo, Frame, Phase, Reason, Route};
 use crate::metrics::{FailReason, MessageType};
@@ -33,6 +34,7 @@ const CHILD_ID_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6173_7961_2d66_616e_2d6f
 
 pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
     let start = Instant::now();
+    let received_at = s.reporter.as_ref().map(|_| chrono::Utc::now());
     let m = &s.metrics;
     m.received.inc();
     m.size_received.observe(delivery.body.len() as f64);
@@ -43,44 +45,49 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
         attempt,
         acker,
     } = delivery;
+    let log = &mut HopLog::default();
 
     let mut after = After::Continue;
+    let mut parsed = None;
     let settle = match Envelope::parse(&body) {
         Err(e) => {
-            let reason = if e.is_parse() {
-                FailReason::ParseError
+            let (reason, status_reason) = if e.is_parse() {
+                (FailReason::ParseError, Reason::ParseError)
             } else {
-                FailReason::ValidationError
+                (FailReason::ValidationError, Reason::ValidationError)
             };
             warn!(actor = %s.actor, envelope_id = "", trace_id = "", error = %e, "unusable message; sending to sump");
             m.failed(reason);
             let env = unparseable_envelope(&body, &e);
-            let status_reason = if e.is_parse() {
-                Reason::ParseError
-            } else {
-                Reason::ValidationError
-            };
             let id = format!("{}:sump", env.id);
-            settle_send(s, sump_message(s, env, id, status_reason, None, attempt)).await
+            settle_send(s, log, sump_message(s, env, id, status_reason, None, attempt)).await
+        }
+        Ok(env) if s.cfg.is_end_actor => {
+            // End actors record the final state; they never route.
+            guard.identify(&env.id, env.trace_id());
+            debug!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), "end of route");
+            m.processed_success.inc();
+            if let Some(r) = &s.reporter {
+                r.report(Report::Final {
+                    actor: s.actor.to_string(),
+                    envelope: env,
+                });
+            }
+            Settle::Ack
         }
         Ok(env) => {
             guard.identify(&env.id, env.trace_id());
-            if s.cfg.is_end_actor {
-                // End actors record the final state; they never route.
-                debug!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), "end of route");
-                m.processed_success.inc();
-                Settle::Ack
-            } else {
-                let (settle, crash) = process(s, &env, &body, attempt, &guard).await;
-                if crash {
-                    after = After::Crash;
-                }
-                settle
+            let (settle, crash) = process(s, log, &env, &body, attempt, &guard).await;
+            if crash {
+                after = After::Crash;
             }
+            parsed = Some(env);
+            settle
         }
     };
 
     guard.stage(Stage::Acking);
+    let retried = matches!(settle, Settle::Retry(_));
     let settled = match settle {
         Settle::Ack => acker.ack().await,
         Settle::Retry(delay) => {
@@ -94,14 +101,37 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
         m.failed(FailReason::TransportError);
         warn!(actor = %s.actor, error = %e, "settling the delivery failed; it will be redelivered");
     }
-    m.processing_duration.observe(start.elapsed().as_secs_f64());
+    let took = start.elapsed();
+    m.processing_duration.observe(took.as_secs_f64());
     m.active.dec();
+    if let (Some(r), Some(env), Some(received_at)) = (&s.reporter, parsed, received_at) {
+        let HopLog {
+            sent,
+            runtime,
+            error,
+        } = std::mem::take(log);
+        r.report(Report::Hop(HopReport {
+            actors_completed: env.route.prev.len() + 1,
+            total_actors: env.route.actors().count(),
+            envelope_id: env.id,
+            parent_id: env.parent_id,
+            trace_id: env.headers.get(crate::envelope::HEADER_TRACE_ID).and_then(|v| v.as_str()).unwrap_or_default().to_owned(),
+            actor: s.actor.to_string(),
+            received_at,
+            duration: took,
+            runtime,
+            sent,
+            retried,
+            attempt,
+            error,
+        }));
+    }
     after
 }
 
 /// Steps 2–6 for a parsed envelope. Returns how to settle the input and whether to crash.
 async fn process(
-    s: &Shared,
+    s: &Shared, log: &mut HopLog,
     env: &Envelope,
     body: &Bytes,
     attempt: u32,
@@ -123,6 +153,7 @@ async fn process(
         return (
             settle_send(
                 s,
+                log,
                 sump_message(
                     s,
                     env.clone(),
@@ -142,7 +173,7 @@ async fn process(
     let deadline = env.deadline();
     if let Some(d) = deadline {
         if d <= now {
-            return (sla_expired(s, env, hop).await, false);
+            return (sla_expired(s, log, env, hop).await, false);
         }
     }
 
@@ -156,6 +187,7 @@ async fn process(
         return (
             settle_send(
                 s,
+                log,
                 sump_message(
                     s,
                     env.clone(),
@@ -194,10 +226,10 @@ async fn process(
             let fanout = frames.len() > 1;
             let mut result = Ok(());
             if frames.is_empty() {
-                result = route_abort(s, env, hop).await;
+                result = route_abort(s, log, env, hop).await;
             }
             for (i, frame) in frames.into_iter().enumerate() {
-                if let Err(e) = route_frame(s, env, hop, i, fanout, frame).await {
+                if let Err(e) = route_frame(s, log, env, hop, i, fanout, frame).await {
                     result = Err(e);
                     break;
                 }
@@ -209,13 +241,21 @@ async fn process(
             let result = loop {
                 match stream.next().await {
                     Ok(Some(SseEvent::Downstream(frame))) => {
-                        if let Err(e) = route_frame(s, env, hop, i, true, frame).await {
+                        if let Err(e) = route_frame(s, log, env, hop, i, true, frame).await {
                             break Err(e);
                         }
                         i += 1;
                     }
-                    Ok(Some(SseEvent::Upstream(_progress))) => {
+                    Ok(Some(SseEvent::Upstream(payload))) => {
                         debug!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), "upstream event");
+                        if let Some(r) = &s.reporter {
+                            r.report(Report::Upstream {
+                                envelope_id: env.id.clone(),
+                                trace_id: env.trace_id().to_owned(),
+                                actor: s.actor.to_string(),
+                                payload,
+                            });
+                        }
                     }
                     Ok(Some(SseEvent::Error(info))) => break Err(Failure::Handler(info)),
                     Ok(Some(SseEvent::Done)) | Ok(None) => break Ok(()),
@@ -229,7 +269,7 @@ async fn process(
         Ok(Reply::Abort) => {
             m.runtime_duration
                 .observe(call_start.elapsed().as_secs_f64());
-            route_abort(s, env, hop).await
+            route_abort(s, log, env, hop).await
         }
         Ok(Reply::BadRequest(info)) => {
             m.runtime_duration
@@ -248,6 +288,11 @@ async fn process(
         }
     };
 
+    log.runtime = Some(call_start.elapsed());
+    if let Err(f) = &outcome {
+        log.error = Some(f.info());
+    }
+
     // 6. Errors.
     match outcome {
         Ok(()) => {
@@ -261,6 +306,7 @@ async fn process(
             (
                 settle_send(
                     s,
+                    log,
                     sump_message(
                         s,
                         env.clone(),
@@ -276,7 +322,7 @@ async fn process(
         }
         Err(Failure::Runtime(RuntimeError::Timeout(_))) if cut_by_deadline => {
             s.runtime.reset();
-            (sla_expired(s, env, hop).await, false)
+            (sla_expired(s, log, env, hop).await, false)
         }
         Err(Failure::Runtime(RuntimeError::Timeout(t))) if res.crash_on_timeout => {
             s.runtime.reset();
@@ -288,6 +334,7 @@ async fn process(
             warn!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), "runtime deadline exceeded; sending to sump and crashing");
             let settle = settle_send(
                 s,
+                log,
                 sump_message(
                     s,
                     env.clone(),
@@ -316,10 +363,10 @@ async fn process(
                 FailReason::RuntimeError
             };
             let info = ErrorInfo::new(e.error_type(), e.to_string());
-            failed_call(s, env, hop, attempt, info, reason).await
+            failed_call(s, log, env, hop, attempt, info, reason).await
         }
         Err(Failure::Handler(info)) => {
-            failed_call(s, env, hop, attempt, info, FailReason::RuntimeError).await
+            failed_call(s, log, env, hop, attempt, info, FailReason::RuntimeError).await
         }
     }
 }
@@ -336,9 +383,19 @@ enum Failure {
     Transport(TransportError),
 }
 
+impl Failure {
+    fn info(&self) -> ErrorInfo {
+        match self {
+            Failure::Rejected(i) | Failure::Handler(i) => i.clone(),
+            Failure::Runtime(e) => ErrorInfo::new(e.error_type(), e.to_string()),
+            Failure::Transport(e) => ErrorInfo::new("TransportError", e.to_string()),
+        }
+    }
+}
+
 /// Retry while allowed, else x-sump.
 async fn failed_call(
-    s: &Shared,
+    s: &Shared, log: &mut HopLog,
     env: &Envelope,
     hop: usize,
     attempt: u32,
@@ -365,6 +422,7 @@ async fn failed_call(
     (
         settle_send(
             s,
+            log,
             sump_message(
                 s,
                 env.clone(),
@@ -381,7 +439,7 @@ async fn failed_call(
 
 /// Step 3 (and a call cut short by the deadline): x-sink with phase failed, reason Timeout,
 /// payload untouched.
-async fn sla_expired(s: &Shared, env: &Envelope, hop: usize) -> Settle {
+async fn sla_expired(s: &Shared, log: &mut HopLog, env: &Envelope, hop: usize) -> Settle {
     s.metrics.failed(FailReason::SlaExpired);
     debug!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), "deadline passed; sending to sink as failed");
     let mut out = env.clone();
@@ -399,11 +457,11 @@ async fn sla_expired(s: &Shared, env: &Envelope, hop: usize) -> Settle {
         id: format!("{}:{hop}:expired", env.id),
         body: Bytes::from(out.to_vec()),
     };
-    settle_send(s, (msg, MessageType::Sink)).await
+    settle_send(s, log, (msg, MessageType::Sink)).await
 }
 
 /// 204 (or no frames): the input goes to x-sink as succeeded.
-async fn route_abort(s: &Shared, env: &Envelope, hop: usize) -> Result<(), Failure> {
+async fn route_abort(s: &Shared, log: &mut HopLog, env: &Envelope, hop: usize) -> Result<(), Failure> {
     let mut out = env.clone();
     let st = out.status_mut();
     st.phase = Some(Phase::Succeeded);
@@ -415,14 +473,14 @@ async fn route_abort(s: &Shared, env: &Envelope, hop: usize) -> Result<(), Failu
         id: format!("{}:{hop}:abort", env.id),
         body: Bytes::from(out.to_vec()),
     };
-    send(s, msg, MessageType::Sink)
+    send(s, log, msg, MessageType::Sink)
         .await
         .map_err(Failure::Transport)
 }
 
 /// Step 5 for one frame: check the route rules, apply the policy chain, publish.
 async fn route_frame(
-    s: &Shared,
+    s: &Shared, log: &mut HopLog,
     input: &Envelope,
     hop: usize,
     index: usize,
@@ -447,7 +505,7 @@ async fn route_frame(
             Some(err),
             0,
         );
-        return send(s, msg, ty).await.map_err(Failure::Transport);
+        return send(s, log, msg, ty).await.map_err(Failure::Transport);
     }
     let mut to_sink = out.route.is_finished();
     if let Some(policy) = &s.policy {
@@ -477,7 +535,7 @@ async fn route_frame(
         if let Some((reason, why)) = sump_reason {
             let err = ErrorInfo::new("PolicyRejected", why);
             let (msg, ty) = sump_message(s, out, format!("{msg_id}:sump"), reason, Some(err), 0);
-            return send(s, msg, ty).await.map_err(Failure::Transport);
+            return send(s, log, msg, ty).await.map_err(Failure::Transport);
         }
     }
     let (queue, ty) = if to_sink {
@@ -496,7 +554,7 @@ async fn route_frame(
         id: msg_id,
         body: Bytes::from(out.to_vec()),
     };
-    send(s, msg, ty).await.map_err(Failure::Transport)
+    send(s, log, msg, ty).await.map_err(Failure::Transport)
 }
 
 /// Fan-out children get fresh ids, derived from the output's message id so that a
@@ -539,8 +597,8 @@ fn sump_message(
 }
 
 /// Publish and settle: ack when accepted, retry later when the transport failed.
-async fn settle_send(s: &Shared, (msg, ty): (OutMessage, MessageType)) -> Settle {
-    match send(s, msg, ty).await {
+async fn settle_send(s: &Shared, log: &mut HopLog, (msg, ty): (OutMessage, MessageType)) -> Settle {
+    match send(s, log, msg, ty).await {
         Ok(()) => {
             if ty == MessageType::Sump {
                 s.metrics.processed_error.inc();
@@ -559,12 +617,13 @@ fn transport_failed(s: &Shared, e: &TransportError, attempt: u32) -> Settle {
     Settle::Retry(s.cfg.resiliency.backoff(attempt.max(1)))
 }
 
-async fn send(s: &Shared, msg: OutMessage, ty: MessageType) -> Result<(), TransportError> {
+async fn send(s: &Shared, log: &mut HopLog, msg: OutMessage, ty: MessageType) -> Result<(), TransportError> {
     let t = Instant::now();
     let len = msg.body.len();
     let queue = msg.queue.clone();
     s.transport.send(msg).await?;
     s.metrics.sent(&queue, ty, t.elapsed(), len);
+    log.sent.push((queue, ty));
     Ok(())
 }
 
