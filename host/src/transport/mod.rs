@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod conformance;
 pub mod memory;
+pub mod nats;
 
 /// Which transport a sidecar uses (`ASYA_TRANSPORT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +124,11 @@ pub trait Acker: Send + Sync {
     async fn in_progress(&self) -> Result<(), TransportError> {
         Ok(())
     }
+    /// How often the loop calls [`Acker::in_progress`] while the runtime works on the
+    /// message (`None`: the transport has no redelivery timer to extend).
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A received message.
@@ -149,14 +156,17 @@ pub fn queue_name(namespace: &str, actor: &str) -> String {
 /// The transport a standalone sidecar uses, from `ASYA_TRANSPORT` and its variables.
 pub async fn connect(
     kind: TransportKind,
-    _src: &dyn crate::config::Source,
+    src: &dyn crate::config::Source,
 ) -> Result<std::sync::Arc<dyn Transport>, TransportError> {
     match kind {
         TransportKind::Memory => Err(TransportError::Queue {
             queue: String::new(),
             message: "ASYA_TRANSPORT=memory only works inside one process (`asya-host up`); use nats or wasm for a standalone sidecar".into(),
         }),
-        TransportKind::Nats | TransportKind::Wasm => Err(TransportError::Queue {
+        TransportKind::Nats => Ok(std::sync::Arc::new(
+            nats::NatsTransport::from_source(src).await?,
+        )),
+        TransportKind::Wasm => Err(TransportError::Queue {
             queue: String::new(),
             message: format!("ASYA_TRANSPORT={} is not available in this build yet", kind.as_str()),
         }),

@@ -1,0 +1,887 @@
+//! NATS JetStream transport (SPEC §8). Layout and operations: `NATS.md` next to this file.
+//!
+//! - Namespace `N` is one work-queue stream `asya-N` over the subjects `asya.N.>`.
+//! - Queue `asya-N-A` is the subject `asya.N.A`, consumed by the durable pull consumer `A`
+//!   of that stream (filter `asya.N.A`, explicit ack, unlimited redelivery: the host counts
+//!   deliveries and sends an envelope to x-sump itself once `Delivery::attempt` exceeds
+//!   `ASYA_RESILIENCY_MAX_ATTEMPTS`).
+//! - Publishes carry `Nats-Msg-Id` = [`OutMessage::id`]; the stream drops a second publish of
+//!   the same id within its duplicate window, so a redelivered input produces no duplicates.
+//! - Acks wait for the server's confirmation; nacks carry the retry delay; an unsettled
+//!   delivery that is dropped is nacked without delay.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
+use crate::config::{ConfigError, Reader, Source};
+
+/// Variables of the NATS transport.
+pub mod vars {
+    /// Server URL(s), comma-separated for a cluster (`nats://host:4222,nats://host2:4222`).
+    pub const URL: &str = "ASYA_NATS_URL";
+    /// A `.creds` file (JWT + nkey seed).
+    pub const CREDS: &str = "ASYA_NATS_CREDS";
+    /// An nkey seed (`SU...`).
+    pub const NKEY: &str = "ASYA_NATS_NKEY";
+    pub const USER: &str = "ASYA_NATS_USER";
+    pub const PASSWORD: &str = "ASYA_NATS_PASSWORD";
+    pub const TOKEN: &str = "ASYA_NATS_TOKEN";
+    /// PEM file of CA certificates to trust (implies TLS).
+    pub const TLS_CA: &str = "ASYA_NATS_TLS_CA";
+    /// PEM client certificate and key for mutual TLS (both or neither).
+    pub const TLS_CERT: &str = "ASYA_NATS_TLS_CERT";
+    pub const TLS_KEY: &str = "ASYA_NATS_TLS_KEY";
+    /// Refuse to connect without TLS.
+    pub const TLS_REQUIRED: &str = "ASYA_NATS_TLS_REQUIRED";
+    pub const CONNECT_TIMEOUT: &str = "ASYA_NATS_CONNECT_TIMEOUT";
+    /// Stream duplicate window (dedup of `Nats-Msg-Id`).
+    pub const DUPLICATE_WINDOW: &str = "ASYA_NATS_DUPLICATE_WINDOW";
+    /// Consumer ack wait: an unacked delivery is redelivered after this long.
+    pub const ACK_WAIT: &str = "ASYA_NATS_ACK_WAIT";
+    /// Consumer max deliveries; `-1` (default) = unlimited, the host decides.
+    pub const MAX_DELIVER: &str = "ASYA_NATS_MAX_DELIVER";
+    /// Consumer-wide cap on unacked deliveries (all replicas of an actor together).
+    pub const MAX_ACK_PENDING: &str = "ASYA_NATS_MAX_ACK_PENDING";
+    /// Stream replicas (1, or 3/5 in a cluster).
+    pub const REPLICAS: &str = "ASYA_NATS_REPLICAS";
+    /// `file` (default) or `memory`.
+    pub const STORAGE: &str = "ASYA_NATS_STORAGE";
+}
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// Idle heartbeat of a waiting pull request.
+const PULL_HEARTBEAT: Duration = Duration::from_millis(500);
+/// Pause after a failed pull before the next one.
+const PULL_RETRY: Duration = Duration::from_millis(250);
+
+/// Typed configuration of the NATS transport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsConfig {
+    pub url: String,
+    /// The sidecar's namespace (`ASYA_NAMESPACE`): queue names of this namespace are split
+    /// at it, so namespaces may contain `-`.
+    pub namespace: String,
+    pub creds: Option<PathBuf>,
+    pub nkey: Option<String>,
+    pub user_password: Option<(String, String)>,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    pub tls_required: bool,
+    pub connect_timeout: Duration,
+    pub duplicate_window: Duration,
+    pub ack_wait: Duration,
+    /// `-1` = unlimited.
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+    pub replicas: usize,
+    pub storage: stream::StorageType,
+}
+
+impl NatsConfig {
+    /// Defaults for a server at `url`.
+    pub fn new(url: &str) -> Self {
+        NatsConfig {
+            url: url.to_owned(),
+            namespace: "default".into(),
+            creds: None,
+            nkey: None,
+            user_password: None,
+            token: None,
+            tls_ca: None,
+            tls_client: None,
+            tls_required: false,
+            connect_timeout: Duration::from_secs(5),
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            max_ack_pending: 1024,
+            replicas: 1,
+            storage: stream::StorageType::File,
+        }
+    }
+
+    /// Read every `ASYA_NATS_*` variable (and `ASYA_NAMESPACE`) from `src`.
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let r = Reader(src);
+        let d = NatsConfig::new("nats://127.0.0.1:4222");
+        let err = |var: &'static str, message: String| ConfigError { var, message };
+        let url = r.string(vars::URL, &d.url);
+        for part in url.split(',') {
+            let p = part.trim();
+            if p.is_empty() || p.contains(char::is_whitespace) {
+                return Err(err(vars::URL, format!("invalid server list {url:?}")));
+            }
+        }
+        let user_password = match (r.raw(vars::USER), r.raw(vars::PASSWORD)) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(err(
+                    vars::PASSWORD,
+                    format!("is required when {} is set", vars::USER),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    vars::USER,
+                    format!("is required when {} is set", vars::PASSWORD),
+                ))
+            }
+        };
+        let tls_client = match (r.raw(vars::TLS_CERT), r.raw(vars::TLS_KEY)) {
+            (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(err(
+                    vars::TLS_KEY,
+                    format!("is required when {} is set", vars::TLS_CERT),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    vars::TLS_CERT,
+                    format!("is required when {} is set", vars::TLS_KEY),
+                ))
+            }
+        };
+        let auth_count = [
+            r.raw(vars::CREDS).is_some(),
+            r.raw(vars::NKEY).is_some(),
+            user_password.is_some(),
+            r.raw(vars::TOKEN).is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if auth_count > 1 {
+            return Err(err(
+                vars::CREDS,
+                format!(
+                    "set only one of {}, {}, {}/{} and {}",
+                    vars::CREDS,
+                    vars::NKEY,
+                    vars::USER,
+                    vars::PASSWORD,
+                    vars::TOKEN
+                ),
+            ));
+        }
+        let storage = match r
+            .string(vars::STORAGE, "file")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "file" => stream::StorageType::File,
+            "memory" => stream::StorageType::Memory,
+            other => {
+                return Err(err(
+                    vars::STORAGE,
+                    format!("unknown storage {other:?} (use file or memory)"),
+                ))
+            }
+        };
+        let cfg = NatsConfig {
+            url,
+            namespace: r.string(crate::config::vars::NAMESPACE, "default"),
+            creds: r.raw(vars::CREDS).map(PathBuf::from),
+            nkey: r.raw(vars::NKEY),
+            user_password,
+            token: r.raw(vars::TOKEN),
+            tls_ca: r.raw(vars::TLS_CA).map(PathBuf::from),
+            tls_client,
+            tls_required: r.bool(vars::TLS_REQUIRED, false)?,
+            connect_timeout: r.duration(vars::CONNECT_TIMEOUT, d.connect_timeout)?,
+            duplicate_window: r.duration(vars::DUPLICATE_WINDOW, d.duplicate_window)?,
+            ack_wait: r.duration(vars::ACK_WAIT, d.ack_wait)?,
+            max_deliver: r.parse(vars::MAX_DELIVER, d.max_deliver)?,
+            max_ack_pending: r.parse(vars::MAX_ACK_PENDING, d.max_ack_pending)?,
+            replicas: r.parse(vars::REPLICAS, d.replicas)?,
+            storage,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks, one-line errors naming the variable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |var: &'static str, message: String| Err(ConfigError { var, message });
+        if self.ack_wait < Duration::from_millis(100) {
+            return err(vars::ACK_WAIT, "must be at least 100ms".into());
+        }
+        // A redelivered input must republish its outputs while their ids are remembered.
+        if self.duplicate_window <= self.ack_wait {
+            return err(
+                vars::DUPLICATE_WINDOW,
+                format!(
+                    "must be longer than {} ({:?}) so a redelivered input cannot duplicate its outputs",
+                    vars::ACK_WAIT,
+                    self.ack_wait
+                ),
+            );
+        }
+        if self.max_deliver == 0 || self.max_deliver < -1 {
+            return err(
+                vars::MAX_DELIVER,
+                "must be -1 (unlimited) or at least 1".into(),
+            );
+        }
+        if self.max_ack_pending < 1 {
+            return err(vars::MAX_ACK_PENDING, "must be at least 1".into());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return err(vars::REPLICAS, "must be between 1 and 5".into());
+        }
+        if self.connect_timeout.is_zero() {
+            return err(vars::CONNECT_TIMEOUT, "must be greater than zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a queue lives in JetStream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// `asya-<ns>`
+    pub stream: String,
+    /// `asya.<ns>.<actor>`
+    pub subject: String,
+    /// durable consumer name: `<actor>`
+    pub consumer: String,
+}
+
+/// The JetStream layout of `queue` (`asya-<ns>-<actor>`). Queues of `namespace` are split
+/// at it; any other queue at its first `-` after `asya-`.
+pub fn locate(namespace: &str, queue: &str) -> Result<Location, TransportError> {
+    let bad = |why: &str| TransportError::Queue {
+        queue: queue.to_owned(),
+        message: why.to_owned(),
+    };
+    let rest = queue
+        .strip_prefix("asya-")
+        .ok_or_else(|| bad("queue names start with `asya-`"))?;
+    let (ns, actor) = match rest
+        .strip_prefix(namespace)
+        .and_then(|r| r.strip_prefix('-'))
+    {
+        Some(actor) if !namespace.is_empty() => (namespace, actor),
+        _ => rest
+            .split_once('-')
+            .ok_or_else(|| bad("queue names are `asya-<namespace>-<actor>`"))?,
+    };
+    let token_ok = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !token_ok(ns) || !token_ok(actor) {
+        return Err(bad(
+            "namespace and actor may only use letters, digits, '-' and '_'",
+        ));
+    }
+    Ok(Location {
+        stream: format!("asya-{ns}"),
+        subject: format!("asya.{ns}.{actor}"),
+        consumer: actor.to_owned(),
+    })
+}
+
+fn broker(
+    context: &'static str,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> TransportError {
+    TransportError::broker(context, e)
+}
+
+/// A JetStream connection. Cheap to clone.
+#[derive(Clone)]
+pub struct NatsTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: NatsConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// Streams known to exist (skip the create call).
+    streams: Mutex<HashSet<String>>,
+    /// Notified after every (re)connect: waiting pulls were forgotten by the server.
+    reconnected: Arc<Notify>,
+}
+
+impl NatsTransport {
+    /// Connect with `cfg`.
+    pub async fn connect(cfg: NatsConfig) -> Result<Self, TransportError> {
+        cfg.validate()
+            .map_err(|e| broker("invalid NATS configuration", e))?;
+        let reconnected = Arc::new(Notify::new());
+        let notify = reconnected.clone();
+        let mut opts = async_nats::ConnectOptions::new()
+            .name("asya-host")
+            .connection_timeout(cfg.connect_timeout)
+            .max_reconnects(None)
+            .require_tls(cfg.tls_required)
+            .reconnect_delay_callback(|attempts| {
+                // 0, 50ms, 100ms, ... capped at 2s: a restarted server is found quickly.
+                Duration::from_millis((attempts as u64).saturating_mul(50).min(2000))
+            })
+            .event_callback(move |event| {
+                let notify = notify.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            info!("connected to NATS");
+                            notify.notify_waiters();
+                        }
+                        async_nats::Event::Disconnected => warn!("disconnected from NATS"),
+                        other => debug!(event = %other, "NATS event"),
+                    }
+                }
+            });
+        if let Some(path) = &cfg.creds {
+            opts = opts
+                .credentials_file(path)
+                .await
+                .map_err(|e| broker("cannot read ASYA_NATS_CREDS", e))?;
+        }
+        if let Some(seed) = &cfg.nkey {
+            opts = opts.nkey(seed.clone());
+        }
+        if let Some((u, p)) = &cfg.user_password {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &cfg.token {
+            opts = opts.token(t.clone());
+        }
+        if let Some(ca) = &cfg.tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &cfg.tls_client {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        let servers: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
+        let client = opts
+            .connect(servers)
+            .await
+            .map_err(|e| broker("cannot connect to NATS", e))?;
+        let js = jetstream::new(client.clone());
+        Ok(NatsTransport {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                js,
+                streams: Mutex::new(HashSet::new()),
+                reconnected,
+            }),
+        })
+    }
+
+    /// From `ASYA_NATS_*` variables.
+    pub async fn from_source(src: &dyn Source) -> Result<Self, TransportError> {
+        let cfg =
+            NatsConfig::from_source(src).map_err(|e| broker("invalid NATS configuration", e))?;
+        Self::connect(cfg).await
+    }
+
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.cfg
+    }
+
+    /// The underlying client (tests, benchmarks).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    pub fn locate(&self, queue: &str) -> Result<Location, TransportError> {
+        locate(&self.inner.cfg.namespace, queue)
+    }
+
+    fn stream_config(&self, loc: &Location) -> stream::Config {
+        let ns_subjects = match loc.subject.rsplit_once('.') {
+            Some((prefix, _)) => format!("{prefix}.>"),
+            None => format!("{}.>", loc.subject),
+        };
+        stream::Config {
+            name: loc.stream.clone(),
+            description: Some("asya actor queues (one subject per actor)".into()),
+            subjects: vec![ns_subjects],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: self.inner.cfg.storage,
+            num_replicas: self.inner.cfg.replicas,
+            duplicate_window: self.inner.cfg.duplicate_window,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        }
+    }
+
+    fn consumer_config(&self, loc: &Location) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(loc.consumer.clone()),
+            description: Some(format!("asya actor {}", loc.consumer)),
+            filter_subject: loc.subject.clone(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.inner.cfg.ack_wait,
+            max_deliver: self.inner.cfg.max_deliver,
+            max_ack_pending: self.inner.cfg.max_ack_pending,
+            max_waiting: 512,
+            num_replicas: self.inner.cfg.replicas,
+            ..Default::default()
+        }
+    }
+
+    /// Create or update the namespace stream of `loc` (idempotent).
+    async fn ensure_stream(&self, loc: &Location, force: bool) -> Result<(), TransportError> {
+        if !force
+            && self
+                .inner
+                .streams
+                .lock()
+                .expect("streams lock")
+                .contains(&loc.stream)
+        {
+            return Ok(());
+        }
+        self.inner
+            .js
+            .create_or_update_stream(self.stream_config(loc))
+            .await
+            .map_err(|e| TransportError::Queue {
+                queue: loc.stream.clone(),
+                message: format!("cannot create or update the stream: {e}"),
+            })?;
+        self.inner
+            .streams
+            .lock()
+            .expect("streams lock")
+            .insert(loc.stream.clone());
+        Ok(())
+    }
+
+    /// Create or update the stream and the durable consumer of `queue` (idempotent).
+    async fn ensure_queue(
+        &self,
+        queue: &str,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
+        let loc = self.locate(queue)?;
+        self.ensure_stream(&loc, false).await?;
+        let stream = self
+            .inner
+            .js
+            .get_stream(&loc.stream)
+            .await
+            .map_err(|e| broker("cannot open the stream", e))?;
+        stream
+            .create_consumer(self.consumer_config(&loc))
+            .await
+            .map_err(|e| TransportError::Queue {
+                queue: queue.to_owned(),
+                message: format!("cannot create or update consumer {}: {e}", loc.consumer),
+            })
+    }
+
+    async fn publish(
+        &self,
+        msg: &OutMessage,
+    ) -> Result<jetstream::context::PublishAckFuture, TransportError> {
+        let loc = self.locate(&msg.queue)?;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(msg.body.clone())
+            .message_id(&msg.id);
+        self.inner
+            .js
+            .send_publish(loc.subject, publish)
+            .await
+            .map_err(|e| broker("publish failed", e))
+    }
+
+    /// Publish all, then wait for every PubAck. Returns the messages whose stream did not
+    /// exist (no responders).
+    async fn publish_all(&self, msgs: &[OutMessage]) -> Result<Vec<usize>, TransportError> {
+        let mut acks = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            acks.push(self.publish(m).await?);
+        }
+        let mut missing = Vec::new();
+        let mut first_err = None;
+        for (i, ack) in acks.into_iter().enumerate() {
+            match ack.await {
+                Ok(_) => {}
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                    missing.push(i)
+                }
+                Err(e) => {
+                    first_err.get_or_insert(TransportError::Queue {
+                        queue: msgs[i].queue.clone(),
+                        message: format!("publish not acknowledged: {e}"),
+                    });
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(missing),
+        }
+    }
+}
+
+/// Create the stream and consumers of `actors` (plus `sink` and `sump`) in `namespace`.
+/// Idempotent; existing streams and consumers are updated to the configuration.
+pub async fn provision(
+    cfg: NatsConfig,
+    namespace: &str,
+    actors: &[String],
+) -> Result<Vec<Location>, TransportError> {
+    let t = NatsTransport::connect(NatsConfig {
+        namespace: namespace.to_owned(),
+        ..cfg
+    })
+    .await?;
+    let mut queues: Vec<String> = actors
+        .iter()
+        .map(|a| super::queue_name(namespace, a))
+        .collect();
+    for end in ["x-sink", "x-sump"] {
+        let q = super::queue_name(namespace, end);
+        if !queues.contains(&q) {
+            queues.push(q);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        let loc = t.locate(q)?;
+        // Update the stream once per run so changed settings (duplicate window) apply.
+        t.ensure_stream(&loc, i == 0).await?;
+        t.ensure_queue(q).await?;
+        out.push(loc);
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Nats
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        prefetch: usize,
+    ) -> Result<Box<dyn Receiver>, TransportError> {
+        let consumer = self.ensure_queue(queue).await?;
+        let prefetch = prefetch.max(1);
+        let permits = Arc::new(Semaphore::new(prefetch));
+        let (tx, rx) = mpsc::channel(prefetch);
+        let task = tokio::spawn(pull_loop(
+            consumer,
+            permits,
+            tx,
+            self.inner.reconnected.clone(),
+            queue.to_owned(),
+        ));
+        Ok(Box::new(NatsReceiver {
+            rx,
+            task,
+            client: self.inner.client.clone(),
+            ack_wait: self.inner.cfg.ack_wait,
+        }))
+    }
+
+    async fn send(&self, msg: OutMessage) -> Result<(), TransportError> {
+        self.send_all(vec![msg]).await
+    }
+
+    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<(), TransportError> {
+        let missing = self.publish_all(&msgs).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // The namespace stream does not exist yet: create it and publish those again.
+        let retry: Vec<OutMessage> = missing.into_iter().map(|i| msgs[i].clone()).collect();
+        for m in &retry {
+            let loc = self.locate(&m.queue)?;
+            self.ensure_stream(&loc, true).await?;
+        }
+        let still = self.publish_all(&retry).await?;
+        match still.first() {
+            None => Ok(()),
+            Some(&i) => Err(TransportError::Queue {
+                queue: retry[i].queue.clone(),
+                message: "no stream accepts this subject".into(),
+            }),
+        }
+    }
+
+    async fn ensure_queues(&self, queues: &[String]) -> Result<(), TransportError> {
+        for q in queues {
+            self.ensure_queue(q).await?;
+        }
+        Ok(())
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// A pulled message and the prefetch slot it occupies.
+type Pulled = (jetstream::Message, OwnedSemaphorePermit);
+
+/// Pull messages while slots are free: one pull request for all free slots, a new one when
+/// it completes, expires, or the connection was re-established.
+async fn pull_loop(
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<Pulled>,
+    reconnected: Arc<Notify>,
+    queue: String,
+) {
+    loop {
+        let first = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = tx.closed() => return,
+        };
+        let mut held = vec![first];
+        while let Ok(p) = permits.clone().try_acquire_owned() {
+            held.push(p);
+        }
+        let reconnect = reconnected.notified();
+        tokio::pin!(reconnect);
+        reconnect.as_mut().enable();
+        let batch = consumer
+            .batch()
+            .max_messages(held.len())
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(%queue, error = %e, "pull request failed");
+                drop(held);
+                tokio::select! {
+                    _ = tokio::time::sleep(PULL_RETRY) => continue,
+                    _ = tx.closed() => return,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                n = batch.next() => n,
+                _ = &mut reconnect => {
+                    debug!(%queue, "reconnected; renewing the pull request");
+                    break;
+                }
+                _ = tx.closed() => return,
+            };
+            match next {
+                None => break,
+                Some(Ok(msg)) => {
+                    let permit = held.pop().expect("one slot per requested message");
+                    if tx.send((msg, permit)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(%queue, error = %e, "pull ended with an error");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct NatsReceiver {
+    rx: mpsc::Receiver<Pulled>,
+    task: tokio::task::JoinHandle<()>,
+    client: async_nats::Client,
+    ack_wait: Duration,
+}
+
+impl Drop for NatsReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Messages pulled but never handed out: give them back now rather than after ack_wait.
+        self.rx.close();
+        while let Ok((msg, permit)) = self.rx.try_recv() {
+            drop(self.acker(msg, permit));
+        }
+    }
+}
+
+impl NatsReceiver {
+    fn acker(&self, msg: jetstream::Message, permit: OwnedSemaphorePermit) -> NatsAcker {
+        NatsAcker {
+            reply: msg.message.reply.clone(),
+            client: self.client.clone(),
+            ack_wait: self.ack_wait,
+            settled: false,
+            _permit: permit,
+        }
+    }
+}
+
+#[async_trait]
+impl Receiver for NatsReceiver {
+    async fn recv(&mut self) -> Result<Delivery, TransportError> {
+        // Cancel-safe: `mpsc::Receiver::recv` loses nothing when dropped.
+        let (msg, permit) = self.rx.recv().await.ok_or(TransportError::Closed)?;
+        let attempt = msg
+            .info()
+            .map(|i| u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        let body = msg.message.payload.clone();
+        Ok(Delivery {
+            body,
+            attempt,
+            acker: Box::new(self.acker(msg, permit)),
+        })
+    }
+}
+
+/// Settles one delivery through its reply subject.
+struct NatsAcker {
+    reply: Option<async_nats::Subject>,
+    client: async_nats::Client,
+    ack_wait: Duration,
+    settled: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl NatsAcker {
+    fn reply(&self) -> Result<async_nats::Subject, TransportError> {
+        self.reply
+            .clone()
+            .ok_or_else(|| broker("settle", "message has no reply subject"))
+    }
+
+    /// Send `kind` and wait for the server's confirmation, retrying across a reconnect
+    /// until `within` elapsed (the server keeps pending deliveries across restarts).
+    async fn confirm(&self, kind: AckKind, within: Duration) -> Result<(), TransportError> {
+        let reply = self.reply()?;
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let try_for = left
+                .min(Duration::from_secs(2))
+                .max(Duration::from_millis(50));
+            let r = tokio::time::timeout(
+                try_for,
+                self.client.request(reply.clone(), Bytes::from(kind)),
+            )
+            .await;
+            let e: TransportError = match r {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => broker("acknowledgement not confirmed", e),
+                Err(_) => broker("acknowledgement not confirmed", "timed out"),
+            };
+            if Instant::now() + Duration::from_millis(100) >= deadline {
+                return Err(e);
+            }
+            debug!(error = %e, "retrying acknowledgement");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), TransportError> {
+        self.settled = true;
+        // Retry for most of ack_wait: past it the server redelivers anyway.
+        self.confirm(AckKind::Ack, self.ack_wait.mul_f64(0.8)).await
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
+        self.settled = true;
+        let kind = if delay.is_zero() {
+            AckKind::Nak(None)
+        } else {
+            AckKind::Nak(Some(delay))
+        };
+        // A lost nak only means redelivery after ack_wait instead of `delay`.
+        self.confirm(kind, Duration::from_secs(2)).await
+    }
+
+    async fn in_progress(&self) -> Result<(), TransportError> {
+        self.client
+            .publish(self.reply()?, Bytes::from(AckKind::Progress))
+            .await
+            .map_err(|e| broker("in-progress ack failed", e))
+    }
+
+    fn progress_interval(&self) -> Option<Duration> {
+        Some(self.ack_wait / 2)
+    }
+}
+
+impl Drop for NatsAcker {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Dropped unsettled (shutdown, aborted worker): redeliver now, not after ack_wait.
+        if let (Some(reply), Ok(rt)) = (self.reply.take(), tokio::runtime::Handle::try_current()) {
+            let client = self.client.clone();
+            rt.spawn(async move {
+                let _ = client.publish(reply, Bytes::from(AckKind::Nak(None))).await;
+                let _ = client.flush().await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let l = locate("prod-eu", "asya-prod-eu-text-clean").unwrap();
+        assert_eq!(l.stream, "asya-prod-eu");
+        assert_eq!(l.subject, "asya.prod-eu.text-clean");
+        assert_eq!(l.consumer, "text-clean");
+        let l = locate("default", "asya-other-x-sink").unwrap();
+        assert_eq!(l.subject, "asya.other.x-sink");
+        assert!(locate("default", "queue").is_err());
+        assert!(locate("default", "asya-nodash").is_err());
+        assert!(locate("default", "asya-a-b.c").is_err());
+    }
+
+    #[test]
+    fn config_errors_name_the_variable() {
+        let c = NatsConfig::from_source(&[("ASYA_NAMESPACE", "n")]).unwrap();
+        assert_eq!(c.url, "nats://127.0.0.1:4222");
+        assert_eq!(c.duplicate_window, Duration::from_secs(120));
+        assert_eq!(c.max_deliver, -1);
+        for (var, val, named) in [
+            (vars::USER, "u", vars::PASSWORD),
+            (vars::ACK_WAIT, "5m", vars::DUPLICATE_WINDOW),
+            (vars::ACK_WAIT, "soon", vars::ACK_WAIT),
+            (vars::MAX_DELIVER, "0", vars::MAX_DELIVER),
+            (vars::STORAGE, "disk", vars::STORAGE),
+            (vars::TLS_CERT, "c.pem", vars::TLS_KEY),
+            (vars::REPLICAS, "7", vars::REPLICAS),
+        ] {
+            let e = NatsConfig::from_source(&[(var, val)]).unwrap_err();
+            assert_eq!(e.var, named, "{e}");
+            assert!(!e.to_string().contains('\n'));
+        }
+        let e = NatsConfig::from_source(&[(vars::TOKEN, "t"), (vars::CREDS, "/x")]).unwrap_err();
+        assert_eq!(e.var, vars::CREDS);
+    }
+}
