@@ -1,0 +1,1267 @@
+#!/usr/bin/env python3
+"""Asya stock Python runtime: serves a user handler to the Asya host over a Unix socket.
+
+Single file, standard library only, Python 3.7+.  Started as ``python3 asya_runtime.py``;
+configured entirely through ``ASYA_*`` environment variables (see ``sdk/python/README.md``).
+
+Protocol (HTTP/1.1 over ``$ASYA_SOCKET_DIR/$ASYA_SOCKET_NAME``):
+
+* ``GET /healthz``  -> ``200 {"status": "ready"}``
+* ``POST /invoke`` with the envelope as JSON ->
+  ``200 {"frames": [...]}`` | ``200 text/event-stream`` (generator handlers) | ``204`` (abort) |
+  ``400 msg_parsing_error`` | ``500 processing_error``.
+
+The request loop is written on raw sockets (one thread per host connection, keep-alive, no
+pipelining needed): ``http.server`` costs a full parse and a new connection per request.
+"""
+
+import asyncio
+import base64
+import contextvars
+import dataclasses
+import datetime
+import decimal
+import enum
+import importlib
+import inspect
+import json
+import json.encoder
+import json.scanner
+import keyword
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+import traceback
+import types
+import uuid
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+
+__version__ = "0.1.0"
+
+LOG = logging.getLogger("asya.runtime")
+
+#: A generator handler that yields ``{UPSTREAM_KEY: value}`` (exactly that one key) emits an
+#: ``upstream`` event (progress / partial output) instead of a downstream frame.
+UPSTREAM_KEY = "__asya_upstream__"
+
+READY_FILE_NAME = "runtime-ready"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_CONNECTIONS = 256
+
+EXIT_CONFIG = 2
+EXIT_HANDLER = 3
+EXIT_SOCKET = 4
+
+
+def upstream(payload):
+    # type: (Any) -> Dict[str, Any]
+    """Wrap ``payload`` so that a generator handler's ``yield`` emits an ``upstream`` event."""
+    return {UPSTREAM_KEY: payload}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A configuration variable has an invalid value (fatal at start-up)."""
+
+    def __init__(self, variable, message):
+        # type: (str, str) -> None
+        Exception.__init__(self, "%s %s" % (variable, message))
+        self.variable = variable
+
+
+class HandlerLoadError(Exception):
+    """The handler named by ASYA_HANDLER cannot be loaded (fatal at start-up)."""
+
+
+class RouteViolation(ValueError):
+    """An envelope-mode handler changed ``route.prev``/``route.curr`` or broke the route."""
+
+
+class SerializationError(TypeError):
+    """A handler result cannot be serialised to JSON."""
+
+
+# Errors raised by the runtime itself are reported under a stable, importable-looking name
+# whether the file runs as ``__main__`` or is imported as ``asya_runtime``.
+for _cls in (ConfigError, HandlerLoadError, RouteViolation, SerializationError):
+    _cls.__module__ = "asya_runtime"
+
+
+class _Shutdown(BaseException):
+    """Raised in the main thread by the SIGTERM/SIGINT handler to stop accepting."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "WARN": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+
+
+class Config(object):
+    """Every setting of the runtime, read once from the environment."""
+
+    def __init__(self, environ):
+        # type: (Mapping[str, str]) -> None
+        self.handler = _handler_path(environ.get("ASYA_HANDLER", ""))
+        mode = environ.get("ASYA_HANDLER_MODE", "payload").strip().lower() or "payload"
+        if mode not in ("payload", "envelope"):
+            raise ConfigError(
+                "ASYA_HANDLER_MODE", "=%r is invalid: expected 'payload' or 'envelope'" % mode
+            )
+        self.mode = mode
+        self.socket_dir = environ.get("ASYA_SOCKET_DIR", "/var/run/asya") or "/var/run/asya"
+        name = environ.get("ASYA_SOCKET_NAME", "asya-runtime.sock") or "asya-runtime.sock"
+        if "/" in name or name in (".", ".."):
+            raise ConfigError("ASYA_SOCKET_NAME", "=%r must be a plain file name" % name)
+        self.socket_name = name
+        self.socket_path = os.path.join(self.socket_dir, name)
+        self.ready_path = os.path.join(self.socket_dir, READY_FILE_NAME)
+        if len(os.fsencode(self.socket_path)) > 107:
+            raise ConfigError(
+                "ASYA_SOCKET_DIR",
+                "=%r is too long: the socket path %r exceeds the 107-byte limit of Unix sockets"
+                % (self.socket_dir, self.socket_path),
+            )
+        self.socket_chmod = _octal_mode(environ.get("ASYA_SOCKET_CHMOD", "0o666"))
+        self.validate = _bool("ASYA_ENABLE_VALIDATION", environ.get("ASYA_ENABLE_VALIDATION", "true"))
+        level = environ.get("ASYA_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        if level not in _LEVELS:
+            raise ConfigError(
+                "ASYA_LOG_LEVEL",
+                "=%r is invalid: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL" % level,
+            )
+        self.log_level = _LEVELS[level]
+        self.chunk_size = _positive_int("ASYA_CHUNK_SIZE", environ.get("ASYA_CHUNK_SIZE", "65536"))
+        self.max_body = _positive_int(
+            "ASYA_MAX_BODY_BYTES", environ.get("ASYA_MAX_BODY_BYTES", str(64 * 1024 * 1024))
+        )
+        self.shutdown_grace = _seconds(
+            "ASYA_RUNTIME_SHUTDOWN_GRACE", environ.get("ASYA_RUNTIME_SHUTDOWN_GRACE", "30")
+        )
+
+
+def _handler_path(value):
+    # type: (str) -> List[str]
+    """Validate ASYA_HANDLER before anything is imported; return its dotted parts."""
+    var = "ASYA_HANDLER"
+    if not value:
+        raise ConfigError(var, "is not set: expected module.function or module.Class.method")
+    if value != value.strip():
+        raise ConfigError(var, "=%r has leading or trailing whitespace" % value)
+    if "/" in value or "\\" in value:
+        raise ConfigError(var, "=%r looks like a file path: expected a dotted Python path" % value)
+    if value.startswith("."):
+        raise ConfigError(var, "=%r is a relative path: a leading dot is not allowed" % value)
+    parts = value.split(".")
+    if len(parts) < 2:
+        raise ConfigError(
+            var, "=%r has no module: expected module.function or module.Class.method" % value
+        )
+    for part in parts:
+        if not part:
+            raise ConfigError(var, "=%r has an empty component (consecutive or trailing dots)" % value)
+        if not part.isidentifier():
+            raise ConfigError(var, "=%r: component %r is not a Python identifier" % (value, part))
+        if keyword.iskeyword(part):
+            raise ConfigError(var, "=%r: component %r is a Python keyword" % (value, part))
+        if part.startswith("__") and part.endswith("__"):
+            raise ConfigError(var, "=%r: dunder component %r is not allowed" % (value, part))
+    return parts
+
+
+def _octal_mode(value):
+    # type: (str) -> Optional[int]
+    text = value.strip()
+    if not text:
+        return None
+    digits = text[2:] if text[:2].lower() == "0o" else text
+    if not digits or any(c not in "01234567" for c in digits):
+        raise ConfigError("ASYA_SOCKET_CHMOD", "=%r is not an octal mode like 0o666 or 660" % value)
+    mode = int(digits, 8)
+    if mode > 0o7777:
+        raise ConfigError("ASYA_SOCKET_CHMOD", "=%r is out of range (max 0o7777)" % value)
+    return mode
+
+
+def _bool(variable, value):
+    # type: (str, str) -> bool
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(variable, "=%r is not a boolean (true/false, 1/0, yes/no, on/off)" % value)
+
+
+def _positive_int(variable, value):
+    # type: (str, str) -> int
+    text = value.strip()
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError(variable, "=%r is not a positive integer" % value)
+    return int(text)
+
+
+def _seconds(variable, value):
+    # type: (str, str) -> float
+    text = value.strip().lower()
+    if text.endswith("s"):
+        text = text[:-1]
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ConfigError(variable, "=%r is not a number of seconds" % value)
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Logging: every line names the envelope id and trace id of the request being served
+# --------------------------------------------------------------------------------------------
+
+#: The envelope being processed in this thread / task (None outside a request).  The filter
+#: reads id and trace id only when a record is emitted: one ``set`` per request, no formatting.
+_CURRENT = contextvars.ContextVar("asya_envelope", default=None)  # type: contextvars.ContextVar
+
+
+class EnvelopeContextFilter(logging.Filter):
+    """Adds ``envelope_id`` and ``trace_id`` to every record (``-`` outside a request)."""
+
+    def filter(self, record):
+        # type: (logging.LogRecord) -> bool
+        env = _CURRENT.get()
+        envelope_id = trace_id = "-"
+        if type(env) is dict:
+            value = env.get("id")
+            if value is not None:
+                envelope_id = value
+            headers = env.get("headers")
+            if type(headers) is dict:
+                value = headers.get("trace_id")
+                if value is not None:
+                    trace_id = value
+        record.envelope_id = envelope_id
+        record.trace_id = trace_id
+        return True
+
+
+LOG_FORMAT = (
+    "%(asctime)s %(levelname)s %(name)s envelope_id=%(envelope_id)s trace_id=%(trace_id)s "
+    "%(message)s"
+)
+
+
+def setup_logging(level):
+    # type: (int) -> None
+    """Log to stderr through the root logger so handler logs get the same fields."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_asya", False):
+            root.removeHandler(old)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(LOG_FORMAT))
+    stream.addFilter(EnvelopeContextFilter())
+    stream._asya = True  # type: ignore[attr-defined]
+    root.addHandler(stream)
+    root.setLevel(level)
+
+
+def _fatal(code, message, exc=None):
+    # type: (int, str, Optional[BaseException]) -> None
+    """One line naming the problem at CRITICAL (traceback at DEBUG), then exit ``code``."""
+    LOG.critical("fatal: %s", message)
+    if exc is not None and LOG.isEnabledFor(logging.DEBUG):
+        LOG.debug(
+            "traceback:\n%s",
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        )
+    logging.shutdown()
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON: results that are not plain JSON are converted, never dropped
+# --------------------------------------------------------------------------------------------
+
+
+def _json_default(obj):
+    # type: (Any) -> Any
+    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
+        return obj.isoformat()
+    if isinstance(obj, (uuid.UUID, decimal.Decimal)):
+        return str(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, (set, frozenset)):
+        try:
+            return sorted(obj)
+        except TypeError:
+            return list(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    dump = getattr(obj, "model_dump", None)  # pydantic v2
+    if callable(dump) and not isinstance(obj, type):
+        try:
+            return dump(mode="json")
+        except TypeError:
+            return dump()
+    legacy = getattr(obj, "dict", None)  # pydantic v1
+    if callable(legacy) and hasattr(obj, "__fields__") and not isinstance(obj, type):
+        return legacy()
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars, torch tensors
+    if callable(tolist) and not isinstance(obj, type):
+        return tolist()
+    cls = type(obj)
+    raise SerializationError(
+        "object of type %s is not JSON serialisable (supported beyond JSON: datetime, date, "
+        "time, dataclass, pydantic model, UUID, Decimal, bytes, set, Enum, objects with "
+        "tolist())" % _qualname(cls)
+    )
+
+
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=_json_default
+)
+_C_ENCODER = None
+if getattr(json.encoder, "c_make_encoder", None) is not None:
+    # What JSONEncoder.encode builds on every call, built once.  No circular-reference
+    # markers: a cycle ends in RecursionError, reported as SerializationError.
+    _C_ENCODER = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _json_default, json.encoder.encode_basestring_ascii, None, ":", ",",
+        False, False, False,
+    )
+
+
+def dumps(obj):
+    # type: (Any) -> bytes
+    """Compact ASCII JSON (one line, safe for SSE ``data:``); clear error when impossible."""
+    try:
+        if _C_ENCODER is not None:
+            return "".join(_C_ENCODER(obj, 0)).encode("ascii")
+        return _ENCODER.encode(obj).encode("ascii")
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SerializationError("handler result is not JSON serialisable: %s" % exc) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Handler loading
+# --------------------------------------------------------------------------------------------
+
+
+def _qualname(cls):
+    # type: (type) -> str
+    module = getattr(cls, "__module__", None)
+    name = getattr(cls, "__qualname__", cls.__name__)
+    if module in (None, "builtins"):
+        return name
+    return "%s.%s" % (module, name)
+
+
+def _import_longest(parts, path):
+    # type: (List[str], str) -> Tuple[types.ModuleType, List[str]]
+    """Import the longest importable module prefix of ``parts``; return it and the rest."""
+    for i in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:i])
+        try:
+            return importlib.import_module(name), parts[i:]
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            if missing == name or name.startswith(missing + "."):
+                continue  # this prefix is not a module: try a shorter one
+            raise HandlerLoadError(
+                "ASYA_HANDLER=%r: importing module %r failed: %s: %s"
+                % (path, name, type(exc).__name__, exc)
+            ) from exc
+        except Exception as exc:  # any error raised while executing the module
+            raise HandlerLoadError(
+                "ASYA_HANDLER=%r: importing module %r failed: %s: %s"
+                % (path, name, _qualname(type(exc)), exc)
+            ) from exc
+    raise HandlerLoadError(
+        "ASYA_HANDLER=%r: no module named %r (is it on PYTHONPATH?)" % (path, parts[0])
+    )
+
+
+def _instantiate(cls, path):
+    # type: (type, str) -> Any
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        for param in sig.parameters.values():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if param.default is param.empty:
+                raise HandlerLoadError(
+                    "ASYA_HANDLER=%r: %s.__init__ parameter %r has no default value; the "
+                    "runtime instantiates the class without arguments, so every __init__ "
+                    "parameter needs a default" % (path, cls.__name__, param.name)
+                )
+    try:
+        return cls()
+    except Exception as exc:
+        raise HandlerLoadError(
+            "ASYA_HANDLER=%r: %s() raised %s: %s" % (path, cls.__name__, _qualname(type(exc)), exc)
+        ) from exc
+
+
+def load_handler(parts):
+    # type: (List[str]) -> Callable[[Any], Any]
+    """Resolve ``module.function`` or ``module.Class.method`` (class instantiated once)."""
+    path = ".".join(parts)
+    module, attrs = _import_longest(parts, path)
+    if len(attrs) > 2:
+        raise HandlerLoadError(
+            "ASYA_HANDLER=%r: expected module.function or module.Class.method, but after "
+            "module %r there are %d names (%s)"
+            % (path, module.__name__, len(attrs), ".".join(attrs))
+        )
+    try:
+        owner = getattr(module, attrs[0])
+    except AttributeError:
+        raise HandlerLoadError(
+            "ASYA_HANDLER=%r: module %r has no attribute %r" % (path, module.__name__, attrs[0])
+        ) from None
+    if len(attrs) == 1:
+        target = owner
+        if isinstance(target, type):
+            raise HandlerLoadError(
+                "ASYA_HANDLER=%r names a class: use module.Class.method" % path
+            )
+    else:
+        instance = _instantiate(owner, path) if isinstance(owner, type) else owner
+        try:
+            target = getattr(instance, attrs[1])
+        except AttributeError:
+            raise HandlerLoadError(
+                "ASYA_HANDLER=%r: %r has no attribute %r" % (path, attrs[0], attrs[1])
+            ) from None
+    if not callable(target):
+        raise HandlerLoadError("ASYA_HANDLER=%r is not callable" % path)
+    return target
+
+
+def handler_kind(func):
+    # type: (Callable[..., Any]) -> str
+    if inspect.isasyncgenfunction(func):
+        return "async generator"
+    if inspect.iscoroutinefunction(func):
+        return "async"
+    if inspect.isgeneratorfunction(func):
+        return "generator"
+    return "sync"
+
+
+# --------------------------------------------------------------------------------------------
+# Envelopes
+# --------------------------------------------------------------------------------------------
+
+
+def _str_list(value):
+    # type: (Any) -> bool
+    if type(value) is not list:
+        return False
+    for item in value:
+        if type(item) is not str:
+            return False
+    return True
+
+
+def _make_decoder():
+    # type: () -> Callable[[Any], Any]
+    """A JSON decoder for UTF-8 bytes; one per connection thread (the C scanner's memo is
+    per instance).  Same results and errors as ``json.loads``, minus two regex passes."""
+    scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+
+    def decode(body):
+        # type: (Any) -> Any
+        text = body.decode("utf-8")
+        try:
+            value, end = scan(text, 0)
+        except StopIteration:  # leading whitespace, or not JSON: let json say why
+            return json.loads(text)
+        if end != len(text):  # trailing whitespace or extra data
+            return json.loads(text)
+        return value
+
+    return decode
+
+
+_decode = _make_decoder()  # for callers outside a connection thread (tests, tools)
+
+
+def parse_envelope(body, validate, decode=None):
+    # type: (Any, bool, Optional[Callable[[Any], Any]]) -> Dict[str, Any]
+    """Decode and check a request body; raise ``ValueError`` with a clear message."""
+    if not body:
+        raise ValueError("empty body: expected an envelope JSON object")
+    try:
+        env = (decode or _decode)(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError("body is not valid JSON: %s" % exc) from None
+    if type(env) is not dict:
+        raise ValueError("envelope must be a JSON object, got %s" % _json_type(env))
+    route = env.get("route")
+    if type(route) is not dict:
+        raise ValueError(
+            "envelope.route must be an object {prev, curr, next}, got %s" % _json_type(route)
+        )
+    if type(route.get("curr")) is not str:
+        raise ValueError("envelope.route.curr must be a string")
+    if not _str_list(route.get("prev", [])):
+        raise ValueError("envelope.route.prev must be a list of strings")
+    if not _str_list(route.get("next", [])):
+        raise ValueError("envelope.route.next must be a list of strings")
+    if validate:
+        ident = env.get("id")
+        if type(ident) is not str or not ident:
+            raise ValueError("envelope.id must be a non-empty string")
+        headers = env.get("headers")
+        if headers is not None and type(headers) is not dict:
+            raise ValueError("envelope.headers must be an object")
+        status = env.get("status")
+        if status is not None and type(status) is not dict:
+            raise ValueError("envelope.status must be an object")
+    return env
+
+
+def _json_type(value):
+    # type: (Any) -> str
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def shift_route(route):
+    # type: (Dict[str, Any]) -> Dict[str, Any]
+    """``prev + [curr]``, ``next[0]`` (``""`` when empty), ``next[1:]``."""
+    nxt = route.get("next") or []
+    prev = list(route.get("prev") or [])
+    prev.append(route["curr"])
+    if nxt:
+        return {"prev": prev, "curr": nxt[0], "next": nxt[1:]}
+    return {"prev": prev, "curr": "", "next": []}
+
+
+class Invoker(object):
+    """Turns one envelope into frames, according to the handler mode."""
+
+    def __init__(self, func, envelope_mode, validate):
+        # type: (Callable[[Any], Any], bool, bool) -> None
+        self.func = func
+        self.envelope_mode = envelope_mode
+        self.validate = validate
+        self._loop = None  # type: Optional[asyncio.AbstractEventLoop]
+        self._loop_lock = threading.Lock()
+
+    # -- async support: one shared event loop in a daemon thread ------------------------------
+
+    def loop(self):
+        # type: () -> asyncio.AbstractEventLoop
+        loop = self._loop
+        if loop is None:
+            with self._loop_lock:
+                loop = self._loop
+                if loop is None:
+                    loop = asyncio.new_event_loop()
+                    thread = threading.Thread(
+                        target=_run_loop, args=(loop,), name="asya-asyncio", daemon=True
+                    )
+                    thread.start()
+                    self._loop = loop
+        return loop
+
+    def run_async(self, awaitable, env):
+        # type: (Any, Dict[str, Any]) -> Any
+        return asyncio.run_coroutine_threadsafe(_in_context(awaitable, env), self.loop()).result()
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def call(self, env):
+        # type: (Dict[str, Any]) -> Tuple[Any, Any]
+        """Call the handler; returns ``(result, snapshot)`` where snapshot is the input route's
+        (prev, curr) for envelope-mode validation."""
+        if self.envelope_mode:
+            route = env["route"]
+            snapshot = (list(route.get("prev") or []), route["curr"])
+            result = self.func(env)
+        else:
+            snapshot = None
+            result = self.func(env.get("payload"))
+        if type(result) not in _PLAIN_TYPES and (
+            isinstance(result, _AWAITABLE_TYPES) or inspect.isawaitable(result)
+        ):
+            result = self.run_async(result, env)
+        return result, snapshot
+
+    def frames(self, env, result, snapshot):
+        # type: (Dict[str, Any], Any, Any) -> List[Dict[str, Any]]
+        if self.envelope_mode:
+            items = result if type(result) is list else [result]
+            return [self.envelope_frame(item, snapshot) for item in items]
+        base = self.base_frame(env)
+        if type(result) is not list:
+            base["payload"] = result
+            return [base]
+        out = []
+        for item in result:
+            frame = dict(base)
+            frame["payload"] = item
+            out.append(frame)
+        return out
+
+    def base_frame(self, env):
+        # type: (Dict[str, Any]) -> Dict[str, Any]
+        frame = {"route": shift_route(env["route"])}  # type: Dict[str, Any]
+        if "headers" in env:
+            frame["headers"] = env["headers"]
+        if "status" in env:
+            frame["status"] = env["status"]
+        return frame
+
+    def envelope_frame(self, item, snapshot):
+        # type: (Any, Tuple[List[str], str]) -> Dict[str, Any]
+        if type(item) is not dict:
+            raise TypeError(
+                "envelope mode: the handler must return an envelope object, a list of them or "
+                "None; got %s" % _qualname(type(item))
+            )
+        route = item.get("route")
+        if type(route) is not dict:
+            raise RouteViolation("envelope mode: the returned envelope has no route object")
+        prev, curr, nxt = route.get("prev", []), route.get("curr"), route.get("next", [])
+        if not _str_list(prev) or type(curr) is not str or not _str_list(nxt):
+            raise RouteViolation(
+                "envelope mode: the returned route must be {prev: [string], curr: string, "
+                "next: [string]}, got %r" % (route,)
+            )
+        if self.validate:
+            if prev != snapshot[0]:
+                raise RouteViolation(
+                    "envelope mode: route.prev is history and must not change: was %r, "
+                    "handler returned %r" % (snapshot[0], prev)
+                )
+            if curr != snapshot[1]:
+                raise RouteViolation(
+                    "envelope mode: route.curr must not change (edit route.next instead): "
+                    "was %r, handler returned %r" % (snapshot[1], curr)
+                )
+        frame = dict(item)
+        frame["route"] = shift_route(route)
+        return frame
+
+    def stream_event(self, env, item, snapshot, base):
+        # type: (Dict[str, Any], Any, Any, Optional[Dict[str, Any]]) -> Optional[bytes]
+        """SSE bytes for one yielded item (None for a yielded None, which is skipped)."""
+        if type(item) is dict and len(item) == 1 and UPSTREAM_KEY in item:
+            return b"event: upstream\ndata: " + dumps({"payload": item[UPSTREAM_KEY]}) + b"\n\n"
+        if item is None:
+            return None
+        if self.envelope_mode:
+            frame = self.envelope_frame(item, snapshot)
+        else:
+            frame = dict(base)  # type: ignore[arg-type]
+            frame["payload"] = item
+        return b"event: downstream\ndata: " + dumps(frame) + b"\n\n"
+
+
+def _run_loop(loop):
+    # type: (asyncio.AbstractEventLoop) -> None
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+async def _in_context(awaitable, env):
+    # type: (Any, Dict[str, Any]) -> Any
+    _CURRENT.set(env)  # the task runs in its own copy of the context
+    return await awaitable
+
+
+_END = object()
+
+
+async def _anext(agen, env):
+    # type: (Any, Dict[str, Any]) -> Any
+    _CURRENT.set(env)
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        return _END
+
+
+_AWAITABLE_TYPES = (types.CoroutineType, asyncio.Future)
+_PLAIN_TYPES = frozenset([dict, list, str, int, float, bool, type(None), tuple])
+_STREAM_TYPES = (types.GeneratorType, types.AsyncGeneratorType)
+
+
+def error_details(exc):
+    # type: (BaseException) -> Dict[str, Any]
+    cls = type(exc)
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails still gets reported
+        message = "<unprintable %s>" % cls.__name__
+    return {
+        "message": message,
+        "type": _qualname(cls),
+        "mro": [_qualname(c) for c in cls.__mro__],
+        "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
+    }
+
+
+def processing_error_body(exc):
+    # type: (BaseException) -> bytes
+    body = {"error": "processing_error", "details": error_details(exc)}
+    try:
+        return dumps(body)
+    except SerializationError:  # a message that is not str-able JSON: keep the rest
+        body["details"]["message"] = repr(exc)
+        return dumps(body)
+
+
+def parsing_error_body(message):
+    # type: (str) -> bytes
+    return dumps({"error": "msg_parsing_error", "details": {"message": message}})
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP over the Unix socket
+# --------------------------------------------------------------------------------------------
+
+_REASONS = {
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    404: b"Not Found",
+    413: b"Payload Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+_STATUS_LINES = dict((code, b"HTTP/1.1 %d %s\r\n" % (code, reason)) for code, reason in _REASONS.items())
+_JSON_HEAD = b"Content-Type: application/json\r\nContent-Length: "
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+_OK_TEMPLATE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"X-Request-Id: %s\r\n\r\n%s"
+)
+_HEALTH_BODY = b'{"status":"ready"}'
+_DONE_EVENT = b"event: done\ndata: {}\n\n"
+
+
+def _response(status, body, request_id, close, keep_alive_10=False):
+    # type: (int, Optional[bytes], Optional[bytes], bool, bool) -> bytes
+    """A whole response (status line, headers, body) as one buffer for one ``sendall``."""
+    parts = [_STATUS_LINES[status]]
+    if body is not None:
+        parts.append(_JSON_HEAD)
+        parts.append(b"%d\r\n" % len(body))
+    if request_id is not None:
+        parts.append(b"X-Request-Id: ")
+        parts.append(request_id)
+        parts.append(b"\r\n")
+    if close:
+        parts.append(b"Connection: close\r\n")
+    elif keep_alive_10:
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if body is not None:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class _Connection(object):
+    """Per-connection state the shutdown drain looks at (``busy`` = serving /invoke)."""
+
+    __slots__ = ("busy",)
+
+    def __init__(self):
+        # type: () -> None
+        self.busy = False
+
+
+class Server(object):
+    """Accepts host connections and serves each one in its own thread."""
+
+    def __init__(self, config, invoker):
+        # type: (Config, Invoker) -> None
+        self.config = config
+        self.invoker = invoker
+        self.listener = None  # type: Optional[socket.socket]
+        self.socket_ino = None  # type: Optional[int]
+        self.draining = False
+        self.connections = set()  # type: Set[_Connection]
+        self.lock = threading.Lock()
+        self.debug = LOG.isEnabledFor(logging.DEBUG)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def bind(self):
+        # type: () -> None
+        cfg = self.config
+        os.makedirs(cfg.socket_dir, exist_ok=True)
+        try:
+            st = os.lstat(cfg.socket_path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(
+                    "%s exists and is not a socket; refusing to remove it" % cfg.socket_path
+                )
+            os.unlink(cfg.socket_path)  # stale socket of a previous run
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(cfg.socket_path)
+        self.socket_ino = os.stat(cfg.socket_path).st_ino
+        if cfg.socket_chmod is not None:
+            os.chmod(cfg.socket_path, cfg.socket_chmod)
+        listener.listen(128)
+        self.listener = listener
+
+    def write_ready(self):
+        # type: () -> None
+        tmp = self.config.ready_path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write("%d\n" % os.getpid())
+        os.replace(tmp, self.config.ready_path)
+
+    def remove_files(self):
+        # type: () -> None
+        cfg = self.config
+        _unlink_quietly(cfg.ready_path)
+        try:
+            if os.stat(cfg.socket_path).st_ino == self.socket_ino:  # still ours
+                os.unlink(cfg.socket_path)
+        except OSError:
+            pass
+
+    def serve_forever(self):
+        # type: () -> None
+        listener = self.listener
+        assert listener is not None
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError as exc:  # e.g. EMFILE: keep serving the connections we have
+                LOG.error("accept failed: %s", exc)
+                time.sleep(0.1)
+                continue
+            state = _Connection()
+            with self.lock:
+                too_many = len(self.connections) >= MAX_CONNECTIONS
+                if not too_many:
+                    self.connections.add(state)
+            if too_many:
+                LOG.warning("refusing a connection: %d connections already open", MAX_CONNECTIONS)
+                message = "too many connections (%d)" % MAX_CONNECTIONS
+                body = dumps({"error": "unavailable", "details": {"message": message}})
+                _send_quietly(conn, _response(503, body, None, True))
+                conn.close()
+                continue
+            thread = threading.Thread(
+                target=self.serve_connection, args=(conn, state), name="asya-conn", daemon=True
+            )
+            thread.start()
+
+    def drain(self, grace, force):
+        # type: (float, threading.Event) -> int
+        """Wait (bounded) for in-flight requests; returns how many were still running."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while True:
+            with self.lock:
+                busy = sum(1 for c in self.connections if c.busy)
+            if not busy or time.monotonic() >= deadline or force.is_set():
+                return busy
+            time.sleep(0.02)
+
+    # -- one connection ----------------------------------------------------------------------
+
+    def serve_connection(self, conn, state):
+        # type: (socket.socket, _Connection) -> None
+        try:
+            self._serve(conn, state)
+        except (ConnectionError, OSError) as exc:
+            if self.debug:
+                LOG.debug("connection closed: %s", exc)
+        except Exception:  # a bug in the runtime: never kill the process for one connection
+            LOG.exception("connection failed")
+        finally:
+            with self.lock:
+                self.connections.discard(state)
+            conn.close()
+
+    def _serve(self, conn, state):
+        # type: (socket.socket, _Connection) -> None
+        """The request loop of one connection: lean on purpose, this is the hot path."""
+        recv = conn.recv
+        sendall = conn.sendall
+        chunk = self.config.chunk_size
+        max_body = self.config.max_body
+        decode = _make_decoder()
+        buf = b""
+        while True:
+            # ---- request line and headers
+            end = buf.find(b"\r\n\r\n")
+            while end < 0:
+                if len(buf) > MAX_HEADER_BYTES:
+                    sendall(_response(431, parsing_error_body("request headers too large"), None, True))
+                    return
+                data = recv(chunk)
+                if not data:
+                    return  # the host closed the connection (normal between requests)
+                start = len(buf) - 3 if len(buf) > 3 else 0
+                buf += data
+                end = buf.find(b"\r\n\r\n", start)
+            # Header names are matched in a lower-cased copy; values are sliced from ``buf`` at
+            # the same offsets (X-Request-Id is echoed byte for byte).  Every line of ``low``,
+            # including the last, ends with CRLF.
+            low = buf[: end + 2].lower()
+            line_end = low.find(b"\r\n")
+            request_line = buf[:line_end].split(b" ")
+            if len(request_line) != 3:
+                sendall(_response(400, parsing_error_body("malformed request line"), None, True))
+                return
+            method, target, version = request_line
+            request_id = None  # type: Optional[bytes]
+            i = low.find(b"\r\nx-request-id:", line_end)
+            if i >= 0:
+                request_id = buf[i + 15 : low.find(b"\r\n", i + 2)].strip()
+            if version == b"HTTP/1.1":
+                http11 = True
+            elif version == b"HTTP/1.0":
+                http11 = False
+            else:
+                sendall(_response(400, parsing_error_body("unsupported HTTP version"), request_id, True))
+                return
+            length = -1
+            i = low.find(b"\r\ncontent-length:", line_end)
+            if i >= 0:
+                value = buf[i + 17 : low.find(b"\r\n", i + 2)].strip()
+                length = int(value) if value.isdigit() else -2
+                if low.find(b"\r\ncontent-length:", i + 2) >= 0:
+                    length = -2  # several Content-Length headers: ambiguous framing
+            if length == -2 or b"\r\ntransfer-encoding:" in low:
+                message = (
+                    "invalid Content-Length" if length == -2
+                    else "Transfer-Encoding is not supported: send a Content-Length"
+                )
+                sendall(_response(400, parsing_error_body(message), request_id, True))
+                return
+            keep_alive_10 = False
+            i = low.find(b"\r\nconnection:", line_end)
+            if i >= 0:
+                connection = low[i + 13 : low.find(b"\r\n", i + 2)]
+                if http11:
+                    close = b"close" in connection
+                else:
+                    close = b"keep-alive" not in connection
+                    keep_alive_10 = not close
+            else:
+                close = not http11
+
+            # ---- body
+            if length < 0:
+                if method == b"POST":
+                    sendall(_response(400, parsing_error_body("missing Content-Length"), request_id, True))
+                    return
+                length = 0
+            if length > max_body:
+                message = "body of %d bytes exceeds ASYA_MAX_BODY_BYTES=%d" % (length, max_body)
+                sendall(_response(413, parsing_error_body(message), request_id, True))
+                return
+            start = end + 4
+            stop = start + length
+            if len(buf) >= stop:
+                body = buf[start:stop]  # type: Any
+                buf = buf[stop:]
+            else:
+                body = bytearray(length)
+                view = memoryview(body)
+                got = len(buf) - start
+                view[:got] = buf[start:]
+                buf = b""
+                while got < length:
+                    n = conn.recv_into(view[got:], min(chunk, length - got))
+                    if not n:
+                        return  # the host went away mid-request
+                    got += n
+                view.release()
+
+            # ---- dispatch
+            q = target.find(b"?")
+            path = target if q < 0 else target[:q]
+            if path == b"/invoke" and method == b"POST":
+                state.busy = True
+                try:
+                    close = self.invoke(conn, decode, body, request_id, http11, close or self.draining, keep_alive_10)
+                finally:
+                    state.busy = False
+            elif path == b"/healthz" and method == b"GET":
+                sendall(_response(200, _HEALTH_BODY, request_id, close, keep_alive_10))
+            else:
+                message = "no endpoint %s %s (expected GET /healthz or POST /invoke)" % (
+                    method.decode("latin-1"),
+                    path.decode("latin-1"),
+                )
+                body = dumps({"error": "not_found", "details": {"message": message}})
+                sendall(_response(404, body, request_id, close, keep_alive_10))
+            if close or self.draining:
+                return
+
+    def invoke(self, conn, decode, body, request_id, http11, close, keep_alive_10):
+        # type: (socket.socket, Callable[[Any], Any], Any, Optional[bytes], bool, bool, bool) -> bool
+        """Serve one POST /invoke; returns whether the connection must be closed."""
+        invoker = self.invoker
+        try:
+            env = parse_envelope(body, invoker.validate, decode)
+        except ValueError as exc:
+            if self.debug:
+                LOG.debug("rejecting malformed envelope: %s", exc)
+            conn.sendall(_response(400, parsing_error_body(str(exc)), request_id, close, keep_alive_10))
+            return close
+        token = _CURRENT.set(env)
+        try:
+            if self.debug:
+                LOG.debug("invoke: curr=%r", env["route"]["curr"])
+            try:
+                result, snapshot = invoker.call(env)
+                rtype = type(result)
+                if rtype is dict or (rtype is list and result):
+                    out = dumps({"frames": invoker.frames(env, result, snapshot)})
+                    if request_id is not None and not close and not keep_alive_10:
+                        # the common case in one formatting operation
+                        conn.sendall(_OK_TEMPLATE % (len(out), request_id, out))
+                        return close
+                    status = 200
+                elif result is None or rtype is list:
+                    status, out = 204, None  # type: Tuple[int, Optional[bytes]]
+                elif isinstance(result, _STREAM_TYPES):
+                    return self.stream(
+                        conn, env, result, snapshot, request_id, http11, close, keep_alive_10
+                    )
+                else:
+                    status, out = 200, dumps({"frames": invoker.frames(env, result, snapshot)})
+            except (Exception, SystemExit) as exc:  # the handler (or its result) failed
+                if self.debug:
+                    LOG.debug("handler failed", exc_info=True)
+                status, out = 500, processing_error_body(exc)
+            conn.sendall(_response(status, out, request_id, close, keep_alive_10))
+            return close
+        finally:
+            _CURRENT.reset(token)
+
+    def stream(self, conn, env, gen, snapshot, request_id, http11, close, keep_alive_10):
+        # type: (socket.socket, Dict[str, Any], Any, Any, Optional[bytes], bool, bool, bool) -> bool
+        """Serve a generator handler as SSE; chunked on HTTP/1.1 so the connection survives."""
+        invoker = self.invoker
+        is_async = isinstance(gen, types.AsyncGeneratorType)
+        base = None if invoker.envelope_mode else invoker.base_frame(env)
+        started = False
+        sendall = conn.sendall
+
+        def emit(event):
+            # type: (bytes) -> None
+            if http11:
+                sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            else:
+                sendall(event)
+
+        try:
+            while True:
+                try:
+                    if is_async:
+                        item = invoker.run_async(_anext(gen, env), env)
+                    else:
+                        item = next(gen, _END)
+                    if item is _END:
+                        break
+                    event = invoker.stream_event(env, item, snapshot, base)
+                except Exception as exc:
+                    if self.debug:
+                        LOG.debug("streaming handler failed", exc_info=True)
+                    if not started:  # nothing sent yet: a plain 500 response
+                        error = processing_error_body(exc)
+                        sendall(_response(500, error, request_id, close, keep_alive_10))
+                        return close
+                    emit(b"event: error\ndata: " + processing_error_body(exc) + b"\n\n")
+                    break
+                if event is None:
+                    continue
+                if not started:
+                    started = True
+                    head = [_SSE_HEAD]
+                    if request_id is not None:
+                        head.append(b"X-Request-Id: " + request_id + b"\r\n")
+                    if http11:
+                        head.append(b"Transfer-Encoding: chunked\r\n")
+                        if close:
+                            head.append(b"Connection: close\r\n")
+                    else:
+                        close = True  # HTTP/1.0: the body ends when the connection closes
+                        head.append(b"Connection: close\r\n")
+                    head.append(b"\r\n")
+                    if http11:
+                        head.append(b"%x\r\n%s\r\n" % (len(event), event))
+                    else:
+                        head.append(event)
+                    sendall(b"".join(head))
+                else:
+                    emit(event)
+            if not started:  # a generator that produced no event: headers + done only
+                head = [_SSE_HEAD]
+                if request_id is not None:
+                    head.append(b"X-Request-Id: " + request_id + b"\r\n")
+                if http11:
+                    head.append(b"Transfer-Encoding: chunked\r\n")
+                    if close:
+                        head.append(b"Connection: close\r\n")
+                else:
+                    close = True
+                    head.append(b"Connection: close\r\n")
+                head.append(b"\r\n")
+                sendall(b"".join(head))
+            if http11:
+                sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(_DONE_EVENT), _DONE_EVENT))
+            else:
+                sendall(_DONE_EVENT)
+            return close
+        finally:
+            _close_generator(invoker, gen, is_async, env)
+
+
+def _close_generator(invoker, gen, is_async, env):
+    # type: (Invoker, Any, bool, Dict[str, Any]) -> None
+    """Run the generator's cleanup (finally blocks) whether it finished, failed or was cut."""
+    try:
+        if is_async:
+            invoker.run_async(gen.aclose(), env)
+        else:
+            gen.close()
+    except Exception:
+        LOG.debug("closing the generator failed", exc_info=True)
+
+
+def _unlink_quietly(path):
+    # type: (str) -> None
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _send_quietly(conn, data):
+    # type: (socket.socket, bytes) -> None
+    try:
+        conn.sendall(data)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def main(environ=None):
+    # type: (Optional[Mapping[str, str]]) -> int
+    if environ is None:
+        environ = os.environ
+    setup_logging(logging.INFO)
+    try:
+        config = Config(environ)
+    except ConfigError as exc:
+        _fatal(EXIT_CONFIG, str(exc))
+        return EXIT_CONFIG  # not reached
+    setup_logging(config.log_level)
+
+    _unlink_quietly(config.ready_path)  # never advertise readiness of a previous run
+    try:
+        func = load_handler(config.handler)
+    except HandlerLoadError as exc:
+        _fatal(EXIT_HANDLER, str(exc), exc.__cause__ or exc)
+        return EXIT_HANDLER
+    kind = handler_kind(func)
+    invoker = Invoker(func, config.mode == "envelope", config.validate)
+    if kind in ("async", "async generator"):
+        invoker.loop()  # start the event loop thread before serving
+
+    server = Server(config, invoker)
+    force = threading.Event()
+
+    def on_signal(signum, frame):  # type: ignore[no-untyped-def]
+        if server.draining:
+            force.set()
+            return
+        server.draining = True
+        raise _Shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        try:
+            server.bind()
+        except OSError as exc:
+            _fatal(EXIT_SOCKET, "cannot listen on %s: %s" % (config.socket_path, exc), exc)
+        server.write_ready()
+        LOG.info(
+            "runtime ready: handler=%s (%s) mode=%s socket=%s validation=%s pid=%d python=%s",
+            ".".join(config.handler),
+            kind,
+            config.mode,
+            config.socket_path,
+            "on" if config.validate else "off",
+            os.getpid(),
+            sys.version.split()[0],
+        )
+        server.serve_forever()
+    except _Shutdown:
+        pass
+    # Stop accepting first, so the host sees the runtime go away, then let in-flight work end.
+    if server.listener is not None:
+        server.listener.close()
+    server.remove_files()
+    left = server.drain(config.shutdown_grace, force)
+    if left:
+        LOG.warning("shutting down with %d request(s) still running", left)
+    LOG.info("runtime stopped")
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
