@@ -59,10 +59,12 @@ pub mod vars {
     pub const STORAGE: &str = "ASYA_NATS_STORAGE";
 }
 
-/// How long one pull request waits on the server for messages.
+/// How long one pull request waits on the server for messages. No idle heartbeat: in
+/// async-nats 0.51 a heartbeat consumed by `Batch::poll_next` returns `Pending` without
+/// re-registering the waker, so a message arriving after it sits unseen until the batch's
+/// client-side timeout (measured: a nak'd redelivery lost until ack_wait). A lost pull
+/// request (server restart) is renewed on reconnect instead.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
-/// Idle heartbeat of a waiting pull request.
-const PULL_HEARTBEAT: Duration = Duration::from_millis(500);
 /// Pause after a failed pull before the next one.
 const PULL_RETRY: Duration = Duration::from_millis(250);
 
@@ -665,7 +667,6 @@ async fn pull_loop(
             .batch()
             .max_messages(held.len())
             .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
             .messages()
             .await;
         let mut batch = match batch {
