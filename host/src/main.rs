@@ -24,6 +24,19 @@ struct Cli {
 enum Command {
     /// Run the sidecar next to one actor's runtime (configured by ASYA_* variables).
     Sidecar,
+    /// Create the NATS JetStream stream and consumers of a namespace (idempotent; x-sink
+    /// and x-sump included).
+    Provision {
+        /// Namespace (stream `asya-<namespace>`).
+        #[arg(long, env = "ASYA_NAMESPACE")]
+        namespace: String,
+        /// Actor names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        actors: Vec<String>,
+        /// Server URL(s); overrides ASYA_NATS_URL.
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
 }
 
 /// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
@@ -60,6 +73,11 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command.unwrap_or(Command::Sidecar) {
             Command::Sidecar => sidecar().await,
+            Command::Provision {
+                namespace,
+                actors,
+                nats_url,
+            } => provision(&namespace, &actors, nats_url.as_deref()).await,
         }
     });
     match result {
@@ -80,6 +98,22 @@ async fn sidecar() -> anyhow::Result<ExitCode> {
         Exit::Shutdown => ExitCode::SUCCESS,
         Exit::RuntimeTimeout => ExitCode::from(EXIT_RUNTIME_TIMEOUT),
     })
+}
+
+async fn provision(
+    namespace: &str,
+    actors: &[String],
+    nats_url: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let locs = asya_host::transport::nats::provision_from(&ProcessEnv, namespace, actors, nats_url)
+        .await?;
+    for l in locs {
+        println!(
+            "stream {} subject {} consumer {}",
+            l.stream, l.subject, l.consumer
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

@@ -572,6 +572,43 @@ pub async fn provision(
     Ok(out)
 }
 
+/// `asya-host provision`: configuration from `src` (`ASYA_NATS_*`, `ASYA_ACTOR_SINK`,
+/// `ASYA_ACTOR_SUMP`), `url` overriding `ASYA_NATS_URL`.
+pub async fn provision_from(
+    src: &dyn Source,
+    namespace: &str,
+    actors: &[String],
+    url: Option<&str>,
+) -> Result<Vec<Location>, ProvisionError> {
+    use crate::config::{validate_actor_name, vars as cv};
+    let mut cfg = NatsConfig::from_source(src)?;
+    if let Some(u) = url {
+        cfg.url = u.to_owned();
+    }
+    validate_actor_name(cv::NAMESPACE, namespace)?;
+    let r = Reader(src);
+    let mut all: Vec<String> = Vec::new();
+    for a in actors.iter().cloned().chain([
+        r.string(cv::ACTOR_SINK, "x-sink"),
+        r.string(cv::ACTOR_SUMP, "x-sump"),
+    ]) {
+        validate_actor_name(cv::ACTOR_NAME, &a)?;
+        if !all.contains(&a) {
+            all.push(a);
+        }
+    }
+    Ok(provision(cfg, namespace, &all).await?)
+}
+
+/// Why `provision` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
 #[async_trait]
 impl Transport for NatsTransport {
     fn kind(&self) -> TransportKind {
