@@ -77,7 +77,9 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
         }
         Ok(env) => {
             guard.identify(&env.id, env.trace_id());
-            let (settle, crash) = process(s, log, &env, &body, attempt, &guard).await;
+            // Keep the broker from redelivering while we work (NATS: +WPI every ack_wait/2).
+            let work = process(s, log, &env, &body, attempt, &guard);
+            let (settle, crash) = with_progress(acker.as_ref(), work).await;
             if crash {
                 after = After::Crash;
             }
@@ -650,4 +652,28 @@ fn unparseable_envelope(body: &[u8], e: &crate::envelope::EnvelopeError) -> Enve
         e.to_string(),
     ));
     env
+}
+
+/// Run `work`, calling [`Acker::in_progress`] every [`Acker::progress_interval`] meanwhile
+/// (transports with a redelivery timer, e.g. NATS ack_wait, would otherwise redeliver a
+/// message whose handler runs longer than that timer).
+async fn with_progress<T>(
+    acker: &dyn crate::transport::Acker,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(every) = acker.progress_interval().filter(|d| !d.is_zero()) else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                if let Err(e) = acker.in_progress().await {
+                    debug!(error = %e, "in-progress ack failed");
+                }
+            }
+        }
+    }
 }
