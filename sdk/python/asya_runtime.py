@@ -1026,7 +1026,7 @@ class Server(object):
             if path == b"/invoke" and method == b"POST":
                 state.busy = True
                 try:
-                    close = self.invoke(conn, decode, body, request_id, http11, close or self.draining, keep_alive_10)
+                    close = self.invoke(conn, decode, body, request_id, http11, close, keep_alive_10)
                 finally:
                     state.busy = False
             elif path == b"/healthz" and method == b"GET":
@@ -1061,6 +1061,7 @@ class Server(object):
                 rtype = type(result)
                 if rtype is dict or (rtype is list and result):
                     out = dumps({"frames": invoker.frames(env, result, snapshot)})
+                    close = close or self.draining  # SIGTERM while the handler ran
                     if request_id is not None and not close and not keep_alive_10:
                         # the common case in one formatting operation
                         conn.sendall(_OK_TEMPLATE % (len(out), request_id, out))
@@ -1078,6 +1079,7 @@ class Server(object):
                 if self.debug:
                     LOG.debug("handler failed", exc_info=True)
                 status, out = 500, processing_error_body(exc)
+            close = close or self.draining
             conn.sendall(_response(status, out, request_id, close, keep_alive_10))
             return close
         finally:

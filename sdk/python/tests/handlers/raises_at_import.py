@@ -1,0 +1,1 @@
+raise RuntimeError("config file not found at import time")
