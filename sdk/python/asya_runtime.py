@@ -1230,14 +1230,15 @@ def main(environ=None):
         server.draining = True
         raise _Shutdown()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
         try:
             server.bind()
+            server.write_ready()
         except OSError as exc:
-            _fatal(EXIT_SOCKET, "cannot listen on %s: %s" % (config.socket_path, exc), exc)
-        server.write_ready()
+            server.remove_files()
+            _fatal(EXIT_SOCKET, "cannot serve on %s: %s" % (config.socket_path, exc), exc)
         LOG.info(
             "runtime ready: handler=%s (%s) mode=%s socket=%s validation=%s pid=%d python=%s",
             ".".join(config.handler),
