@@ -3,7 +3,7 @@
 import json
 import os
 
-from conftest import HttpClient, envelope, wait_until
+from conftest import envelope, wait_until
 
 
 def test_healthz(start_runtime):
