@@ -1,1 +1,418 @@
-//! Guest SDK for Asya plugins (see the plugin issue).
+#![doc = include_str!("../README.md")]
+
+use std::fmt;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __bindings {
+    //! The one guest bindgen site: generated types stay in here and in [`crate::__rt`].
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "route-policy-plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_route_policy_world",
+        default_bindings_module: "asya_sdk::__bindings",
+    });
+}
+
+pub mod log;
+
+/// Re-exported so that policies parse configuration and payload fields with the same
+/// `serde_json` the SDK uses.
+pub use serde_json;
+
+/// The route of an envelope: processed actors (history, never changed), the actor that
+/// must process it now (`""` = end of route), and the actors after it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Route {
+    pub prev: Vec<String>,
+    pub curr: String,
+    pub next: Vec<String>,
+}
+
+impl Route {
+    /// Every actor the route names (processed, current, future), skipping an empty `curr`.
+    pub fn actors(&self) -> impl Iterator<Item = &str> {
+        self.prev
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(self.curr.as_str()).filter(|c| !c.is_empty()))
+            .chain(self.next.iter().map(String::as_str))
+    }
+}
+
+/// What happens to an outgoing frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Route the frame as it is.
+    Keep,
+    /// Route the frame with this route. `prev` must stay exactly the frame's `prev`
+    /// (the host rejects a policy that rewrites history).
+    ReplaceRoute(Route),
+    /// Refuse the frame: x-sump with reason `PolicyRejected` and this text.
+    Reject(String),
+    /// End the journey successfully: x-sink.
+    SendToSink,
+    /// Send the frame to x-sump with this text.
+    SendToSump(String),
+}
+
+/// An expected failure of a policy: the frame goes to x-sump with this message.
+/// (A panic is not an error: it traps, and the host re-creates the instance.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub message: String,
+    /// True when trying again later may succeed.
+    pub retryable: bool,
+}
+
+impl Error {
+    /// A permanent error.
+    pub fn new(message: impl Into<String>) -> Self {
+        Error {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    /// An error that may go away when retried.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Error {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Error::new(message)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(message: &str) -> Self {
+        Error::new(message)
+    }
+}
+
+/// The operator's configuration of one policy instance (`"config"` in
+/// `ASYA_ROUTE_POLICIES`; `null` when none was given).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config(serde_json::Value);
+
+impl Config {
+    /// Parse configuration text (what the host passes to `configure`).
+    pub fn parse(text: &str) -> Result<Config, Error> {
+        serde_json::from_str(text)
+            .map(Config)
+            .map_err(|e| Error::new(format!("config is not JSON: {e}")))
+    }
+
+    /// The configuration as a JSON value.
+    pub fn value(&self) -> &serde_json::Value {
+        &self.0
+    }
+
+    /// A string setting, or `default` when absent; an error when present but not a string.
+    pub fn str_or(&self, key: &str, default: &str) -> Result<String, Error> {
+        match self.0.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default.to_owned()),
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(Error::new(format!(
+                "config {key:?} must be a string, got {other}"
+            ))),
+        }
+    }
+
+    /// A list-of-strings setting, or `None` when absent; an error when of another type.
+    pub fn str_list(&self, key: &str) -> Result<Option<Vec<String>>, Error> {
+        match self.0.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_owned).ok_or_else(|| {
+                        Error::new(format!("config {key:?} must be a list of strings"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(Error::new(format!(
+                "config {key:?} must be a list of strings"
+            ))),
+        }
+    }
+}
+
+/// A route policy. Implement this and call [`export_route_policy!`] once.
+///
+/// One value is created per instance by [`RoutePolicy::configure`]; the host reuses the
+/// instance for many frames, one call at a time.
+pub trait RoutePolicy: Sized + 'static {
+    /// Build the policy from its configuration. An error stops the host at startup.
+    fn configure(config: &Config) -> Result<Self, Error>;
+
+    /// Decide what happens to `frame`, an outgoing envelope produced while processing
+    /// `input`. Read only what you need: every accessor is a call into the host.
+    fn decide(&self, input: &Envelope<'_>, frame: &Envelope<'_>) -> Result<Decision, Error>;
+}
+
+/// An envelope the host lends to a policy for one call. Every accessor copies only the
+/// part it returns.
+pub struct Envelope<'a>(Repr<'a>);
+
+enum Repr<'a> {
+    #[cfg(target_arch = "wasm32")]
+    Host(&'a __bindings::asya::plugin::envelope::Envelope),
+    Local(&'a LocalEnvelope),
+}
+
+impl Envelope<'_> {
+    /// The envelope id.
+    pub fn id(&self) -> String {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.id(),
+            Repr::Local(e) => e.id.clone(),
+        }
+    }
+
+    /// The parent id of a fan-out child.
+    pub fn parent_id(&self) -> Option<String> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.parent_id(),
+            Repr::Local(e) => e.parent_id.clone(),
+        }
+    }
+
+    /// The whole route.
+    pub fn route(&self) -> Route {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => {
+                let r = e.route();
+                Route {
+                    prev: r.prev,
+                    curr: r.curr,
+                    next: r.next,
+                }
+            }
+            Repr::Local(e) => e.route.clone(),
+        }
+    }
+
+    /// The actor that must process the envelope now (`""` = end of route).
+    pub fn route_curr(&self) -> String {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.route_curr(),
+            Repr::Local(e) => e.route.curr.clone(),
+        }
+    }
+
+    /// Actors already processed.
+    pub fn route_prev(&self) -> Vec<String> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.route_prev(),
+            Repr::Local(e) => e.route.prev.clone(),
+        }
+    }
+
+    /// Actors still to come.
+    pub fn route_next(&self) -> Vec<String> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.route_next(),
+            Repr::Local(e) => e.route.next.clone(),
+        }
+    }
+
+    /// A header as JSON text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.header(name),
+            Repr::Local(e) => e.headers.get(name).map(|v| v.to_string()),
+        }
+    }
+
+    /// A header that is a JSON string, unquoted.
+    pub fn header_str(&self, name: &str) -> Option<String> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.header_str(name),
+            Repr::Local(e) => e.headers.get(name)?.as_str().map(str::to_owned),
+        }
+    }
+
+    /// The whole payload as JSON text (copies it: prefer [`Envelope::payload_field`]).
+    pub fn payload_json(&self) -> String {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.payload_json(),
+            Repr::Local(e) => e.payload.to_string(),
+        }
+    }
+
+    /// The payload field at a dot-separated path of object keys, as JSON text.
+    pub fn payload_field(&self, path: &str) -> Option<String> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.payload_field(path),
+            Repr::Local(e) => local_field(&e.payload, path).map(|v| v.to_string()),
+        }
+    }
+
+    /// The payload field at a dot-separated path when it is a JSON string, unquoted.
+    pub fn payload_str(&self, path: &str) -> Option<String> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => e.payload_field_str(path),
+            Repr::Local(e) => local_field(&e.payload, path)?.as_str().map(str::to_owned),
+        }
+    }
+}
+
+fn local_field<'v>(root: &'v serde_json::Value, path: &str) -> Option<&'v serde_json::Value> {
+    if path.is_empty() {
+        return Some(root);
+    }
+    path.split('.')
+        .try_fold(root, |v, key| v.as_object()?.get(key))
+}
+
+/// An envelope built in memory, to unit-test a policy natively (`cargo test`) without a
+/// host: `policy.decide(&input.view(), &frame.view())`.
+#[derive(Debug, Clone, Default)]
+pub struct LocalEnvelope {
+    pub id: String,
+    pub parent_id: Option<String>,
+    pub route: Route,
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    pub payload: serde_json::Value,
+}
+
+impl LocalEnvelope {
+    /// An envelope with this id, route and payload, no headers.
+    pub fn new(id: &str, route: Route, payload: serde_json::Value) -> Self {
+        LocalEnvelope {
+            id: id.to_owned(),
+            route,
+            payload,
+            ..LocalEnvelope::default()
+        }
+    }
+
+    /// The view a policy receives.
+    pub fn view(&self) -> Envelope<'_> {
+        Envelope(Repr::Local(self))
+    }
+}
+
+/// Glue called by [`export_route_policy!`]; not part of the API.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __rt {
+    use std::cell::RefCell;
+    use std::thread::LocalKey;
+
+    use super::__bindings::asya::plugin::envelope::Envelope as HostEnvelope;
+    use super::__bindings::asya::plugin::types::{PluginError, Route as WitRoute};
+    use super::__bindings::exports::asya::plugin::route_policy::Decision as WitDecision;
+    use super::{Config, Decision, Envelope, Error, Repr, RoutePolicy};
+
+    pub use super::__bindings::exports::asya::plugin::route_policy::Guest;
+    pub type Slot<P> = LocalKey<RefCell<Option<P>>>;
+    pub type HostEnv = HostEnvelope;
+    pub type WitError = PluginError;
+    pub type WitDecisionT = WitDecision;
+
+    fn to_wit(e: Error) -> PluginError {
+        PluginError {
+            message: e.message,
+            retryable: e.retryable,
+        }
+    }
+
+    pub fn configure<P: RoutePolicy>(
+        slot: &'static Slot<P>,
+        config: String,
+    ) -> Result<(), PluginError> {
+        let cfg = Config::parse(&config).map_err(to_wit)?;
+        let policy = P::configure(&cfg).map_err(to_wit)?;
+        slot.with(|s| *s.borrow_mut() = Some(policy));
+        Ok(())
+    }
+
+    pub fn decide<P: RoutePolicy>(
+        slot: &'static Slot<P>,
+        input: &HostEnvelope,
+        frame: &HostEnvelope,
+    ) -> Result<WitDecision, PluginError> {
+        slot.with(|s| {
+            let guard = s.borrow();
+            let policy = guard
+                .as_ref()
+                .ok_or_else(|| to_wit(Error::new("policy used before configure")))?;
+            let d = policy
+                .decide(&Envelope(Repr::Host(input)), &Envelope(Repr::Host(frame)))
+                .map_err(to_wit)?;
+            Ok(match d {
+                Decision::Keep => WitDecision::Keep,
+                Decision::ReplaceRoute(r) => WitDecision::ReplaceRoute(WitRoute {
+                    prev: r.prev,
+                    curr: r.curr,
+                    next: r.next,
+                }),
+                Decision::Reject(why) => WitDecision::Reject(why),
+                Decision::SendToSink => WitDecision::SendToSink,
+                Decision::SendToSump(why) => WitDecision::SendToSump(why),
+            })
+        })
+    }
+}
+
+/// Export a [`RoutePolicy`] implementation as this component's `route-policy`.
+/// Call it once, at the crate root of a `cdylib` built for `wasm32-wasip2`. On other
+/// targets it expands to nothing, so the policy can be unit-tested natively.
+#[macro_export]
+macro_rules! export_route_policy {
+    ($policy:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            ::std::thread_local! {
+                static __ASYA_POLICY: ::core::cell::RefCell<::core::option::Option<$policy>> =
+                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
+            }
+            struct __AsyaRoutePolicy;
+            impl $crate::__rt::Guest for __AsyaRoutePolicy {
+                fn configure(
+                    config: ::std::string::String,
+                ) -> ::core::result::Result<(), $crate::__rt::WitError> {
+                    $crate::__rt::configure(&__ASYA_POLICY, config)
+                }
+                fn decide(
+                    input: &$crate::__rt::HostEnv,
+                    frame: &$crate::__rt::HostEnv,
+                ) -> ::core::result::Result<$crate::__rt::WitDecisionT, $crate::__rt::WitError>
+                {
+                    $crate::__rt::decide(&__ASYA_POLICY, input, frame)
+                }
+            }
+            $crate::__bindings::__export_route_policy_world!(
+                __AsyaRoutePolicy with_types_in $crate::__bindings
+            );
+        };
+    };
+}

@@ -1,0 +1,221 @@
+//! The one host-side `bindgen!` site. Generated types stay in this file: everything that
+//! leaves it is a domain type ([`crate::envelope::Route`], [`crate::plugin::Decision`]).
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use wasmtime::component::Resource;
+
+use crate::envelope::Route;
+use crate::plugin::engine::StoreState;
+
+/// The `route-policy-plugin` world.
+pub(crate) mod policy {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "route-policy-plugin",
+        exports: { default: async },
+        with: {
+            "asya:plugin/envelope.envelope": super::EnvelopeHandle,
+        },
+    });
+}
+
+/// The `transport-plugin` world (contract checks; the adapter lives in `transport/`).
+pub(crate) mod transport {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "transport-plugin",
+        exports: { default: async },
+        with: {
+            "asya:plugin/types": super::policy::asya::plugin::types,
+            "asya:plugin/log": super::policy::asya::plugin::log,
+        },
+    });
+}
+
+pub(crate) use policy::exports::asya::plugin::route_policy::Decision as WitDecision;
+pub(crate) use policy::RoutePolicyPlugin;
+pub(crate) use policy::RoutePolicyPluginPre;
+pub(crate) use transport::TransportPluginPre;
+
+/// Marker type of the envelope resource: the host never puts envelopes in the resource
+/// table; a handle's rep names a slot of [`StoreState`] (see [`Slot`]).
+pub struct EnvelopeHandle;
+
+/// Which envelope a handle names.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Slot {
+    Input = 0,
+    Frame = 1,
+}
+
+impl Slot {
+    pub(crate) fn handle(self) -> Resource<EnvelopeHandle> {
+        Resource::new_borrow(self as u32)
+    }
+}
+
+/// The parts of an envelope a policy may read, owned by the store for one call.
+#[derive(Debug)]
+pub(crate) struct EnvelopeView {
+    pub id: String,
+    pub parent_id: Option<String>,
+    pub route: Route,
+    pub headers: Map<String, Value>,
+    pub payload: Box<RawValue>,
+}
+
+impl Default for EnvelopeView {
+    fn default() -> Self {
+        EnvelopeView {
+            id: String::new(),
+            parent_id: None,
+            route: Route::default(),
+            headers: Map::new(),
+            payload: RawValue::from_string("null".to_owned()).expect("null is JSON"),
+        }
+    }
+}
+
+impl EnvelopeView {
+    pub(crate) fn of(env: &crate::envelope::Envelope) -> Self {
+        EnvelopeView {
+            id: env.id.clone(),
+            parent_id: env.parent_id.clone(),
+            route: env.route.clone(),
+            headers: env.headers.clone(),
+            payload: env.payload.clone(),
+        }
+    }
+}
+
+impl StoreState {
+    fn view(&self, r: &Resource<EnvelopeHandle>) -> &EnvelopeView {
+        if r.rep() == Slot::Input as u32 {
+            &self.input
+        } else {
+            &self.frame
+        }
+    }
+}
+
+impl policy::asya::plugin::types::Host for StoreState {}
+
+impl policy::asya::plugin::envelope::Host for StoreState {}
+
+impl policy::asya::plugin::envelope::HostEnvelope for StoreState {
+    fn id(&mut self, e: Resource<EnvelopeHandle>) -> String {
+        self.view(&e).id.clone()
+    }
+
+    fn parent_id(&mut self, e: Resource<EnvelopeHandle>) -> Option<String> {
+        self.view(&e).parent_id.clone()
+    }
+
+    fn route(&mut self, e: Resource<EnvelopeHandle>) -> policy::asya::plugin::types::Route {
+        let r = &self.view(&e).route;
+        policy::asya::plugin::types::Route {
+            prev: r.prev.clone(),
+            curr: r.curr.clone(),
+            next: r.next.clone(),
+        }
+    }
+
+    fn route_curr(&mut self, e: Resource<EnvelopeHandle>) -> String {
+        self.view(&e).route.curr.clone()
+    }
+
+    fn route_prev(&mut self, e: Resource<EnvelopeHandle>) -> Vec<String> {
+        self.view(&e).route.prev.clone()
+    }
+
+    fn route_next(&mut self, e: Resource<EnvelopeHandle>) -> Vec<String> {
+        self.view(&e).route.next.clone()
+    }
+
+    fn header(&mut self, e: Resource<EnvelopeHandle>, name: String) -> Option<String> {
+        self.view(&e).headers.get(&name).map(Value::to_string)
+    }
+
+    fn header_str(&mut self, e: Resource<EnvelopeHandle>, name: String) -> Option<String> {
+        self.view(&e)
+            .headers
+            .get(&name)?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    fn payload_json(&mut self, e: Resource<EnvelopeHandle>) -> String {
+        self.view(&e).payload.get().to_owned()
+    }
+
+    fn payload_field(&mut self, e: Resource<EnvelopeHandle>, path: String) -> Option<String> {
+        super::json_path::field(self.view(&e).payload.get(), &path).map(str::to_owned)
+    }
+
+    fn payload_field_str(&mut self, e: Resource<EnvelopeHandle>, path: String) -> Option<String> {
+        let raw = super::json_path::field(self.view(&e).payload.get(), &path)?;
+        if !raw.starts_with('"') {
+            return None;
+        }
+        serde_json::from_str::<String>(raw).ok()
+    }
+
+    fn drop(&mut self, _e: Resource<EnvelopeHandle>) -> wasmtime::Result<()> {
+        // Handles are borrows of store slots: nothing to free.
+        Ok(())
+    }
+}
+
+/// Longest log line kept from a guest.
+const MAX_LOG_LINE: usize = 4096;
+
+impl policy::asya::plugin::log::Host for StoreState {
+    fn enabled(&mut self, level: policy::asya::plugin::log::Level) -> bool {
+        use policy::asya::plugin::log::Level as L;
+        match level {
+            L::Trace => tracing::enabled!(tracing::Level::TRACE),
+            L::Debug => tracing::enabled!(tracing::Level::DEBUG),
+            L::Info => tracing::enabled!(tracing::Level::INFO),
+            L::Warn => tracing::enabled!(tracing::Level::WARN),
+            L::Error => tracing::enabled!(tracing::Level::ERROR),
+        }
+    }
+
+    fn log(&mut self, level: policy::asya::plugin::log::Level, message: String) {
+        use policy::asya::plugin::log::Level as L;
+        let msg = super::truncate(&message, MAX_LOG_LINE);
+        let plugin = &*self.plugin;
+        match level {
+            L::Trace => tracing::trace!(plugin, "{msg}"),
+            L::Debug => tracing::debug!(plugin, "{msg}"),
+            L::Info => tracing::info!(plugin, "{msg}"),
+            L::Warn => tracing::warn!(plugin, "{msg}"),
+            L::Error => tracing::error!(plugin, "{msg}"),
+        }
+    }
+}
+
+/// A guest's decision, bounded and converted to the domain type.
+pub(crate) fn decision_from_wit(d: WitDecision) -> super::Decision {
+    use super::{truncate, Decision, MAX_REASON};
+    match d {
+        WitDecision::Keep => Decision::Keep,
+        WitDecision::ReplaceRoute(r) => Decision::ReplaceRoute(Route {
+            prev: r.prev,
+            curr: r.curr,
+            next: r.next,
+        }),
+        WitDecision::Reject(why) => Decision::Reject(truncate(&why, MAX_REASON).into_owned()),
+        WitDecision::SendToSink => Decision::SendToSink,
+        WitDecision::SendToSump(why) => {
+            Decision::SendToSump(truncate(&why, MAX_REASON).into_owned())
+        }
+    }
+}
+
+/// A guest's error as text (bounded).
+pub(crate) fn guest_error(e: policy::asya::plugin::types::PluginError) -> String {
+    let retry = if e.retryable { " (retryable)" } else { "" };
+    format!("{}{retry}", super::truncate(&e.message, super::MAX_REASON))
+}
