@@ -39,6 +39,8 @@ pub enum StartError {
     Transport(#[from] transport::TransportError),
     #[error(transparent)]
     Sidecar(#[from] sidecar::SidecarError),
+    #[error(transparent)]
+    Plugin(#[from] plugin::LoadError),
 }
 
 /// Run one sidecar as its own process: transport from the config, admin server, loop.
@@ -48,7 +50,12 @@ pub async fn serve_sidecar(
 ) -> Result<sidecar::Exit, StartError> {
     let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
     let metrics = metrics::Metrics::new(&cfg.metrics_namespace);
-    let deps = sidecar::Deps::new(transport.clone(), metrics.clone());
+    let mut deps = sidecar::Deps::new(transport.clone(), metrics.clone());
+    if let Some(chain) =
+        plugin::PolicyChain::from_source(&config::ProcessEnv, Some(metrics.clone())).await?
+    {
+        deps.policy = Some(Arc::new(chain));
+    }
     let admin_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -37,6 +37,20 @@ enum Command {
         #[arg(long)]
         nats_url: Option<String>,
     },
+    /// WebAssembly plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Say which world a component implements and whether it fits this host's contract.
+    Check {
+        /// The component (`.wasm`).
+        file: std::path::PathBuf,
+    },
 }
 
 /// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
@@ -78,6 +92,13 @@ fn main() -> ExitCode {
                 actors,
                 nats_url,
             } => provision(&namespace, &actors, nats_url.as_deref()).await,
+            Command::Plugin {
+                command: PluginCommand::Check { file },
+            } => {
+                let report = asya_host::plugin::check(&file)?;
+                println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
