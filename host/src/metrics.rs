@@ -319,38 +319,51 @@ impl ActorMetrics {
             queue: queue.to_owned(),
             transport,
         };
+        // One statement per handle: `get_or_create` returns a read guard on the family, and
+        // a second, new label set in the same statement would wait for the write lock forever.
+        let received = metrics.received.get_or_create(&qt).clone();
+        let processed_success = metrics
+            .processed
+            .get_or_create(&qs(ProcessedStatus::Success))
+            .clone();
+        let processed_error = metrics
+            .processed
+            .get_or_create(&qs(ProcessedStatus::Error))
+            .clone();
+        let processed_retry = metrics
+            .processed
+            .get_or_create(&qs(ProcessedStatus::Retry))
+            .clone();
+        let processing_duration = metrics.processing_duration.get_or_create(&q()).clone();
+        let runtime_duration = metrics.runtime_duration.get_or_create(&q()).clone();
+        let receive_duration = metrics.receive_duration.get_or_create(&qt).clone();
+        let size_received = metrics
+            .message_size
+            .get_or_create(&Direction {
+                direction: "received",
+            })
+            .clone();
+        let size_sent = metrics
+            .message_size
+            .get_or_create(&Direction { direction: "sent" })
+            .clone();
+        let active = metrics.active.get_or_create(&q()).clone();
+        let id_mismatch = metrics.runtime_id_mismatch.get_or_create(&q()).clone();
         ActorMetrics {
-            received: metrics.received.get_or_create(&qt).clone(),
-            processed_success: metrics
-                .processed
-                .get_or_create(&qs(ProcessedStatus::Success))
-                .clone(),
-            processed_error: metrics
-                .processed
-                .get_or_create(&qs(ProcessedStatus::Error))
-                .clone(),
-            processed_retry: metrics
-                .processed
-                .get_or_create(&qs(ProcessedStatus::Retry))
-                .clone(),
-            processing_duration: metrics.processing_duration.get_or_create(&q()).clone(),
-            runtime_duration: metrics.runtime_duration.get_or_create(&q()).clone(),
-            receive_duration: metrics.receive_duration.get_or_create(&qt).clone(),
-            size_received: metrics
-                .message_size
-                .get_or_create(&Direction {
-                    direction: "received",
-                })
-                .clone(),
-            size_sent: metrics
-                .message_size
-                .get_or_create(&Direction { direction: "sent" })
-                .clone(),
-            active: metrics.active.get_or_create(&q()).clone(),
-            id_mismatch: metrics.runtime_id_mismatch.get_or_create(&q()).clone(),
+            received,
+            processed_success,
+            processed_error,
+            processed_retry,
+            processing_duration,
+            runtime_duration,
+            receive_duration,
+            size_received,
+            size_sent,
+            active,
+            id_mismatch,
             queue: queue.to_owned(),
             transport,
-            metrics: metrics.clone(),
+            metrics,
         }
     }
 

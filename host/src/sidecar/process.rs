@@ -60,7 +60,12 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
             m.failed(reason);
             let env = unparseable_envelope(&body, &e);
             let id = format!("{}:sump", env.id);
-            settle_send(s, log, sump_message(s, env, id, status_reason, None, attempt)).await
+            settle_send(
+                s,
+                log,
+                sump_message(s, env, id, status_reason, None, attempt),
+            )
+            .await
         }
         Ok(env) if s.cfg.is_end_actor => {
             // End actors record the final state; they never route.
@@ -117,7 +122,12 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
             total_actors: env.route.actors().count(),
             envelope_id: env.id,
             parent_id: env.parent_id,
-            trace_id: env.headers.get(crate::envelope::HEADER_TRACE_ID).and_then(|v| v.as_str()).unwrap_or_default().to_owned(),
+            trace_id: env
+                .headers
+                .get(crate::envelope::HEADER_TRACE_ID)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned(),
             actor: s.actor.to_string(),
             received_at,
             duration: took,
@@ -133,7 +143,8 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
 
 /// Steps 2–6 for a parsed envelope. Returns how to settle the input and whether to crash.
 async fn process(
-    s: &Shared, log: &mut HopLog,
+    s: &Shared,
+    log: &mut HopLog,
     env: &Envelope,
     body: &Bytes,
     attempt: u32,
@@ -397,7 +408,8 @@ impl Failure {
 
 /// Retry while allowed, else x-sump.
 async fn failed_call(
-    s: &Shared, log: &mut HopLog,
+    s: &Shared,
+    log: &mut HopLog,
     env: &Envelope,
     hop: usize,
     attempt: u32,
@@ -463,7 +475,12 @@ async fn sla_expired(s: &Shared, log: &mut HopLog, env: &Envelope, hop: usize) -
 }
 
 /// 204 (or no frames): the input goes to x-sink as succeeded.
-async fn route_abort(s: &Shared, log: &mut HopLog, env: &Envelope, hop: usize) -> Result<(), Failure> {
+async fn route_abort(
+    s: &Shared,
+    log: &mut HopLog,
+    env: &Envelope,
+    hop: usize,
+) -> Result<(), Failure> {
     let mut out = env.clone();
     let st = out.status_mut();
     st.phase = Some(Phase::Succeeded);
@@ -482,7 +499,8 @@ async fn route_abort(s: &Shared, log: &mut HopLog, env: &Envelope, hop: usize) -
 
 /// Step 5 for one frame: check the route rules, apply the policy chain, publish.
 async fn route_frame(
-    s: &Shared, log: &mut HopLog,
+    s: &Shared,
+    log: &mut HopLog,
     input: &Envelope,
     hop: usize,
     index: usize,
@@ -619,7 +637,12 @@ fn transport_failed(s: &Shared, e: &TransportError, attempt: u32) -> Settle {
     Settle::Retry(s.cfg.resiliency.backoff(attempt.max(1)))
 }
 
-async fn send(s: &Shared, log: &mut HopLog, msg: OutMessage, ty: MessageType) -> Result<(), TransportError> {
+async fn send(
+    s: &Shared,
+    log: &mut HopLog,
+    msg: OutMessage,
+    ty: MessageType,
+) -> Result<(), TransportError> {
     let t = Instant::now();
     let len = msg.body.len();
     let queue = msg.queue.clone();
