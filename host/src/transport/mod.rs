@@ -41,6 +41,9 @@ pub enum TransportError {
     Closed,
     #[error("queue {queue}: {message}")]
     Queue { queue: String, message: String },
+    /// This transport cannot be used as configured.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{context}: {source}")]
     Broker {
         context: &'static str,
@@ -159,16 +162,15 @@ pub async fn connect(
     src: &dyn crate::config::Source,
 ) -> Result<std::sync::Arc<dyn Transport>, TransportError> {
     match kind {
-        TransportKind::Memory => Err(TransportError::Queue {
-            queue: String::new(),
-            message: "ASYA_TRANSPORT=memory only works inside one process (`asya-host up`); use nats or wasm for a standalone sidecar".into(),
-        }),
+        TransportKind::Memory => Err(TransportError::Unavailable(
+            "ASYA_TRANSPORT=memory only works inside one process (`asya-host up`); use nats or wasm for a standalone sidecar".into(),
+        )),
         TransportKind::Nats => Ok(std::sync::Arc::new(
             nats::NatsTransport::from_source(src).await?,
         )),
-        TransportKind::Wasm => Err(TransportError::Queue {
-            queue: String::new(),
-            message: format!("ASYA_TRANSPORT={} is not available in this build yet", kind.as_str()),
-        }),
+        TransportKind::Wasm => Err(TransportError::Unavailable(format!(
+            "ASYA_TRANSPORT={} is not available in this build yet",
+            kind.as_str()
+        ))),
     }
 }
