@@ -14,6 +14,8 @@
 pub mod admin;
 pub mod config;
 pub mod envelope;
+pub mod gateway;
+pub mod mesh;
 pub mod metrics;
 pub mod plugin;
 pub mod runtime;

@@ -1,0 +1,416 @@
+//! The gateway's HTTP API (hyper 1, HTTP/1.1).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::{Gateway, GatewayError, SubmitRequest, TaskEvent, TaskStatus, WireReport};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Body cap of `POST /reports`.
+const MAX_REPORTS_BODY: usize = 16 << 20;
+/// Room for the request's own fields around the payload.
+const SUBMIT_OVERHEAD: usize = 64 << 10;
+/// SSE keep-alive comment interval.
+const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()).boxed_unsync())
+        .expect("static response parts are valid")
+}
+
+fn json_reply(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
+    full(
+        status,
+        "application/json",
+        serde_json::to_vec(v).expect("JSON serialises"),
+    )
+}
+
+fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response<Body> {
+    json_reply(
+        status,
+        &json!({"error": code, "message": message.to_string()}),
+    )
+}
+
+fn gateway_error(e: GatewayError) -> Response<Body> {
+    match &e {
+        GatewayError::BadRequest(_) => error(StatusCode::BAD_REQUEST, "bad_request", e),
+        GatewayError::UnknownFlow(_) => error(StatusCode::BAD_REQUEST, "unknown_flow", e),
+        GatewayError::PayloadTooLarge { .. } => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e)
+        }
+        GatewayError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", e),
+        GatewayError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, "store_error", e),
+        GatewayError::Transport(_) => error(StatusCode::SERVICE_UNAVAILABLE, "transport_error", e),
+    }
+}
+
+/// Constant-time comparison of the bearer token.
+fn authorized(req: &Request<Incoming>, token: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+}
+
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Length is not secret enough to hide; the content is compared without early exit.
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body exceeds {limit} bytes"),
+        )),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_request", e)),
+    }
+}
+
+fn query_params(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn route(
+    gw: Arc<Gateway>,
+    token: Option<Arc<str>>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let method = req.method().clone();
+    if path == "/healthz" {
+        return json_reply(StatusCode::OK, &json!({"status": "ok"}));
+    }
+    if !authorized(&req, token.as_deref()) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    let parts: Vec<&str> = path.split('/').skip(1).collect();
+    match (&method, parts.as_slice()) {
+        (&Method::POST, ["tasks"]) => {
+            let body = match read_body(req, gw.max_payload_bytes() + SUBMIT_OVERHEAD).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let sub: SubmitRequest = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", e),
+            };
+            match gw.submit(sub).await {
+                Ok(v) => json_reply(StatusCode::CREATED, &v),
+                Err(e) => gateway_error(e),
+            }
+        }
+        (&Method::GET, ["tasks"]) => {
+            let mut status = None;
+            let mut flow = None;
+            let mut since = None;
+            let mut limit = 100usize;
+            for (k, v) in query_params(&req) {
+                match k.as_str() {
+                    "status" => match TaskStatus::parse(&v) {
+                        Some(s) => status = Some(s),
+                        None => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                format!("unknown status {v:?}"),
+                            )
+                        }
+                    },
+                    "flow" => flow = Some(v),
+                    "since" => match chrono::DateTime::parse_from_rfc3339(&v) {
+                        Ok(d) => since = Some(d.with_timezone(&chrono::Utc)),
+                        Err(e) => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                format!("since must be RFC 3339: {e}"),
+                            )
+                        }
+                    },
+                    "limit" => match v.parse() {
+                        Ok(n) => limit = n,
+                        Err(_) => {
+                            return error(StatusCode::BAD_REQUEST, "bad_request", "bad limit")
+                        }
+                    },
+                    _ => {}
+                }
+            }
+            match gw.list(status, flow.as_deref(), since, limit).await {
+                Ok(tasks) => json_reply(StatusCode::OK, &json!({ "tasks": tasks })),
+                Err(e) => gateway_error(e),
+            }
+        }
+        (&Method::GET, ["tasks", id]) => match gw.get(id).await {
+            Some(v) => json_reply(StatusCode::OK, &v),
+            None => gateway_error(GatewayError::NotFound((*id).to_owned())),
+        },
+        (&Method::GET, ["tasks", id, "trace"]) => match gw.get_task(id).await {
+            Some(t) => json_reply(
+                StatusCode::OK,
+                &json!({"task": t.view(), "timeline": t.timeline}),
+            ),
+            None => gateway_error(GatewayError::NotFound((*id).to_owned())),
+        },
+        (&Method::GET, ["tasks", id, "stream"]) => stream(gw, id).await,
+        (&Method::POST, ["tasks", id, "cancel"]) => match gw.cancel(id).await {
+            Ok(v) => json_reply(StatusCode::OK, &v),
+            Err(e) => gateway_error(e),
+        },
+        (&Method::POST, ["reports"]) => {
+            let body = match read_body(req, MAX_REPORTS_BODY).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let reports: Vec<WireReport> = match serde_json::from_slice::<Value>(&body) {
+                Ok(Value::Array(items)) => match items
+                    .into_iter()
+                    .map(serde_json::from_value)
+                    .collect::<Result<_, _>>()
+                {
+                    Ok(r) => r,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_report", e),
+                },
+                Ok(v) => match serde_json::from_value(v) {
+                    Ok(r) => vec![r],
+                    Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_report", e),
+                },
+                Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", e),
+            };
+            let n = reports.len();
+            for r in reports {
+                gw.enqueue(r);
+            }
+            json_reply(StatusCode::ACCEPTED, &json!({ "accepted": n }))
+        }
+        (_, ["tasks", ..]) | (_, ["reports"]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} {path} is not supported"),
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route {path}"),
+        ),
+    }
+}
+
+fn sse_frame(kind: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// `GET /tasks/{id}/stream`: the current state, then every update in order, ending with
+/// `final`.
+async fn stream(gw: Arc<Gateway>, id: &str) -> Response<Body> {
+    // Subscribe before reading so nothing falls between the snapshot and the updates.
+    let rx = gw.subscribe();
+    let Some(view) = gw.get(id).await else {
+        return gateway_error(GatewayError::NotFound(id.to_owned()));
+    };
+    let first_kind = if view.status.is_final() {
+        "final"
+    } else {
+        "progress"
+    };
+    let first = sse_frame(
+        first_kind,
+        &serde_json::to_value(&view).unwrap_or(Value::Null),
+    );
+    struct State {
+        gw: Arc<Gateway>,
+        id: String,
+        rx: broadcast::Receiver<Arc<TaskEvent>>,
+        done: bool,
+    }
+    let state = State {
+        gw,
+        id: id.to_owned(),
+        rx,
+        done: view.status.is_final(),
+    };
+    let rest = futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            match tokio::time::timeout(SSE_KEEPALIVE, st.rx.recv()).await {
+                Err(_) => return Some((Bytes::from_static(b": keep-alive\n\n"), st)),
+                Ok(Ok(ev)) if ev.task_id == st.id => {
+                    if ev.kind == "final" {
+                        st.done = true;
+                    }
+                    return Some((sse_frame(ev.kind, &ev.data), st));
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                    debug!(task_id = %st.id, skipped = n, "SSE subscriber lagged; resending state");
+                    let view = st.gw.get(&st.id).await;
+                    let v = serde_json::to_value(&view).unwrap_or(Value::Null);
+                    let kind = if view.is_some_and(|v| v.status.is_final()) {
+                        st.done = true;
+                        "final"
+                    } else {
+                        "progress"
+                    };
+                    return Some((sse_frame(kind, &v), st));
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+            }
+        }
+    });
+    let body = futures::stream::once(async move { first })
+        .chain(rest)
+        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(BodyExt::boxed_unsync(StreamBody::new(body)))
+        .expect("static response parts are valid")
+}
+
+/// Serve the task API until `shutdown` is cancelled. `token`: require
+/// `Authorization: Bearer <token>` on every route but `/healthz`.
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, auth = token.is_some(), "gateway listening");
+    }
+    let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "gateway accept failed");
+                    continue;
+                }
+            },
+        };
+        let gw = gw.clone();
+        let token = token.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let gw = gw.clone();
+                let token = token.clone();
+                async move { Ok::<_, Infallible>(route(gw, token, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    debug!(error = %e, "gateway connection failed");
+                },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn decode() {
+        assert_eq!(percent_decode("a%3Ab+c"), "a:b c");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+}

@@ -1,0 +1,612 @@
+//! The gateway (SPEC §9): creates tasks, publishes their first envelope, tracks progress
+//! from sidecar reports and answers "where is my task?" over HTTP.
+//!
+//! - [`Gateway`]: the library API (`asya-host up` uses it in process).
+//! - [`serve`]: the HTTP API (`POST /tasks`, `GET /tasks[/{id}[/stream|/trace]]`,
+//!   `POST /tasks/{id}/cancel`, internal `POST /reports`).
+//! - [`store`]: task stores (memory, NATS JetStream KV).
+//! - [`HttpReporter`]: how a standalone sidecar reports (`ASYA_GATEWAY_URL`).
+//! - [`otlp`]: one span per hop over OTLP/HTTP JSON (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+//! - [`cli`]: `asya-host gateway | trace | send`.
+
+pub mod cli;
+pub mod client;
+mod http;
+pub mod otlp;
+pub mod reporter;
+pub mod store;
+pub mod task;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, warn};
+
+use crate::envelope::{now_rfc3339, Envelope, Phase, Route, HEADER_TRACEPARENT, HEADER_TRACE_ID};
+use crate::transport::{queue_name, OutMessage, Transport, TransportError};
+
+pub use client::HttpReporter;
+pub use http::serve;
+pub use reporter::WireReport;
+pub use store::{KvStore, MemoryStore, StoreError, TaskStore};
+pub use task::{HopEntry, Task, TaskStatus, TaskView};
+
+/// Named routes: flow name → actors.
+pub type Flows = BTreeMap<String, Vec<String>>;
+
+/// Default cap on a submitted payload (`ASYA_GATEWAY_MAX_PAYLOAD_BYTES`).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
+
+/// Reports queued for tracking before new ones are dropped (and counted).
+const REPORT_QUEUE: usize = 4096;
+/// Events buffered per SSE subscriber before it lags.
+const EVENT_BUFFER: usize = 1024;
+
+/// Why a flow file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowsError {
+    #[error("cannot read flow file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("flow file {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// Load the `[flows]` table of a TOML file (`name = ["a", "b"]`); other keys are ignored.
+pub fn load_flows(path: &Path) -> Result<Flows, FlowsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FlowsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_flows(&text).map_err(|message| FlowsError::Invalid {
+        path: path.display().to_string(),
+        message,
+    })
+}
+
+/// Parse the `[flows]` table of TOML text.
+pub fn parse_flows(text: &str) -> Result<Flows, String> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        flows: BTreeMap<String, toml::Value>,
+    }
+    let file: File = toml::from_str(text).map_err(|e| e.to_string().replace('\n', " "))?;
+    let mut flows = Flows::new();
+    for (name, v) in file.flows {
+        let actors: Vec<String> = match v {
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|i| match i {
+                    toml::Value::String(s) => Ok(s),
+                    other => Err(format!("flow {name}: actor {other} is not a string")),
+                })
+                .collect::<Result<_, _>>()?,
+            // The mesh's richer form: `[flows.name] actors = [...]`.
+            toml::Value::Table(t) => match t.get("actors").or_else(|| t.get("route")) {
+                Some(toml::Value::Array(items)) => items
+                    .iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| format!("flow {name}: actor {i} is not a string"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                _ => return Err(format!("flow {name}: expected a list of actors")),
+            },
+            _ => return Err(format!("flow {name}: expected a list of actors")),
+        };
+        validate_route(&actors).map_err(|e| format!("flow {name}: {e}"))?;
+        flows.insert(name, actors);
+    }
+    Ok(flows)
+}
+
+fn validate_route(actors: &[String]) -> Result<(), String> {
+    if actors.is_empty() {
+        return Err("route is empty".into());
+    }
+    for a in actors {
+        crate::config::validate_actor_name("route", a).map_err(|e| e.message)?;
+    }
+    Ok(())
+}
+
+/// A task to create.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    #[serde(default)]
+    pub flow: Option<String>,
+    #[serde(default)]
+    pub route: Option<Vec<String>>,
+    #[serde(default)]
+    pub payload: Value,
+    /// Over HTTP: `"timeout": "30s"` or seconds as a number.
+    #[serde(default, with = "timeout_serde")]
+    pub timeout: Option<Duration>,
+}
+
+mod timeout_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_f64(d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum T {
+            Secs(f64),
+            Text(String),
+        }
+        match Option::<T>::deserialize(d)? {
+            None => Ok(None),
+            Some(T::Secs(s)) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
+            Some(T::Secs(_)) => Err(serde::de::Error::custom("timeout must be positive")),
+            Some(T::Text(t)) => crate::config::parse_duration(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Why a gateway call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("unknown flow {0:?}")]
+    UnknownFlow(String),
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("task {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot publish the first envelope: {0}")]
+    Transport(#[from] TransportError),
+}
+
+/// One update of a task, as streamed over SSE.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskEvent {
+    pub task_id: String,
+    /// `progress`, `upstream` or `final`.
+    pub kind: &'static str,
+    pub data: Value,
+}
+
+/// Creates and tracks tasks. Cheap to share (`Arc`).
+pub struct Gateway {
+    store: Arc<dyn TaskStore>,
+    transport: Arc<dyn Transport>,
+    namespace: String,
+    flows: Flows,
+    sink: String,
+    sump: String,
+    max_payload: AtomicUsize,
+    /// Serialises read-modify-write of task records.
+    update: tokio::sync::Mutex<()>,
+    events: broadcast::Sender<Arc<TaskEvent>>,
+    reports: mpsc::Sender<WireReport>,
+    dropped: AtomicU64,
+}
+
+impl Gateway {
+    /// A gateway publishing on `transport` in `namespace`. Must be called inside a tokio
+    /// runtime (it spawns the task that applies reports).
+    pub fn new(
+        store: Arc<dyn TaskStore>,
+        transport: Arc<dyn Transport>,
+        namespace: String,
+        flows: Flows,
+        sink: String,
+        sump: String,
+    ) -> Arc<Gateway> {
+        let (tx, rx) = mpsc::channel(REPORT_QUEUE);
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let gw = Arc::new(Gateway {
+            store,
+            transport,
+            namespace,
+            flows,
+            sink,
+            sump,
+            max_payload: AtomicUsize::new(DEFAULT_MAX_PAYLOAD_BYTES),
+            update: tokio::sync::Mutex::new(()),
+            events,
+            reports: tx,
+            dropped: AtomicU64::new(0),
+        });
+        tokio::spawn(apply_reports(Arc::downgrade(&gw), rx));
+        gw
+    }
+
+    /// Cap on a submitted payload's JSON size.
+    pub fn set_max_payload_bytes(&self, n: usize) {
+        self.max_payload.store(n, Ordering::Relaxed);
+    }
+
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload.load(Ordering::Relaxed)
+    }
+
+    pub fn flows(&self) -> &Flows {
+        &self.flows
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Reports dropped because the tracking queue was full.
+    pub fn dropped_reports(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Create a task and publish its first envelope.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<TaskView, GatewayError> {
+        let route = match (req.flow.as_deref(), req.route) {
+            (Some(_), Some(_)) => {
+                return Err(GatewayError::BadRequest(
+                    "give either flow or route, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(GatewayError::BadRequest("flow or route is required".into()))
+            }
+            (Some(f), None) => self
+                .flows
+                .get(f)
+                .cloned()
+                .ok_or_else(|| GatewayError::UnknownFlow(f.to_owned()))?,
+            (None, Some(r)) => {
+                validate_route(&r).map_err(GatewayError::BadRequest)?;
+                r
+            }
+        };
+        let payload = serde_json::to_string(&req.payload).expect("a JSON value serialises");
+        let limit = self.max_payload_bytes();
+        if payload.len() > limit {
+            return Err(GatewayError::PayloadTooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        let uuid = uuid::Uuid::new_v4();
+        let id = uuid.to_string();
+        let trace_id = uuid.simple().to_string();
+        let deadline_at = req.timeout.map(|t| {
+            let d = chrono::Utc::now()
+                + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::days(3650));
+            d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+        let task = Task::new(
+            id.clone(),
+            trace_id.clone(),
+            req.flow.clone(),
+            route.clone(),
+            deadline_at.clone(),
+        );
+        let mut env = Envelope::new(
+            id.clone(),
+            Route {
+                prev: Vec::new(),
+                curr: route[0].clone(),
+                next: route[1..].to_vec(),
+            },
+            serde_json::value::RawValue::from_string(payload).expect("serialised JSON"),
+        );
+        env.headers
+            .insert(HEADER_TRACE_ID.into(), Value::String(trace_id.clone()));
+        env.headers.insert(
+            HEADER_TRACEPARENT.into(),
+            Value::String(traceparent(&trace_id)),
+        );
+        let st = env.status_mut();
+        st.phase = Some(Phase::Pending);
+        st.created_at = Some(task.created_at.clone());
+        st.updated_at = Some(task.created_at.clone());
+        st.deadline_at = deadline_at;
+        {
+            let _g = self.update.lock().await;
+            self.store.put(&task).await?;
+        }
+        let msg = OutMessage {
+            queue: queue_name(&self.namespace, &route[0]),
+            id: format!("{id}:submit"),
+            body: Bytes::from(env.to_vec()),
+        };
+        if let Err(e) = self.transport.send(msg).await {
+            let _g = self.update.lock().await;
+            let mut t = task;
+            t.status = TaskStatus::Failed;
+            t.error = Some(crate::envelope::ErrorInfo::new(
+                "TransportError",
+                e.to_string(),
+            ));
+            t.updated_at = now_rfc3339();
+            let _ = self.store.put(&t).await;
+            return Err(e.into());
+        }
+        debug!(task_id = %id, trace_id = %trace_id, actor = %route[0], "task submitted");
+        let view = task.view();
+        self.emit(&id, "progress", &view);
+        Ok(view)
+    }
+
+    /// The task's current view (a task whose deadline passed long ago without a final
+    /// report is failed with Timeout on read).
+    pub async fn get(&self, id: &str) -> Option<TaskView> {
+        self.get_task(id).await.map(|t| t.view())
+    }
+
+    /// The stored task, timeline included.
+    pub async fn get_task(&self, id: &str) -> Option<Task> {
+        let t = match self.store.get(id).await {
+            Ok(t) => t?,
+            Err(e) => {
+                warn!(task_id = %id, error = %e, "task store read failed");
+                return None;
+            }
+        };
+        if !t.status.is_final() && t.clone().expire(expiry_grace()) {
+            return self.update_task(id, |t| t.expire(expiry_grace())).await;
+        }
+        Some(t)
+    }
+
+    /// Tasks matching the filters, newest first.
+    pub async fn list(
+        &self,
+        status: Option<TaskStatus>,
+        flow: Option<&str>,
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        limit: usize,
+    ) -> Result<Vec<TaskView>, GatewayError> {
+        let mut tasks: Vec<Task> = self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .filter(|t| status.is_none_or(|s| t.status == s))
+            .filter(|t| flow.is_none_or(|f| t.flow.as_deref() == Some(f)))
+            .filter(|t| {
+                since.is_none_or(|s| {
+                    chrono::DateTime::parse_from_rfc3339(&t.created_at)
+                        .map(|c| c.with_timezone(&chrono::Utc) >= s)
+                        .unwrap_or(false)
+                })
+            })
+            .collect();
+        tasks.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        tasks.truncate(limit);
+        Ok(tasks.iter().map(Task::view).collect())
+    }
+
+    /// Cancel a task that has not finished (its envelopes are not recalled; later reports
+    /// only append to the timeline).
+    pub async fn cancel(&self, id: &str) -> Result<TaskView, GatewayError> {
+        self.update_task(id, |t| t.cancel())
+            .await
+            .map(|t| t.view())
+            .ok_or_else(|| GatewayError::NotFound(id.to_owned()))
+    }
+
+    /// Wait until the task is final (succeeded, failed or canceled) or `timeout` passes;
+    /// returns the last view seen.
+    pub async fn wait_final(&self, id: &str, timeout: Duration) -> Option<TaskView> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.events.subscribe();
+        loop {
+            let view = self.get(id).await;
+            match &view {
+                Some(v) if v.status.is_final() => return view,
+                _ => {}
+            }
+            // Wake on any event of this task (or after a short bound, for reports applied
+            // by another gateway sharing the store).
+            let wait = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+                async {
+                    loop {
+                        match rx.recv().await {
+                            Ok(e) if e.task_id == id => return,
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        }
+                    }
+                },
+            )
+            .await;
+            if wait.is_err() && tokio::time::Instant::now() >= deadline {
+                return self.get(id).await;
+            }
+        }
+    }
+
+    /// Updates of every task, in the order they were applied.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.events.subscribe()
+    }
+
+    /// A reporter for sidecars and end actors running in this process.
+    pub fn reporter(self: &Arc<Self>) -> Arc<dyn crate::sidecar::Reporter> {
+        Arc::new(reporter::InProcess {
+            gw: Arc::downgrade(self),
+        })
+    }
+
+    /// Queue a report for tracking (never blocks; drops and counts when full).
+    pub fn enqueue(&self, r: WireReport) {
+        if self.reports.try_send(r).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn emit(&self, id: &str, kind: &'static str, data: &impl Serialize) {
+        let _ = self.events.send(Arc::new(TaskEvent {
+            task_id: id.to_owned(),
+            kind,
+            data: serde_json::to_value(data).unwrap_or(Value::Null),
+        }));
+    }
+
+    /// Load, change and save one task under the update lock; emits `progress` / `final`
+    /// when `change` returns true.
+    async fn update_task(&self, id: &str, change: impl FnOnce(&mut Task) -> bool) -> Option<Task> {
+        let _g = self.update.lock().await;
+        let mut t = match self.store.get(id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(task_id = %id, error = %e, "task store read failed");
+                return None;
+            }
+        };
+        let was_final = t.status.is_final();
+        if change(&mut t) {
+            if let Err(e) = self.store.put(&t).await {
+                warn!(task_id = %id, error = %e, "task store write failed; update lost");
+            }
+            let view = t.view();
+            let kind = if !was_final && view.status.is_final() {
+                "final"
+            } else {
+                "progress"
+            };
+            if !was_final {
+                self.emit(id, kind, &view);
+            }
+        }
+        Some(t)
+    }
+
+    /// The task a report belongs to: by trace id (the task's uuid), else by envelope id,
+    /// else by parent id.
+    async fn resolve(
+        &self,
+        envelope_id: &str,
+        parent_id: Option<&str>,
+        trace_id: &str,
+    ) -> Option<String> {
+        let mut candidates = Vec::with_capacity(3);
+        if let Ok(u) = uuid::Uuid::parse_str(trace_id) {
+            candidates.push(u.to_string());
+        }
+        candidates.push(envelope_id.to_owned());
+        if let Some(p) = parent_id {
+            candidates.push(p.to_owned());
+        }
+        for c in candidates {
+            if let Ok(Some(_)) = self.store.get(&c).await {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Apply one report (in order of arrival).
+    pub async fn apply(&self, r: WireReport) {
+        match r {
+            WireReport::Hop { trace_id, hop } => {
+                let Some(id) = self
+                    .resolve(
+                        &hop.entry.envelope_id,
+                        hop.entry.parent_id.as_deref(),
+                        &trace_id,
+                    )
+                    .await
+                else {
+                    debug!(envelope_id = %hop.entry.envelope_id, %trace_id, "hop of an unknown task");
+                    return;
+                };
+                self.update_task(&id, |t| {
+                    t.apply_hop(hop);
+                    true
+                })
+                .await;
+            }
+            WireReport::Final { trace_id, fin } => {
+                let Some(id) = self
+                    .resolve(&fin.envelope_id, fin.parent_id.as_deref(), &trace_id)
+                    .await
+                else {
+                    debug!(envelope_id = %fin.envelope_id, %trace_id, "final of an unknown task");
+                    return;
+                };
+                self.update_task(&id, |t| {
+                    t.apply_final(fin);
+                    true
+                })
+                .await;
+            }
+            WireReport::Upstream {
+                envelope_id,
+                trace_id,
+                actor,
+                payload,
+            } => {
+                let Some(id) = self.resolve(&envelope_id, None, &trace_id).await else {
+                    return;
+                };
+                self.emit(
+                    &id,
+                    "upstream",
+                    &serde_json::json!({"actor": actor, "envelope_id": envelope_id, "payload": payload}),
+                );
+            }
+        }
+    }
+
+    pub fn sink(&self) -> &str {
+        &self.sink
+    }
+
+    pub fn sump(&self) -> &str {
+        &self.sump
+    }
+}
+
+/// How long after its deadline a task without a final report is failed on read.
+fn expiry_grace() -> chrono::Duration {
+    chrono::Duration::seconds(30)
+}
+
+/// W3C traceparent of a task: its root span id is the low half of the trace id.
+pub fn traceparent(trace_id: &str) -> String {
+    format!("00-{trace_id}-{}-01", root_span_id(trace_id))
+}
+
+/// The gateway's root span id for `trace_id` (hop spans are its children).
+pub fn root_span_id(trace_id: &str) -> String {
+    if trace_id.len() == 32 {
+        trace_id[16..].to_owned()
+    } else {
+        "0000000000000001".to_owned()
+    }
+}
+
+async fn apply_reports(gw: Weak<Gateway>, mut rx: mpsc::Receiver<WireReport>) {
+    while let Some(r) = rx.recv().await {
+        let Some(gw) = gw.upgrade() else { return };
+        gw.apply(r).await;
+    }
+}

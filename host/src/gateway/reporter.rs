@@ -1,0 +1,209 @@
+//! Reports in the gateway's own form ([`WireReport`], also the body of `POST /reports`) and
+//! the in-process reporter.
+
+use std::sync::{Arc, Weak};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::task::{FinalUpdate, HopEntry, HopUpdate};
+use super::Gateway;
+use crate::envelope::{now_rfc3339, Phase};
+use crate::metrics::MessageType;
+use crate::sidecar::{Report, Reporter};
+
+/// One report, as sent to `POST /reports` (a JSON array of these).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum WireReport {
+    Hop {
+        trace_id: String,
+        hop: HopUpdate,
+    },
+    Final {
+        trace_id: String,
+        fin: FinalUpdate,
+    },
+    Upstream {
+        envelope_id: String,
+        trace_id: String,
+        actor: String,
+        payload: Value,
+    },
+}
+
+/// Names needed to turn queue names back into actors.
+#[derive(Debug, Clone)]
+pub struct Naming {
+    pub namespace: String,
+    pub sump: String,
+}
+
+impl Naming {
+    fn actor_of(&self, queue: &str) -> String {
+        let prefix = format!("asya-{}-", self.namespace);
+        queue.strip_prefix(&prefix).unwrap_or(queue).to_owned()
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl WireReport {
+    /// Convert a sidecar report.
+    pub fn from_report(r: Report, naming: &Naming) -> WireReport {
+        match r {
+            Report::Hop(h) => {
+                let sent: Vec<&(String, MessageType)> = h
+                    .sent
+                    .iter()
+                    .filter(|(_, t)| *t != MessageType::Retry)
+                    .collect();
+                let next_actor = sent
+                    .iter()
+                    .find(|(_, t)| *t == MessageType::Routing)
+                    .map(|(q, _)| naming.actor_of(q));
+                let routed_to = sent.iter().map(|(q, _)| naming.actor_of(q)).collect();
+                WireReport::Hop {
+                    trace_id: h.trace_id,
+                    hop: HopUpdate {
+                        sent: sent.len(),
+                        next_actor,
+                        actors_completed: h.actors_completed,
+                        total_actors: h.total_actors,
+                        entry: HopEntry {
+                            actor: h.actor,
+                            envelope_id: h.envelope_id,
+                            parent_id: h.parent_id,
+                            received_at: h
+                                .received_at
+                                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                            duration_ms: ms(h.duration),
+                            runtime_ms: h.runtime.map(ms),
+                            routed_to,
+                            attempt: h.attempt,
+                            retried: h.retried,
+                            error: h.error,
+                            kind: None,
+                        },
+                    },
+                }
+            }
+            Report::Upstream {
+                envelope_id,
+                trace_id,
+                actor,
+                payload,
+            } => WireReport::Upstream {
+                envelope_id,
+                trace_id,
+                actor,
+                payload,
+            },
+            Report::Final { actor, envelope } => {
+                let st = envelope.status.clone().unwrap_or_default();
+                let payload = serde_json::from_str(envelope.payload.get()).unwrap_or(Value::Null);
+                let processed =
+                    envelope.route.prev.len() + usize::from(!envelope.route.curr.is_empty());
+                WireReport::Final {
+                    trace_id: envelope.trace_id().to_owned(),
+                    fin: FinalUpdate {
+                        to_sump: actor == naming.sump,
+                        actor,
+                        envelope_id: envelope.id.clone(),
+                        parent_id: envelope.parent_id.clone(),
+                        phase: st.phase.or(Some(Phase::Succeeded)),
+                        reason: st.reason,
+                        error: st.error,
+                        payload,
+                        actors_completed: processed,
+                        total_actors: envelope.route.actors().count(),
+                        status_actor: st.actor,
+                        received_at: now_rfc3339(),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Reporter for sidecars and end actors in the gateway's process.
+pub(super) struct InProcess {
+    pub gw: Weak<Gateway>,
+}
+
+impl Reporter for InProcess {
+    fn report(&self, report: Report) {
+        if let Some(gw) = self.gw.upgrade() {
+            let naming = Naming {
+                namespace: gw.namespace.clone(),
+                sump: gw.sump().to_owned(),
+            };
+            gw.enqueue(WireReport::from_report(report, &naming));
+        }
+    }
+}
+
+/// Sends every report to each of several reporters (e.g. the gateway and OTLP).
+pub struct Tee(pub Vec<Arc<dyn Reporter>>);
+
+impl Reporter for Tee {
+    fn report(&self, report: Report) {
+        // Reports are not Clone; the ones we fan out are rebuilt from their parts.
+        let n = self.0.len();
+        if n == 0 {
+            return;
+        }
+        let mut copies = clone_n(report, n);
+        for r in self.0.iter().rev() {
+            if let Some(c) = copies.pop() {
+                r.report(c);
+            }
+        }
+    }
+}
+
+fn clone_n(report: Report, n: usize) -> Vec<Report> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 1..n {
+        out.push(clone_report(&report));
+    }
+    out.push(report);
+    out
+}
+
+fn clone_report(r: &Report) -> Report {
+    match r {
+        Report::Hop(h) => Report::Hop(crate::sidecar::HopReport {
+            envelope_id: h.envelope_id.clone(),
+            parent_id: h.parent_id.clone(),
+            trace_id: h.trace_id.clone(),
+            actor: h.actor.clone(),
+            received_at: h.received_at,
+            duration: h.duration,
+            runtime: h.runtime,
+            sent: h.sent.clone(),
+            retried: h.retried,
+            attempt: h.attempt,
+            error: h.error.clone(),
+            actors_completed: h.actors_completed,
+            total_actors: h.total_actors,
+        }),
+        Report::Upstream {
+            envelope_id,
+            trace_id,
+            actor,
+            payload,
+        } => Report::Upstream {
+            envelope_id: envelope_id.clone(),
+            trace_id: trace_id.clone(),
+            actor: actor.clone(),
+            payload: payload.clone(),
+        },
+        Report::Final { actor, envelope } => Report::Final {
+            actor: actor.clone(),
+            envelope: envelope.clone(),
+        },
+    }
+}

@@ -1,0 +1,494 @@
+//! The task record: what the gateway stores per task, how reports move it forward, and the
+//! SPEC §9 view of it.
+//!
+//! Tracking rules:
+//! - Task id = the first envelope's id; trace id = the same uuid in W3C form (32 hex), so a
+//!   report of any branch (fan-out children get new ids) finds its task by trace id.
+//! - Outstanding branches: 1 at submit; a hop that sent N messages adds N - 1; a final
+//!   (x-sink / x-sump) removes 1. Reports arrive in any order (a child can reach x-sink
+//!   before its parent's hop report), so a task is only done when no branch is outstanding
+//!   **and** every parent named by a report has had its own hop reported.
+//! - Status is monotonic: once succeeded / failed / canceled, reports only append to the
+//!   timeline.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::envelope::{now_rfc3339, ErrorInfo, Phase, Reason};
+
+/// Task status (SPEC §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Paused,
+    Canceled,
+}
+
+impl TaskStatus {
+    /// Succeeded, failed and canceled never change again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Canceled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Running => "running",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Paused => "paused",
+            TaskStatus::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        Some(match s {
+            "pending" => TaskStatus::Pending,
+            "running" => TaskStatus::Running,
+            "succeeded" => TaskStatus::Succeeded,
+            "failed" => TaskStatus::Failed,
+            "paused" => TaskStatus::Paused,
+            "canceled" | "cancelled" => TaskStatus::Canceled,
+            _ => return None,
+        })
+    }
+}
+
+/// What `GET /tasks/{id}` returns (SPEC §9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: String,
+    pub status: TaskStatus,
+    pub current_actor_name: Option<String>,
+    pub actors_completed: usize,
+    pub total_actors: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub trace_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<String>,
+}
+
+/// One entry of the hop-by-hop timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HopEntry {
+    pub actor: String,
+    pub envelope_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// RFC 3339 time the actor received the envelope.
+    pub received_at: String,
+    /// Receive to last send, milliseconds (0 for end actors).
+    pub duration_ms: f64,
+    /// The runtime call alone, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_ms: Option<f64>,
+    /// Actors (or queues) the outputs went to.
+    #[serde(default)]
+    pub routed_to: Vec<String>,
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub retried: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// `final` for x-sink / x-sump entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// A hop as the gateway receives it (in process or over `POST /reports`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HopUpdate {
+    pub entry: HopEntry,
+    /// Number of messages the hop sent (retries excluded).
+    pub sent: usize,
+    /// Next actor of the (first) routing output, when there was one.
+    pub next_actor: Option<String>,
+    pub actors_completed: usize,
+    pub total_actors: usize,
+}
+
+/// A final envelope as the gateway receives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalUpdate {
+    pub actor: String,
+    pub envelope_id: String,
+    #[serde(default)]
+    pub parent_id: Option<String>,
+    pub phase: Option<Phase>,
+    pub reason: Option<Reason>,
+    #[serde(default)]
+    pub error: Option<ErrorInfo>,
+    pub payload: Value,
+    /// Actors named by the route (processed ones).
+    pub actors_completed: usize,
+    pub total_actors: usize,
+    /// Actor that produced the final state.
+    #[serde(default)]
+    pub status_actor: Option<String>,
+    pub received_at: String,
+    /// The envelope went to the sump actor.
+    pub to_sump: bool,
+}
+
+/// The stored task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub trace_id: String,
+    pub flow: Option<String>,
+    pub route: Vec<String>,
+    pub status: TaskStatus,
+    pub current_actor_name: Option<String>,
+    pub actors_completed: usize,
+    pub total_actors: usize,
+    pub result: Option<Value>,
+    pub error: Option<ErrorInfo>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub deadline_at: Option<String>,
+    /// Branches that have not reached x-sink / x-sump yet.
+    pub outstanding: i64,
+    /// Envelope ids whose hop was reported.
+    pub hops_seen: BTreeSet<String>,
+    /// Parents named by reports.
+    pub parents: BTreeSet<String>,
+    /// Final payloads of succeeded branches, in arrival order.
+    pub results: Vec<Value>,
+    /// More than one branch was created.
+    pub fanned_out: bool,
+    pub timeline: Vec<HopEntry>,
+}
+
+/// Timeline entries kept per task (a runaway fan-out must not grow a record forever).
+pub const MAX_TIMELINE: usize = 1000;
+
+impl Task {
+    pub fn new(
+        id: String,
+        trace_id: String,
+        flow: Option<String>,
+        route: Vec<String>,
+        deadline_at: Option<String>,
+    ) -> Task {
+        let now = now_rfc3339();
+        Task {
+            current_actor_name: route.first().cloned(),
+            total_actors: route.len(),
+            id,
+            trace_id,
+            flow,
+            route,
+            status: TaskStatus::Pending,
+            actors_completed: 0,
+            result: None,
+            error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            deadline_at,
+            outstanding: 1,
+            hops_seen: BTreeSet::new(),
+            parents: BTreeSet::new(),
+            results: Vec::new(),
+            fanned_out: false,
+            timeline: Vec::new(),
+        }
+    }
+
+    pub fn view(&self) -> TaskView {
+        TaskView {
+            id: self.id.clone(),
+            status: self.status,
+            current_actor_name: self.current_actor_name.clone(),
+            actors_completed: self.actors_completed,
+            total_actors: self.total_actors,
+            result: self.result.clone(),
+            error: self.error.clone(),
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            trace_id: self.trace_id.clone(),
+            flow: self.flow.clone(),
+            deadline_at: self.deadline_at.clone(),
+        }
+    }
+
+    fn push_entry(&mut self, e: HopEntry) {
+        if self.timeline.len() < MAX_TIMELINE {
+            self.timeline.push(e);
+        }
+    }
+
+    /// Apply a hop report.
+    pub fn apply_hop(&mut self, h: HopUpdate) {
+        self.updated_at = now_rfc3339();
+        let retried = h.entry.retried;
+        let envelope_id = h.entry.envelope_id.clone();
+        let parent = h.entry.parent_id.clone();
+        self.push_entry(h.entry);
+        if retried {
+            // The same delivery comes back; it is counted when it is finally settled.
+            return;
+        }
+        if !self.hops_seen.insert(envelope_id) {
+            // A later hop of the same branch: the branch count only changes by fan-out.
+        }
+        if let Some(p) = parent {
+            self.parents.insert(p);
+        }
+        self.outstanding += h.sent as i64 - 1;
+        if h.sent > 1 {
+            self.fanned_out = true;
+        }
+        if self.status.is_final() {
+            return;
+        }
+        if self.status == TaskStatus::Pending {
+            self.status = TaskStatus::Running;
+        }
+        if h.actors_completed >= self.actors_completed {
+            self.actors_completed = h.actors_completed;
+            self.total_actors = h.total_actors.max(h.actors_completed);
+            if let Some(n) = h.next_actor {
+                self.current_actor_name = Some(n);
+            }
+        }
+        self.maybe_finish();
+    }
+
+    /// Apply a final (x-sink / x-sump) report.
+    pub fn apply_final(&mut self, f: FinalUpdate) {
+        self.updated_at = now_rfc3339();
+        let failed = f.to_sump || f.phase == Some(Phase::Failed);
+        self.push_entry(HopEntry {
+            actor: f.actor.clone(),
+            envelope_id: f.envelope_id.clone(),
+            parent_id: f.parent_id.clone(),
+            received_at: f.received_at.clone(),
+            duration_ms: 0.0,
+            runtime_ms: None,
+            routed_to: Vec::new(),
+            attempt: 0,
+            retried: false,
+            error: f.error.clone(),
+            kind: Some("final".into()),
+        });
+        if let Some(p) = &f.parent_id {
+            self.parents.insert(p.clone());
+        }
+        self.outstanding -= 1;
+        if self.status.is_final() {
+            return;
+        }
+        if self.status == TaskStatus::Pending {
+            self.status = TaskStatus::Running;
+        }
+        if f.phase == Some(Phase::Paused) {
+            self.status = TaskStatus::Paused;
+        }
+        if failed {
+            if self.error.is_none() {
+                let mut err = f.error.clone().unwrap_or_else(|| {
+                    ErrorInfo::new(
+                        f.reason
+                            .map(|r| format!("{r:?}"))
+                            .unwrap_or_else(|| "Failed".into()),
+                        "task failed",
+                    )
+                });
+                if err.kind.is_empty() {
+                    if let Some(r) = f.reason {
+                        err.kind = format!("{r:?}");
+                    }
+                }
+                self.error = Some(err);
+            }
+            if let Some(a) = f.status_actor {
+                self.current_actor_name = Some(a);
+            }
+        } else {
+            self.results.push(f.payload);
+            self.actors_completed = self.actors_completed.max(f.actors_completed);
+            self.total_actors = self.total_actors.max(f.total_actors);
+        }
+        self.maybe_finish();
+    }
+
+    fn parents_known(&self) -> bool {
+        self.parents.iter().all(|p| self.hops_seen.contains(p))
+    }
+
+    fn maybe_finish(&mut self) {
+        if self.outstanding > 0 || !self.parents_known() {
+            return;
+        }
+        // Every branch has ended.
+        if self.error.is_some() {
+            self.status = TaskStatus::Failed;
+        } else {
+            self.status = TaskStatus::Succeeded;
+            self.actors_completed = self.actors_completed.max(self.total_actors);
+            self.current_actor_name = None;
+        }
+        self.result = if self.fanned_out {
+            Some(Value::Array(std::mem::take(&mut self.results)))
+        } else {
+            std::mem::take(&mut self.results).into_iter().next()
+        };
+        if self.status == TaskStatus::Failed && self.result == Some(Value::Array(vec![])) {
+            self.result = None;
+        }
+    }
+
+    /// Cancel (no effect on a final task). Returns whether it changed.
+    pub fn cancel(&mut self) -> bool {
+        if self.status.is_final() {
+            return false;
+        }
+        self.status = TaskStatus::Canceled;
+        self.updated_at = now_rfc3339();
+        true
+    }
+
+    /// Mark failed with Timeout when the deadline passed long ago and no final arrived.
+    pub fn expire(&mut self, grace: chrono::Duration) -> bool {
+        if self.status.is_final() {
+            return false;
+        }
+        let Some(d) = self
+            .deadline_at
+            .as_deref()
+            .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+        else {
+            return false;
+        };
+        if chrono::Utc::now() < d.with_timezone(&chrono::Utc) + grace {
+            return false;
+        }
+        self.status = TaskStatus::Failed;
+        self.error = Some(ErrorInfo::new(
+            "Timeout",
+            "deadline passed and no actor reported a final state",
+        ));
+        self.updated_at = now_rfc3339();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(id: &str, parent: Option<&str>, actor: &str, sent: usize, done: usize) -> HopUpdate {
+        HopUpdate {
+            entry: HopEntry {
+                actor: actor.into(),
+                envelope_id: id.into(),
+                parent_id: parent.map(Into::into),
+                received_at: now_rfc3339(),
+                duration_ms: 1.0,
+                runtime_ms: Some(0.5),
+                routed_to: vec![],
+                attempt: 1,
+                retried: false,
+                error: None,
+                kind: None,
+            },
+            sent,
+            next_actor: None,
+            actors_completed: done,
+            total_actors: 2,
+        }
+    }
+
+    fn fin(id: &str, parent: Option<&str>, payload: Value, fail: bool) -> FinalUpdate {
+        FinalUpdate {
+            actor: if fail { "x-sump" } else { "x-sink" }.into(),
+            envelope_id: id.into(),
+            parent_id: parent.map(Into::into),
+            phase: Some(if fail {
+                Phase::Failed
+            } else {
+                Phase::Succeeded
+            }),
+            reason: None,
+            error: fail.then(|| ErrorInfo::new("ValueError", "boom")),
+            payload,
+            actors_completed: 2,
+            total_actors: 2,
+            status_actor: None,
+            received_at: now_rfc3339(),
+            to_sump: fail,
+        }
+    }
+
+    fn task() -> Task {
+        Task::new(
+            "t".into(),
+            "tr".into(),
+            None,
+            vec!["a".into(), "b".into()],
+            None,
+        )
+    }
+
+    #[test]
+    fn linear_task_succeeds_in_any_order() {
+        let mut t = task();
+        t.apply_hop(hop("t", None, "a", 1, 1));
+        assert_eq!(t.status, TaskStatus::Running);
+        t.apply_final(fin("t", None, Value::from(7), false));
+        assert_eq!(t.status, TaskStatus::Succeeded);
+        t.apply_hop(hop("t", None, "b", 1, 2));
+        assert_eq!(t.status, TaskStatus::Succeeded);
+        assert_eq!(t.result, Some(Value::from(7)));
+        assert_eq!(t.actors_completed, 2);
+        assert_eq!(t.timeline.len(), 3);
+    }
+
+    #[test]
+    fn fan_out_waits_for_the_parent_hop_and_every_branch() {
+        let mut t = task();
+        t.apply_final(fin("c1", Some("t"), Value::from(1), false));
+        t.apply_final(fin("c2", Some("t"), Value::from(2), false));
+        assert_eq!(t.status, TaskStatus::Running);
+        t.apply_hop(hop("t", None, "a", 2, 1));
+        assert_eq!(t.status, TaskStatus::Succeeded);
+        assert_eq!(t.result, Some(serde_json::json!([1, 2])));
+    }
+
+    #[test]
+    fn final_state_is_never_overwritten() {
+        let mut t = task();
+        t.apply_final(fin("t", None, Value::Null, true));
+        assert_eq!(t.status, TaskStatus::Failed);
+        t.apply_final(fin("t", None, Value::from(1), false));
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert!(!t.cancel());
+        assert_eq!(t.error.as_ref().unwrap().kind, "ValueError");
+    }
+
+    #[test]
+    fn retried_hops_do_not_count() {
+        let mut t = task();
+        let mut h = hop("t", None, "a", 0, 1);
+        h.entry.retried = true;
+        t.apply_hop(h);
+        assert_eq!(t.outstanding, 1);
+    }
+}
