@@ -15,7 +15,26 @@ pub mod __bindings {
     });
 }
 
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __transport_bindings {
+    //! Guest bindings of the `transport-plugin` world (its exports are only linked by
+    //! [`crate::export_transport!`], so a policy never carries them).
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "transport-plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_transport_world",
+        default_bindings_module: "asya_sdk::__transport_bindings",
+        with: {
+            "asya:plugin/types@0.1.0": crate::__bindings::asya::plugin::types,
+            "asya:plugin/log@0.1.0": crate::__bindings::asya::plugin::log,
+        },
+    });
+}
+
 pub mod log;
+pub mod transport;
 
 /// Re-exported so that policies parse configuration and payload fields with the same
 /// `serde_json` the SDK uses.
