@@ -1,0 +1,450 @@
+//! The flow file of `asya-host up` (TOML): the namespace, the actors and the flows.
+//!
+//! ```toml
+//! namespace = "demo"
+//!
+//! [actors.tokenize]
+//! handler = "pipeline.tokenize"      # module.function or module.Class.method
+//! mode = "payload"                   # or "envelope"
+//! concurrency = 2
+//! env = { MODEL = "small" }
+//! timeout = "30s"
+//! max_attempts = 3
+//! policies = [{ path = "priority_router.wasm", config = { actor = "urgent" } }]
+//!
+//! [flows]
+//! summarize = ["tokenize", "summarize", "store"]
+//! ```
+//!
+//! Unknown keys are rejected with their line. Handler modules and policy paths are resolved
+//! relative to the flow file's directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{parse_duration, validate_actor_name};
+use crate::plugin::PolicySpec;
+
+/// Largest `concurrency` an actor may ask for.
+const MAX_CONCURRENCY: usize = 10_000;
+
+/// A flow file that cannot be read or is invalid. Displays as one line:
+/// `FILE:LINE: message`.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowFileError {
+    #[error("cannot read flow file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        /// 1-based line of the offending key or value, when known.
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+/// How the runtime calls the handler (`ASYA_HANDLER_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerMode {
+    /// The handler gets and returns payloads.
+    #[default]
+    Payload,
+    /// The handler gets and returns whole envelopes.
+    Envelope,
+}
+
+impl HandlerMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerMode::Payload => "payload",
+            HandlerMode::Envelope => "envelope",
+        }
+    }
+}
+
+/// One actor of the flow file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActorSpec {
+    pub name: String,
+    /// `module.function` or `module.Class.method` (`ASYA_HANDLER`).
+    pub handler: String,
+    pub mode: HandlerMode,
+    /// Envelopes in flight (`ASYA_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Extra environment of the runtime process.
+    pub env: BTreeMap<String, String>,
+    /// Runtime call timeout (`ASYA_RESILIENCY_ACTOR_TIMEOUT`).
+    pub timeout: Option<Duration>,
+    /// Deliveries before x-sump (`ASYA_RESILIENCY_MAX_ATTEMPTS`).
+    pub max_attempts: Option<u32>,
+    /// Route policies, paths resolved against the flow file's directory.
+    pub policies: Vec<PolicySpec>,
+}
+
+/// A parsed and validated flow file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowFile {
+    pub path: PathBuf,
+    /// The directory handler modules are imported from (`PYTHONPATH`).
+    pub dir: PathBuf,
+    pub namespace: String,
+    /// In the order of the file.
+    pub actors: Vec<ActorSpec>,
+    /// Flow name → ordered actor names.
+    pub flows: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    namespace: Option<Spanned<String>>,
+    actors: Option<Spanned<BTreeMap<Spanned<String>, RawActor>>>,
+    #[serde(default)]
+    flows: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActor {
+    handler: Spanned<String>,
+    #[serde(default)]
+    mode: HandlerMode,
+    concurrency: Option<Spanned<i64>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    timeout: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<i64>>,
+    #[serde(default)]
+    policies: Vec<RawPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    path: Spanned<String>,
+    #[serde(default)]
+    config: serde_json::Value,
+}
+
+/// Names an actor cannot take (the end actors).
+pub const RESERVED_ACTORS: [&str; 2] = ["x-sink", "x-sump"];
+
+impl FlowFile {
+    /// Read and validate `path`.
+    pub fn load(path: &Path) -> Result<FlowFile, FlowFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FlowFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validate `text` as the content of `path` (used for its directory and in messages).
+    pub fn parse(path: &Path, text: &str) -> Result<FlowFile, FlowFileError> {
+        let invalid =
+            |span: Option<std::ops::Range<usize>>, message: String| FlowFileError::Invalid {
+                path: path.to_owned(),
+                line: span.map(|s| line_of(text, s.start)),
+                message,
+            };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            invalid(
+                e.span(),
+                e.message()
+                    .trim()
+                    .replace('\n', "; ")
+                    .trim_end_matches('.')
+                    .to_owned(),
+            )
+        })?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let namespace = match raw.namespace {
+            Some(ns) => {
+                let span = ns.span();
+                let ns = ns.into_inner();
+                validate_actor_name("namespace", &ns)
+                    .map_err(|e| invalid(Some(span), e.to_string()))?;
+                ns
+            }
+            None => "default".to_owned(),
+        };
+        let Some(raw_actors) = raw.actors.filter(|a| !a.get_ref().is_empty()) else {
+            return Err(invalid(
+                None,
+                "no actors: add at least one [actors.NAME] table with a handler".into(),
+            ));
+        };
+        // In the order of the file (the table is sorted by name).
+        let mut raw_actors: Vec<_> = raw_actors.into_inner().into_iter().collect();
+        raw_actors.sort_by_key(|(name, _)| name.span().start);
+        let mut actors = Vec::new();
+        for (name, a) in raw_actors {
+            let name_span = name.span();
+            let name = name.into_inner();
+            validate_actor_name("actor", &name)
+                .map_err(|e| invalid(Some(name_span.clone()), e.to_string()))?;
+            if RESERVED_ACTORS.contains(&name.as_str()) {
+                return Err(invalid(
+                    Some(name_span),
+                    format!("actor name {name:?} is reserved for the end actors"),
+                ));
+            }
+            let handler_span = a.handler.span();
+            let handler = a.handler.into_inner();
+            check_handler(&handler).map_err(|m| invalid(Some(handler_span), m))?;
+            let concurrency = match a.concurrency {
+                None => 1,
+                Some(c) => {
+                    let span = c.span();
+                    let c = *c.get_ref();
+                    if c < 1 || c as u64 > MAX_CONCURRENCY as u64 {
+                        return Err(invalid(
+                            Some(span),
+                            format!(
+                                "actor {name}: concurrency must be between 1 and {MAX_CONCURRENCY}, got {c}"
+                            ),
+                        ));
+                    }
+                    c as usize
+                }
+            };
+            let timeout = match a.timeout {
+                None => None,
+                Some(t) => {
+                    let span = t.span();
+                    let d = parse_duration(t.get_ref())
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            invalid(
+                                Some(span),
+                                format!(
+                                    "actor {name}: invalid timeout {:?} (use e.g. \"30s\", \"500ms\", \"2m\")",
+                                    t.get_ref()
+                                ),
+                            )
+                        })?;
+                    Some(d)
+                }
+            };
+            let max_attempts = match a.max_attempts {
+                None => None,
+                Some(m) => {
+                    let span = m.span();
+                    let m = *m.get_ref();
+                    if !(1..=1000).contains(&m) {
+                        return Err(invalid(
+                            Some(span),
+                            format!(
+                                "actor {name}: max_attempts must be between 1 and 1000, got {m}"
+                            ),
+                        ));
+                    }
+                    Some(m as u32)
+                }
+            };
+            let mut policies = Vec::new();
+            for p in a.policies {
+                let span = p.path.span();
+                let rel = p.path.into_inner();
+                if rel.trim().is_empty() {
+                    return Err(invalid(
+                        Some(span),
+                        format!("actor {name}: empty policy path"),
+                    ));
+                }
+                policies.push(PolicySpec {
+                    path: dir.join(rel),
+                    config: p.config,
+                });
+            }
+            actors.push(ActorSpec {
+                name,
+                handler,
+                mode: a.mode,
+                concurrency,
+                env: a.env,
+                timeout,
+                max_attempts,
+                policies,
+            });
+        }
+        let mut flows = BTreeMap::new();
+        for (name, route) in raw.flows {
+            let name_span = name.span();
+            let name = name.into_inner();
+            let route_span = route.span();
+            let route = route.into_inner();
+            if name.trim().is_empty() {
+                return Err(invalid(Some(name_span), "empty flow name".into()));
+            }
+            if route.is_empty() {
+                return Err(invalid(
+                    Some(route_span),
+                    format!("flow {name}: the route is empty"),
+                ));
+            }
+            let mut steps = Vec::with_capacity(route.len());
+            for step in route {
+                let span = step.span();
+                let step = step.into_inner();
+                if !actors.iter().any(|a| a.name == step) {
+                    let known: Vec<&str> = actors.iter().map(|a| a.name.as_str()).collect();
+                    return Err(invalid(
+                        Some(span),
+                        format!(
+                            "flow {name}: unknown actor {step:?} (actors: {})",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                steps.push(step);
+            }
+            flows.insert(name, steps);
+        }
+        Ok(FlowFile {
+            path: path.to_owned(),
+            dir,
+            namespace,
+            actors,
+            flows,
+        })
+    }
+
+    pub fn actor(&self, name: &str) -> Option<&ActorSpec> {
+        self.actors.iter().find(|a| a.name == name)
+    }
+}
+
+/// `module.function` or `module.Class.method`, dotted Python identifiers.
+fn check_handler(handler: &str) -> Result<(), String> {
+    let parts: Vec<&str> = handler.split('.').collect();
+    let ident = |p: &str| {
+        let mut chars = p.chars();
+        matches!(chars.next(), Some(c) if c == '_' || c.is_alphabetic())
+            && chars.all(|c| c == '_' || c.is_alphanumeric())
+    };
+    if parts.len() < 2 || !parts.iter().all(|p| ident(p)) {
+        return Err(format!(
+            "invalid handler {handler:?}: expected module.function or module.Class.method"
+        ));
+    }
+    Ok(())
+}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FlowFile, FlowFileError> {
+        FlowFile::parse(Path::new("dir/flow.toml"), text)
+    }
+
+    #[test]
+    fn full_file() {
+        let f = parse(
+            r#"
+namespace = "demo"
+[actors.tokenize]
+handler = "pipeline.tokenize"
+mode = "envelope"
+concurrency = 2
+env = { MODEL = "small" }
+timeout = "30s"
+max_attempts = 3
+policies = [{ path = "p.wasm", config = { actor = "urgent" } }]
+[actors.store]
+handler = "pipeline.Store.put"
+[flows]
+summarize = ["tokenize", "store"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.namespace, "demo");
+        assert_eq!(f.dir, PathBuf::from("dir"));
+        let t = f.actor("tokenize").unwrap();
+        assert_eq!(t.mode, HandlerMode::Envelope);
+        assert_eq!(t.concurrency, 2);
+        assert_eq!(t.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(t.max_attempts, Some(3));
+        assert_eq!(t.env["MODEL"], "small");
+        assert_eq!(t.policies[0].path, PathBuf::from("dir/p.wasm"));
+        assert_eq!(t.policies[0].config["actor"], "urgent");
+        let s = f.actor("store").unwrap();
+        assert_eq!(s.mode, HandlerMode::Payload);
+        assert_eq!(s.concurrency, 1);
+        assert_eq!(f.flows["summarize"], vec!["tokenize", "store"]);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let cases = [
+            (
+                "[actors.a]\nhandler = \"m.f\"\nhandlr = \"x\"\n",
+                "dir/flow.toml:3:",
+                "unknown field",
+            ),
+            (
+                "[actors.a]\nhandler = \"m\"\n",
+                "dir/flow.toml:2:",
+                "invalid handler",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\nmode = \"stream\"\n",
+                "dir/flow.toml:3:",
+                "unknown variant",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows]\nf = [\"a\", \"b\"]\n",
+                "dir/flow.toml:4:",
+                "unknown actor \"b\"",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\ntimeout = \"soon\"\n",
+                "dir/flow.toml:3:",
+                "invalid timeout",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\nconcurrency = 0\n",
+                ":3:",
+                "concurrency",
+            ),
+            ("[actors.x-sink]\nhandler = \"m.f\"\n", ":1:", "reserved"),
+            (
+                "namespace = \"a b\"\n[actors.a]\nhandler = \"m.f\"\n",
+                ":1:",
+                "namespace",
+            ),
+            ("[actors.a\nhandler = \"m.f\"\n", ":1:", ""),
+            ("namespace = \"n\"\n", "dir/flow.toml:", "no actors"),
+        ];
+        for (text, prefix, needle) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(prefix) || e.contains(prefix), "{e}");
+            assert!(e.contains(needle), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+}
