@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -721,7 +721,15 @@ async fn pull_loop(
             let next = tokio::select! {
                 n = batch.next() => n,
                 _ = &mut reconnect => {
+                    // The server forgot this pull request. Hand out what already arrived
+                    // (dropping it would only delay it by ack_wait), then pull anew.
                     debug!(%queue, "reconnected; renewing the pull request");
+                    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
+                        let Some(permit) = held.pop() else { break };
+                        if tx.send((msg, permit)).await.is_err() {
+                            return;
+                        }
+                    }
                     break;
                 }
                 _ = tx.closed() => return,
