@@ -53,6 +53,7 @@ pub async fn serve_sidecar(
     let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
     let metrics = metrics::Metrics::new(&cfg.metrics_namespace);
     let mut deps = sidecar::Deps::new(transport.clone(), metrics.clone());
+    deps.reporter = gateway::cli::sidecar_reporter(&config::ProcessEnv, &cfg)?;
     if let Some(chain) =
         plugin::PolicyChain::from_source(&config::ProcessEnv, Some(metrics.clone())).await?
     {

@@ -37,6 +37,39 @@ enum Command {
         #[arg(long)]
         nats_url: Option<String>,
     },
+    /// Serve the task API (ASYA_GATEWAY_* variables; first envelopes go out over NATS).
+    Gateway,
+    /// Print the hop-by-hop timeline of a task (actor, received, runtime, routed to, errors).
+    Trace {
+        task_id: String,
+        /// Gateway base URL.
+        #[arg(
+            long,
+            env = "ASYA_GATEWAY_URL",
+            default_value = "http://127.0.0.1:8090"
+        )]
+        gateway: String,
+    },
+    /// Submit one task and print it (with --wait, its result; exit 1 when it failed).
+    Send {
+        /// Flow name.
+        flow: String,
+        /// Payload (JSON).
+        json: String,
+        /// Wait until the task is final.
+        #[arg(long)]
+        wait: bool,
+        /// Task deadline (e.g. 30s).
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Gateway base URL.
+        #[arg(
+            long,
+            env = "ASYA_GATEWAY_URL",
+            default_value = "http://127.0.0.1:8090"
+        )]
+        gateway: String,
+    },
     /// WebAssembly plugin tools.
     Plugin {
         #[command(subcommand)]
@@ -92,6 +125,15 @@ fn main() -> ExitCode {
                 actors,
                 nats_url,
             } => provision(&namespace, &actors, nats_url.as_deref()).await,
+            Command::Gateway => gateway().await,
+            Command::Trace { task_id, gateway } => trace(&task_id, &gateway).await,
+            Command::Send {
+                flow,
+                json,
+                wait,
+                timeout,
+                gateway,
+            } => send(&flow, &json, wait, timeout.as_deref(), &gateway).await,
             Command::Plugin {
                 command: PluginCommand::Check { file },
             } => {
@@ -135,6 +177,58 @@ async fn provision(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn gateway() -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    asya_host::gateway::cli::run_gateway(&ProcessEnv, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gateway_token() -> Option<String> {
+    std::env::var("ASYA_GATEWAY_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+async fn trace(task_id: &str, gateway: &str) -> anyhow::Result<ExitCode> {
+    let table =
+        asya_host::gateway::cli::trace(gateway, gateway_token().as_deref(), task_id).await?;
+    print!("{table}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send(
+    flow: &str,
+    json: &str,
+    wait: bool,
+    timeout: Option<&str>,
+    gateway: &str,
+) -> anyhow::Result<ExitCode> {
+    let timeout = timeout
+        .map(|t| {
+            asya_host::config::parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))
+        })
+        .transpose()?;
+    let wait_for = wait.then(|| timeout.unwrap_or(std::time::Duration::from_secs(300)));
+    let view = asya_host::gateway::cli::send(
+        gateway,
+        gateway_token().as_deref(),
+        flow,
+        json,
+        timeout,
+        wait_for,
+    )
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&view)?);
+    use asya_host::gateway::TaskStatus;
+    Ok(match view.status {
+        TaskStatus::Failed | TaskStatus::Canceled => ExitCode::from(1),
+        TaskStatus::Succeeded => ExitCode::SUCCESS,
+        _ if wait => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

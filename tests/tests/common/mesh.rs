@@ -1,0 +1,110 @@
+//! A small in-process mesh for gateway tests: one stock Python runtime per actor
+//! (`sdk/python/asya_runtime.py`, handlers from `tests/fixtures/handlers/`), every sidecar
+//! and the x-sink / x-sump end actors in this process on one shared transport.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use asya_host::config::SidecarConfig;
+use asya_host::metrics::Metrics;
+use asya_host::sidecar::{self, Deps, Exit, Reporter, SidecarError};
+use asya_host::transport::Transport;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::repo_root;
+
+/// A stock runtime serving `handler`; killed on drop.
+pub struct StockRuntime {
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl StockRuntime {
+    pub fn start(handler: &str) -> StockRuntime {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new("python3")
+            .arg(repo_root().join("sdk/python/asya_runtime.py"))
+            .env("ASYA_HANDLER", handler)
+            .env("ASYA_SOCKET_DIR", dir.path())
+            .env("ASYA_LOG_LEVEL", "WARNING")
+            .env("PYTHONPATH", repo_root().join("tests/fixtures/handlers"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("python3 starts");
+        StockRuntime { child, dir }
+    }
+}
+
+impl Drop for StockRuntime {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Actors (name, `module.function`) plus x-sink and x-sump, reporting to `reporter`.
+pub struct Mesh {
+    runtimes: Vec<StockRuntime>,
+    tasks: Vec<JoinHandle<Result<Exit, SidecarError>>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Mesh {
+    pub fn start(
+        transport: Arc<dyn Transport>,
+        namespace: &str,
+        actors: &[(&str, &str)],
+        reporter: Arc<dyn Reporter>,
+        tweak: impl Fn(&mut SidecarConfig),
+    ) -> Mesh {
+        crate::common::init_logging();
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::new("asya_actor");
+        let mut runtimes = Vec::new();
+        let mut tasks = Vec::new();
+        let spawn = |cfg: SidecarConfig, tasks: &mut Vec<_>| {
+            let mut deps = Deps::new(transport.clone(), metrics.clone());
+            deps.reporter = Some(reporter.clone());
+            tasks.push(tokio::spawn(sidecar::run(cfg, deps, shutdown.clone())));
+        };
+        for (name, handler) in actors {
+            let rt = StockRuntime::start(handler);
+            let mut cfg = SidecarConfig::new(name, namespace, rt.dir.path());
+            cfg.ready_timeout = Duration::from_secs(20);
+            cfg.resiliency.max_attempts = 1;
+            cfg.resiliency.actor_timeout = Duration::from_secs(20);
+            cfg.resiliency.crash_on_timeout = false;
+            cfg.shutdown_grace = Duration::from_secs(2);
+            tweak(&mut cfg);
+            spawn(cfg, &mut tasks);
+            runtimes.push(rt);
+        }
+        for end in ["x-sink", "x-sump"] {
+            let mut cfg = SidecarConfig::new(end, namespace, std::env::temp_dir());
+            cfg.is_end_actor = true;
+            cfg.shutdown_grace = Duration::from_secs(2);
+            spawn(cfg, &mut tasks);
+        }
+        Mesh {
+            runtimes,
+            tasks,
+            shutdown,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
