@@ -70,6 +70,9 @@ enum Command {
         )]
         gateway: String,
     },
+    /// Run a whole flow on this machine: one Python runtime per actor, every sidecar,
+    /// x-sink, x-sump and the gateway in this process (examples/README.md).
+    Up(UpArgs),
     /// WebAssembly plugin tools.
     Plugin {
         #[command(subcommand)]
@@ -89,9 +92,9 @@ enum PluginCommand {
 /// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
 const EXIT_RUNTIME_TIMEOUT: u8 = 3;
 
-fn init_logging() {
+fn init_logging(default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let level = std::env::var("ASYA_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let level = std::env::var("ASYA_LOG_LEVEL").unwrap_or_else(|_| default_level.into());
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| EnvFilter::new(level.to_ascii_lowercase()));
     let builder = tracing_subscriber::fmt()
@@ -106,7 +109,11 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(match cli.command {
+        // `up` is interactive: the mesh's own lines and warnings, not every sidecar's.
+        Some(Command::Up(_)) => "warn,asya_host::mesh=info",
+        _ => "info",
+    });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -134,6 +141,7 @@ fn main() -> ExitCode {
                 timeout,
                 gateway,
             } => send(&flow, &json, wait, timeout.as_deref(), &gateway).await,
+            Command::Up(args) => up(args).await,
             Command::Plugin {
                 command: PluginCommand::Check { file },
             } => {
@@ -177,6 +185,141 @@ async fn provision(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn gateway() -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    asya_host::gateway::cli::run_gateway(&ProcessEnv, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gateway_token() -> Option<String> {
+    std::env::var("ASYA_GATEWAY_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+async fn trace(task_id: &str, gateway: &str) -> anyhow::Result<ExitCode> {
+    let table =
+        asya_host::gateway::cli::trace(gateway, gateway_token().as_deref(), task_id).await?;
+    print!("{table}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send(
+    flow: &str,
+    json: &str,
+    wait: bool,
+    timeout: Option<&str>,
+    gateway: &str,
+) -> anyhow::Result<ExitCode> {
+    let timeout = timeout
+        .map(|t| {
+            asya_host::config::parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))
+        })
+        .transpose()?;
+    let wait_for = wait.then(|| timeout.unwrap_or(std::time::Duration::from_secs(300)));
+    let view = asya_host::gateway::cli::send(
+        gateway,
+        gateway_token().as_deref(),
+        flow,
+        json,
+        timeout,
+        wait_for,
+    )
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&view)?);
+    use asya_host::gateway::TaskStatus;
+    Ok(match view.status {
+        TaskStatus::Failed | TaskStatus::Canceled => ExitCode::from(1),
+        TaskStatus::Succeeded => ExitCode::SUCCESS,
+        _ if wait => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// Options of `asya-host up`.
+#[derive(clap::Args)]
+struct UpArgs {
+    /// The flow file (TOML: namespace, [actors.NAME], [flows]).
+    flow_file: std::path::PathBuf,
+    /// Tasks to run, one JSON object per line ({"flow": ..., "payload": ...}); without it
+    /// the gateway serves until Ctrl-C.
+    #[arg(long)]
+    input: Option<std::path::PathBuf>,
+    /// Flow of every input line; each line is then a bare payload.
+    #[arg(long)]
+    flow: Option<String>,
+    /// Where results go (JSONL); default stdout.
+    #[arg(long)]
+    output: Option<std::path::PathBuf>,
+    /// Gateway address (served by default at 127.0.0.1:8090 without --input).
+    #[arg(long)]
+    gateway_addr: Option<String>,
+    /// Bearer token required by the gateway API.
+    #[arg(long, env = "ASYA_GATEWAY_TOKEN", hide_env_values = true)]
+    gateway_token: Option<String>,
+    /// One admin server (/metrics, /readyz, /debug/inflight) for every actor.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Queue transport: memory (in process) or nats.
+    #[arg(long, default_value = "memory", value_parser = ["memory", "nats"])]
+    transport: String,
+    /// NATS server(s) with --transport nats; overrides ASYA_NATS_URL.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Deadline of each input task.
+    #[arg(long, default_value = "5m")]
+    timeout: String,
+    /// Python interpreter of the runtimes.
+    #[arg(long, env = "ASYA_PYTHONEXECUTABLE", default_value = "python3")]
+    python: std::ffi::OsString,
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    use asya_host::config::{parse_duration, parse_listen_addr};
+    use asya_host::mesh::{MeshTransport, UpOptions};
+    let addr = |flag: &str, v: Option<String>| -> anyhow::Result<_> {
+        v.map(|a| parse_listen_addr(&a).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+            .transpose()
+    };
+    let mut opts = UpOptions::new(args.flow_file);
+    opts.input = args.input;
+    opts.flow = args.flow;
+    opts.output = args.output;
+    opts.gateway_addr = addr("--gateway-addr", args.gateway_addr)?;
+    opts.gateway_token = args.gateway_token.filter(|t| !t.is_empty());
+    opts.metrics_addr = addr("--metrics-addr", args.metrics_addr)?;
+    opts.python = args.python;
+    opts.task_timeout = parse_duration(&args.timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("--timeout: invalid duration {:?}", args.timeout))?;
+    if args.transport == "nats" {
+        let mut cfg = asya_host::transport::nats::NatsConfig::from_source(&ProcessEnv)?;
+        if let Some(u) = args.nats_url {
+            cfg.url = u;
+        }
+        opts.transport = MeshTransport::Nats(Box::new(cfg));
+    }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    match asya_host::mesh::up(opts, shutdown).await {
+        Ok(report) => {
+            eprint!("{report}");
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Err(e) => {
+            // One line: the mesh's errors already name their cause.
+            eprintln!("asya-host: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 async fn gateway() -> anyhow::Result<ExitCode> {

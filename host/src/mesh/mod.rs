@@ -215,6 +215,8 @@ pub enum MeshError {
     Runtime(#[from] RuntimeStartError),
     #[error("nats: {0}")]
     Transport(#[from] TransportError),
+    #[error("interrupted")]
+    Interrupted,
     #[error("actor {actor}: {source}")]
     Sidecar {
         actor: String,
@@ -397,23 +399,37 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         });
     }
     let mut procs = Vec::new();
+    let mut started_ok: Result<(), MeshError> = Ok(());
     for c in &runtime_cfgs {
-        procs.push(supervisor::RuntimeProcess::spawn(c)?);
-    }
-    let ready = futures::future::try_join_all(
-        procs
-            .iter_mut()
-            .zip(&runtime_cfgs)
-            .map(|(p, c)| p.wait_ready(c)),
-    );
-    tokio::select! {
-        r = ready => { r?; }
-        _ = shutdown.cancelled() => {
-            for p in &mut procs {
-                p.terminate(supervisor::TERM_GRACE).await;
+        match supervisor::RuntimeProcess::spawn(c) {
+            Ok(p) => procs.push(p),
+            Err(e) => {
+                started_ok = Err(e.into());
+                break;
             }
-            return Ok(UpReport::default());
         }
+    }
+    if started_ok.is_ok() {
+        let ready = futures::future::try_join_all(
+            procs
+                .iter_mut()
+                .zip(&runtime_cfgs)
+                .map(|(p, c)| p.wait_ready(c)),
+        );
+        started_ok = tokio::select! {
+            r = ready => r.map(|_| ()).map_err(MeshError::from),
+            _ = shutdown.cancelled() => Err(MeshError::Interrupted),
+        };
+    }
+    if let Err(e) = started_ok {
+        // Stop what did start before the temporary directory goes.
+        for p in &mut procs {
+            p.terminate(Duration::from_secs(2)).await;
+        }
+        return match e {
+            MeshError::Interrupted => Ok(UpReport::default()),
+            e => Err(e),
+        };
     }
     let startup = started.elapsed();
     info!(actors = flow.actors.len(), ?startup, "runtimes ready");

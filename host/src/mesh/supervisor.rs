@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -101,6 +101,8 @@ pub struct RuntimeProcess {
     started: Instant,
     exited: bool,
     output: Arc<Mutex<Output>>,
+    /// Until set, output is logged at DEBUG only (a failed start is reported as one line).
+    ready: Arc<AtomicBool>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -131,12 +133,14 @@ impl RuntimeProcess {
             .and_then(|id| i32::try_from(id).ok())
             .and_then(Pid::from_raw);
         let output = Arc::new(Mutex::new(Output::default()));
+        let ready = Arc::new(AtomicBool::new(false));
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
             readers.push(tokio::spawn(forward(
                 cfg.actor.clone(),
                 out,
                 output.clone(),
+                ready.clone(),
                 false,
             )));
         }
@@ -145,6 +149,7 @@ impl RuntimeProcess {
                 cfg.actor.clone(),
                 err,
                 output.clone(),
+                ready.clone(),
                 true,
             )));
         }
@@ -156,6 +161,7 @@ impl RuntimeProcess {
             started: Instant::now(),
             exited: false,
             output,
+            ready,
             readers,
         })
     }
@@ -177,6 +183,7 @@ impl RuntimeProcess {
                 return Err(self.exit_error(status).await);
             }
             if ready.exists() && socket.exists() {
+                self.ready.store(true, Ordering::Relaxed);
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -192,7 +199,7 @@ impl RuntimeProcess {
 
     async fn exit_error(&mut self, status: ExitStatus) -> RuntimeStartError {
         // Let the readers drain the pipes so the runtime's last words are seen.
-        for r in &mut self.readers {
+        for r in self.readers.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
         }
         let out = self.output.lock().expect("output lock");
@@ -271,6 +278,7 @@ async fn forward(
     actor: String,
     pipe: impl AsyncRead + Unpin,
     output: Arc<Mutex<Output>>,
+    ready: Arc<AtomicBool>,
     is_stderr: bool,
 ) {
     let mut lines = BufReader::new(pipe).lines();
@@ -280,7 +288,9 @@ async fn forward(
         }
         // The runtime's format: `DATE TIME LEVEL logger envelope_id=.. trace_id=.. message`.
         let level = line.split_whitespace().nth(2).unwrap_or("");
-        if !is_stderr {
+        if !ready.load(Ordering::Relaxed) {
+            debug!(target: "asya_host::mesh::runtime", %actor, "{line}");
+        } else if !is_stderr {
             info!(target: "asya_host::mesh::runtime", %actor, "{line}");
         } else if matches!(level, "WARNING" | "ERROR" | "CRITICAL") || level.is_empty() {
             warn!(target: "asya_host::mesh::runtime", %actor, "{line}");

@@ -1,0 +1,485 @@
+//! `asya-host up` end to end, through the real binary: the README's example pipeline, a
+//! runtime killed mid-run, Ctrl-C, and the errors a newcomer can hit.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{mpsc, Once};
+use std::time::{Duration, Instant};
+
+use rustix::process::{kill_process, test_kill_process, Pid, Signal};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// The example's route policy, built once if missing.
+fn priority_router() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let wasm = repo_root().join("plugins/target/wasm32-wasip2/release/priority_router.wasm");
+    BUILD.call_once(|| {
+        if wasm.is_file() {
+            return;
+        }
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--manifest-path",
+                "plugins/Cargo.toml",
+                "--target",
+                "wasm32-wasip2",
+                "--release",
+                "-p",
+                "priority-router",
+            ])
+            .current_dir(repo_root())
+            .status()
+            .expect("cargo runs");
+        assert!(
+            status.success(),
+            "building the priority-router plugin failed"
+        );
+    });
+    assert!(wasm.is_file(), "{} missing", wasm.display());
+    wasm
+}
+
+/// `asya-host up ARGS` from the repository root with TMPDIR in `tmp`.
+fn up(tmp: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("up")
+        .args(args)
+        .current_dir(repo_root())
+        .env("TMPDIR", tmp)
+        .env_remove("ASYA_LOG_LEVEL")
+        .env_remove("RUST_LOG")
+        .env_remove("ASYA_PYTHONEXECUTABLE")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Run to completion within `limit`; killed otherwise.
+fn run(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("asya-host starts");
+    wait_output(child, limit)
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "asya-host did not finish within {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn results(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a result line is JSON"))
+        .collect()
+}
+
+/// The last line of stderr, which must be the one error line.
+fn error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    assert!(
+        last.starts_with("asya-host: "),
+        "last stderr line is not the error: {err}"
+    );
+    last.to_owned()
+}
+
+/// Nothing of the run is left in its TMPDIR (sockets, runtime file).
+fn assert_clean(tmp: &Path) {
+    let left: Vec<_> = std::fs::read_dir(tmp)
+        .expect("tmp")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| !p.starts_with(tmp.join("flow")))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn alive(pid: i32) -> bool {
+    Pid::from_raw(pid).is_some_and(|p| test_kill_process(p).is_ok())
+}
+
+/// A flow in `dir/flow` with a handler module `h.py`.
+fn write_flow(dir: &Path, flow: &str, handlers: &str) -> PathBuf {
+    let d = dir.join("flow");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("flow.toml"), flow).unwrap();
+    std::fs::write(d.join("h.py"), handlers).unwrap();
+    d.join("flow.toml")
+}
+
+#[test]
+fn readme_command_runs_the_example_pipeline() {
+    priority_router();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        up(
+            tmp.path(),
+            &[
+                "examples/reviews/flow.toml",
+                "--input",
+                "examples/reviews/inputs.jsonl",
+            ],
+        ),
+        Duration::from_secs(180),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stderr}", out.status);
+    let lines = results(&out.stdout);
+    assert_eq!(lines.len(), 20, "{stderr}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["line"], i + 1, "results in input order: {l}");
+        assert_eq!(l["status"], "succeeded", "{l}");
+    }
+    // r02 is angry: the priority-router policy sent it through `escalate`.
+    let r02 = lines[1]["result"].to_string();
+    assert!(r02.contains("\"ticket\":\"T-"), "{r02}");
+    // r01 is happy: no ticket; it fanned out to two aspects.
+    let r01 = &lines[0]["result"];
+    assert_eq!(r01.as_array().map(Vec::len), Some(2), "{r01}");
+    assert!(r01.to_string().contains("\"ticket\":null"), "{r01}");
+    // The summary table names every actor.
+    for actor in [
+        "parse",
+        "sentiment",
+        "escalate",
+        "aspects",
+        "tally",
+        "x-sink",
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(actor)),
+            "{actor}: {stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("20 tasks: 20 succeeded, 0 failed"),
+        "{stderr}"
+    );
+    assert_clean(tmp.path());
+}
+
+const SLOW_FLOW: &str = r#"
+namespace = "kill"
+[actors.slow]
+handler = "h.work"
+max_attempts = 5
+[actors.done]
+handler = "h.done"
+[flows]
+f = ["slow", "done"]
+"#;
+
+const SLOW_HANDLERS: &str = r#"
+import os, time
+PIDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pids")
+
+def work(p):
+    with open(PIDS, "a") as f:
+        f.write("%d\n" % os.getpid())
+    time.sleep(0.05)
+    return {"n": p["n"], "pid": os.getpid()}
+
+def done(p):
+    return p
+"#;
+
+fn pids(flow_dir: &Path) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_to_string(flow_dir.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn poll(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+#[test]
+fn killed_runtime_is_restarted_and_the_run_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(tmp.path(), SLOW_FLOW, SLOW_HANDLERS);
+    let input = tmp.path().join("flow/in.jsonl");
+    let lines: String = (0..40).map(|n| format!("{{\"n\": {n}}}\n")).collect();
+    std::fs::write(&input, lines).unwrap();
+    let child = up(
+        tmp.path(),
+        &[
+            flow.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--flow",
+            "f",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("asya-host starts");
+    let flow_dir = tmp.path().join("flow");
+    // Kill the runtime once it has started working.
+    assert!(
+        poll(Duration::from_secs(60), || !pids(&flow_dir).is_empty()),
+        "the runtime never ran"
+    );
+    let first = pids(&flow_dir)[0];
+    kill_process(Pid::from_raw(first).unwrap(), Signal::KILL).expect("kill the runtime");
+    let out = wait_output(child, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let res = results(&out.stdout);
+    assert_eq!(res.len(), 40, "{stderr}");
+    for r in &res {
+        // Retried to success, or in x-sump with its reason.
+        let ok = r["status"] == "succeeded"
+            || (r["status"] == "failed" && r["error"]["message"].is_string());
+        assert!(ok, "{r}");
+    }
+    assert!(
+        res.iter()
+            .any(|r| r["status"] == "succeeded" && r["result"]["pid"] != first),
+        "a restarted runtime did work"
+    );
+    assert!(stderr.contains("runtime exited; restarting it"), "{stderr}");
+    assert!(stderr.contains("runtime restarts: slow ×1"), "{stderr}");
+    let all = pids(&flow_dir);
+    assert!(all.len() >= 2, "{all:?}");
+    for p in all {
+        assert!(!alive(p), "runtime {p} survived");
+    }
+    assert_clean(tmp.path());
+}
+
+/// Lines of a child's stderr, as they come.
+fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let err = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn http(addr: &str, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn serves_the_gateway_and_stops_cleanly_on_ctrl_c() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(tmp.path(), SLOW_FLOW, SLOW_HANDLERS);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = up(
+        tmp.path(),
+        &[flow.to_str().unwrap(), "--gateway-addr", &addr],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("asya-host starts");
+    let rx = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("gateway on http://"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no gateway line; stderr: {seen:#?}"),
+        }
+    }
+    let body = r#"{"flow": "f", "payload": {"n": 7}}"#;
+    let resp = http(
+        &addr,
+        &format!(
+            "POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(resp.starts_with("HTTP/1.1 20"), "{resp}");
+    let flow_dir = tmp.path().join("flow");
+    assert!(
+        poll(Duration::from_secs(30), || !pids(&flow_dir).is_empty()),
+        "the task never reached the runtime"
+    );
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "asya-host did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    for p in pids(&flow_dir) {
+        assert!(!alive(p), "runtime {p} survived");
+    }
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn missing_python_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(tmp.path(), SLOW_FLOW, SLOW_HANDLERS);
+    let mut cmd = up(
+        tmp.path(),
+        &[flow.to_str().unwrap(), "--gateway-addr", "127.0.0.1:0"],
+    );
+    cmd.env("ASYA_PYTHONEXECUTABLE", "/nonexistent");
+    let out = run(cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(line.contains("\"/nonexistent\""), "{line}");
+    assert!(line.contains("ASYA_PYTHONEXECUTABLE"), "{line}");
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn handler_import_error_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(
+        tmp.path(),
+        "[actors.a]\nhandler = \"h.work\"\n[actors.b]\nhandler = \"nosuchmodule.f\"\n",
+        "def work(p):\n    return p\n",
+    );
+    let out = run(
+        up(
+            tmp.path(),
+            &[flow.to_str().unwrap(), "--gateway-addr", "127.0.0.1:0"],
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(line.contains("actor b:"), "{line}");
+    assert!(line.contains("no module named 'nosuchmodule'"), "{line}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn bad_flow_file_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(
+        tmp.path(),
+        "namespace = \"n\"\n[actors.a]\nhandler = \"h.work\"\nconcurency = 2\n",
+        "",
+    );
+    let out = run(
+        up(tmp.path(), &[flow.to_str().unwrap()]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(line.contains("flow.toml:4:"), "{line}");
+    assert!(line.contains("unknown field `concurency`"), "{line}");
+}
+
+#[test]
+fn missing_policy_names_the_build_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(
+        tmp.path(),
+        "[actors.a]\nhandler = \"h.work\"\npolicies = [{ path = \"nope.wasm\" }]\n",
+        "",
+    );
+    let out = run(
+        up(tmp.path(), &[flow.to_str().unwrap()]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(line.contains("nope.wasm not found"), "{line}");
+    assert!(
+        line.contains(
+            "cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release"
+        ),
+        "{line}"
+    );
+}
+
+#[test]
+fn port_in_use_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(tmp.path(), SLOW_FLOW, SLOW_HANDLERS);
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = run(
+        up(
+            tmp.path(),
+            &[flow.to_str().unwrap(), "--gateway-addr", &addr],
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(line.contains(&addr), "{line}");
+    assert!(line.contains("in use"), "{line}");
+    assert!(line.contains("--gateway-addr"), "{line}");
+    assert_clean(tmp.path());
+}
