@@ -219,3 +219,120 @@ pub(crate) fn guest_error(e: policy::asya::plugin::types::PluginError) -> String
     let retry = if e.retryable { " (retryable)" } else { "" };
     format!("{}{retry}", super::truncate(&e.message, super::MAX_REASON))
 }
+
+// ---------------------------------------------------------------------------------------
+// Transport calls (used by `crate::transport::wasm`): generated types stay here.
+
+use transport::exports::asya::plugin::transport as wit_transport;
+pub(crate) use transport::TransportPlugin;
+use wasmtime::component::ResourceAny;
+use wasmtime::Store;
+
+/// An expected failure a transport component returned.
+#[derive(Debug, Clone)]
+pub(crate) struct GuestError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl From<policy::asya::plugin::types::PluginError> for GuestError {
+    fn from(e: policy::asya::plugin::types::PluginError) -> Self {
+        GuestError {
+            message: super::truncate(&e.message, super::MAX_REASON).into_owned(),
+            retryable: e.retryable,
+        }
+    }
+}
+
+/// One delivery a transport component returned.
+#[derive(Debug)]
+pub(crate) struct GuestDelivery {
+    pub tag: String,
+    pub body: Vec<u8>,
+    pub delivery_count: u32,
+}
+
+/// The calls of one transport instance (`conn` is its `connection` resource).
+pub(crate) struct TransportCalls<'a> {
+    pub bindings: &'a TransportPlugin,
+    pub store: &'a mut Store<StoreState>,
+}
+
+type Call<T> = wasmtime::Result<Result<T, GuestError>>;
+
+fn guest(b: &TransportPlugin) -> wit_transport::GuestConnection<'_> {
+    b.asya_plugin_transport().connection()
+}
+
+impl TransportCalls<'_> {
+    pub async fn connect(&mut self, config: &str) -> Call<ResourceAny> {
+        let r = guest(self.bindings)
+            .call_connect(&mut *self.store, config)
+            .await?;
+        Ok(r.map_err(GuestError::from))
+    }
+
+    pub async fn receive(
+        &mut self,
+        conn: ResourceAny,
+        queue: &str,
+        max: u32,
+        wait_ms: u32,
+    ) -> Call<Vec<GuestDelivery>> {
+        let r = guest(self.bindings)
+            .call_receive(&mut *self.store, conn, queue, max, wait_ms)
+            .await?;
+        Ok(r.map_err(GuestError::from).map(|ds| {
+            ds.into_iter()
+                .map(|d| GuestDelivery {
+                    tag: d.tag,
+                    body: d.body,
+                    delivery_count: d.delivery_count,
+                })
+                .collect()
+        }))
+    }
+
+    /// `msgs`: (queue, message id, body).
+    pub async fn send(&mut self, conn: ResourceAny, msgs: &[(&str, &str, &[u8])]) -> Call<()> {
+        let out: Vec<wit_transport::Outgoing> = msgs
+            .iter()
+            .map(|(q, id, body)| wit_transport::Outgoing {
+                queue: (*q).to_owned(),
+                message_id: (*id).to_owned(),
+                body: body.to_vec(),
+            })
+            .collect();
+        let r = guest(self.bindings)
+            .call_send(&mut *self.store, conn, &out)
+            .await?;
+        Ok(r.map_err(GuestError::from))
+    }
+
+    pub async fn ack(&mut self, conn: ResourceAny, tag: &str) -> Call<()> {
+        let r = guest(self.bindings)
+            .call_ack(&mut *self.store, conn, tag)
+            .await?;
+        Ok(r.map_err(GuestError::from))
+    }
+
+    pub async fn nack(&mut self, conn: ResourceAny, tag: &str, delay_ms: u32) -> Call<()> {
+        let r = guest(self.bindings)
+            .call_nack(&mut *self.store, conn, tag, delay_ms)
+            .await?;
+        Ok(r.map_err(GuestError::from))
+    }
+
+    pub async fn in_progress(&mut self, conn: ResourceAny, tag: &str) -> Call<()> {
+        let r = guest(self.bindings)
+            .call_in_progress(&mut *self.store, conn, tag)
+            .await?;
+        Ok(r.map_err(GuestError::from))
+    }
+
+    pub async fn close(&mut self, conn: ResourceAny) -> wasmtime::Result<()> {
+        guest(self.bindings)
+            .call_close(&mut *self.store, conn)
+            .await
+    }
+}

@@ -301,10 +301,22 @@ impl PluginEngine {
         memory_bytes: usize,
         deadline: Duration,
     ) -> Store<StoreState> {
+        self.store_with_wasi(plugin, memory_bytes, deadline, sandbox())
+    }
+
+    /// Like [`PluginEngine::store`] with a caller-built WASI context (a transport's
+    /// context grants the sockets of its allow-list).
+    pub(crate) fn store_with_wasi(
+        &self,
+        plugin: Arc<str>,
+        memory_bytes: usize,
+        deadline: Duration,
+        wasi: WasiCtx,
+    ) -> Store<StoreState> {
         let mut store = Store::new(
             self.engine(),
             StoreState {
-                wasi: sandbox(),
+                wasi,
                 table: ResourceTable::new(),
                 limits: Limits::new(memory_bytes),
                 plugin,
@@ -325,6 +337,22 @@ impl PluginEngine {
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         RoutePolicyPlugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        Ok(linker)
+    }
+}
+
+impl PluginEngine {
+    /// The linker for transports: async WASI p2 (what a store's context grants) and the
+    /// host imports of the `transport-plugin` world.
+    pub(crate) fn transport_linker(&self) -> Result<Linker<StoreState>, PluginError> {
+        let mut linker = Linker::new(self.engine());
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        super::bindings::transport::TransportPlugin::add_to_linker::<
+            _,
+            wasmtime::component::HasSelf<_>,
+        >(&mut linker, |s| s)
+        .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         Ok(linker)
     }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 use crate::envelope::{Envelope, Route};
 
-mod bindings;
+pub(crate) mod bindings;
 pub mod check;
 pub mod engine;
 mod json_path;

@@ -15,6 +15,7 @@ use bytes::Bytes;
 pub mod conformance;
 pub mod memory;
 pub mod nats;
+pub mod wasm;
 
 /// Which transport a sidecar uses (`ASYA_TRANSPORT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,9 +169,8 @@ pub async fn connect(
         TransportKind::Nats => Ok(std::sync::Arc::new(
             nats::NatsTransport::from_source(src).await?,
         )),
-        TransportKind::Wasm => Err(TransportError::Unavailable(format!(
-            "ASYA_TRANSPORT={} is not available in this build yet",
-            kind.as_str()
-        ))),
+        TransportKind::Wasm => Ok(std::sync::Arc::new(
+            wasm::WasmTransport::from_source(src).await?,
+        )),
     }
 }
