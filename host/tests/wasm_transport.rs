@@ -139,3 +139,329 @@ async fn conformance_redis_streams() {
     println!("{report}");
     assert!(report.passed(), "{report}");
 }
+
+// ---------------------------------------------------------------------------------------
+// End to end: real asya-host sidecars (ASYA_TRANSPORT=wasm, plugins/redis-streams) and
+// runtimes, a 3-actor flow, the middle sidecar killed with SIGKILL three times; every
+// envelope reaches x-sink exactly once, none reaches x-sump. The same scenario as the
+// NATS test in `nats.rs` (its harness lives inside that file's `e2e` module, so the few
+// process helpers are repeated here rather than shared).
+
+mod e2e {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use rand::Rng;
+
+    use super::redis_server::{plugin, RedisServer};
+    use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
+    use asya_host::transport::{OutMessage, Transport};
+
+    const ENVELOPES: usize = 5_000;
+    const ACK_WAIT_MS: u64 = 2_000;
+
+    /// A child process killed (SIGKILL) on drop.
+    struct Proc(Child);
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn start_runtime(dir: &Path) -> Proc {
+        let log = std::fs::File::create(dir.join("runtime.log")).unwrap();
+        let child = Command::new("python3")
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/fixtures/echo_runtime_nats.py"),
+            )
+            .env("ASYA_SOCKET_DIR", dir.join("sock"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("python3");
+        Proc(child)
+    }
+
+    struct Env {
+        ns: String,
+        wasm: PathBuf,
+        config: String,
+        allow: String,
+        cache: PathBuf,
+    }
+
+    fn start_sidecar(dir: &Path, actor: &str, env: &Env, generation: usize) -> Proc {
+        let log = std::fs::File::create(dir.join(format!("sidecar-{generation}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+            .arg("sidecar")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("ASYA_ACTOR_NAME", actor)
+            .env("ASYA_NAMESPACE", &env.ns)
+            .env("ASYA_TRANSPORT", "wasm")
+            .env("ASYA_TRANSPORT_PLUGIN", &env.wasm)
+            .env("ASYA_TRANSPORT_CONFIG", &env.config)
+            .env("ASYA_TRANSPORT_ALLOW", &env.allow)
+            .env("ASYA_PLUGIN_CACHE_DIR", &env.cache)
+            .env("ASYA_SOCKET_DIR", dir.join("sock"))
+            .env("ASYA_METRICS_ADDR", "off")
+            .env("ASYA_CONCURRENCY", "16")
+            .env("ASYA_RESILIENCY_MAX_ATTEMPTS", "1000")
+            .env("ASYA_RESILIENCY_BACKOFF_INITIAL", "100ms")
+            .env("ASYA_RESILIENCY_BACKOFF_MAX", "1s")
+            .env("ASYA_RUNTIME_READY_TIMEOUT", "30s")
+            .env("ASYA_SHUTDOWN_GRACE", "2s")
+            .env(
+                "ASYA_LOG_LEVEL",
+                std::env::var("ASYA_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("asya-host binary");
+        Proc(child)
+    }
+
+    struct Actor {
+        name: &'static str,
+        dir: tempfile::TempDir,
+        _runtime: Proc,
+        sidecar: Option<Proc>,
+        generation: usize,
+    }
+
+    impl Actor {
+        fn start(name: &'static str, env: &Env) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("sock")).unwrap();
+            let runtime = start_runtime(dir.path());
+            let sidecar = Some(start_sidecar(dir.path(), name, env, 0));
+            Actor {
+                name,
+                dir,
+                _runtime: runtime,
+                sidecar,
+                generation: 0,
+            }
+        }
+
+        fn kill9_and_restart(&mut self, env: &Env) {
+            drop(self.sidecar.take()); // SIGKILL + wait
+            self.generation += 1;
+            self.sidecar = Some(start_sidecar(
+                self.dir.path(),
+                self.name,
+                env,
+                self.generation,
+            ));
+        }
+
+        fn logs(&self) -> String {
+            let mut out = String::new();
+            for g in 0..=self.generation {
+                let p = self.dir.path().join(format!("sidecar-{g}.log"));
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(12).collect();
+                out += &format!(
+                    "--- {} sidecar {g}\n{}\n",
+                    self.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            out
+        }
+    }
+
+    /// First deliveries per envelope id on an end queue (a redelivery to this test's own
+    /// consumer has attempt > 1 and is not counted; a duplicate publish is a second first
+    /// delivery).
+    #[derive(Default)]
+    struct Seen {
+        firsts: HashMap<String, usize>,
+    }
+
+    impl Seen {
+        fn unique(&self) -> usize {
+            self.firsts.len()
+        }
+        fn duplicates(&self) -> Vec<(&String, &usize)> {
+            self.firsts.iter().filter(|(_, n)| **n > 1).collect()
+        }
+    }
+
+    fn collect(
+        t: Arc<WasmTransport>,
+        queue: String,
+        seen: Arc<Mutex<Seen>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut rx = t.subscribe(&queue, 64).await.expect("subscribe");
+            while let Ok(d) = rx.recv().await {
+                let id = serde_json::from_slice::<serde_json::Value>(&d.body)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
+                    .unwrap_or_else(|| "unparseable".into());
+                if d.attempt == 1 {
+                    *seen.lock().unwrap().firsts.entry(id).or_default() += 1;
+                }
+                let _ = d.acker.ack().await;
+            }
+        })
+    }
+
+    fn envelope(i: usize) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "id": format!("e-{i}"),
+            "route": {"prev": [], "curr": "a", "next": ["b", "c"]},
+            "headers": {"trace_id": format!("t-{i}")},
+            "payload": {"i": i, "text": "hello"},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill9_middle_sidecar_redis_streams() {
+        let server = RedisServer::start();
+        let cache = tempfile::tempdir().unwrap();
+        let env = Env {
+            ns: format!("k{}", std::process::id()),
+            wasm: plugin("redis_streams"),
+            config: serde_json::json!({
+                "addr": server.addr(),
+                "ack_wait_ms": ACK_WAIT_MS,
+                "dedup_ttl_ms": 300_000,
+            })
+            .to_string(),
+            allow: server.addr(),
+            cache: cache.path().to_owned(),
+        };
+        let ns = env.ns.clone();
+        let started = Instant::now();
+        // The test's own client; compiles the component into the shared cache first.
+        let mut cfg = WasmConfig::new(
+            &env.wasm,
+            &env.config,
+            AllowList::parse(&env.allow).await.unwrap(),
+        );
+        cfg.cache_dir = Some(env.cache.clone());
+        let t = Arc::new(WasmTransport::connect(cfg).await.unwrap());
+        let sink = Arc::new(Mutex::new(Seen::default()));
+        let sump = Arc::new(Mutex::new(Seen::default()));
+        let collectors = [
+            collect(t.clone(), format!("asya-{ns}-x-sink"), sink.clone()),
+            collect(t.clone(), format!("asya-{ns}-x-sump"), sump.clone()),
+        ];
+
+        let mut actors: Vec<Actor> = ["a", "b", "c"]
+            .iter()
+            .map(|a| Actor::start(a, &env))
+            .collect();
+
+        let queue = format!("asya-{ns}-a");
+        for chunk in (0..ENVELOPES).collect::<Vec<_>>().chunks(500) {
+            let msgs = chunk
+                .iter()
+                .map(|&i| OutMessage {
+                    queue: queue.clone(),
+                    id: format!("in-{i}"),
+                    body: envelope(i).into(),
+                })
+                .collect();
+            t.send_all(msgs).await.unwrap();
+        }
+        println!(
+            "[{ns}] published {ENVELOPES} envelopes in {:?}",
+            started.elapsed()
+        );
+
+        let mut rng = rand::rng();
+        let mut kill_at: Vec<usize> = (0..3)
+            .map(|_| rng.random_range(300..ENVELOPES - 800))
+            .collect();
+        kill_at.sort_unstable();
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let mut last_print = Instant::now();
+        let mut done_at: Option<Instant> = None;
+        let mut progress = (0, Instant::now());
+        loop {
+            let (n, sumped) = (sink.lock().unwrap().unique(), sump.lock().unwrap().unique());
+            if n != progress.0 {
+                progress = (n, Instant::now());
+            }
+            if n < ENVELOPES && progress.1.elapsed() > Duration::from_secs(30) {
+                let logs: String = actors.iter().map(Actor::logs).collect();
+                panic!(
+                    "[{ns}] no progress for 30s: x-sink {n}/{ENVELOPES}, x-sump {sumped}\n{logs}"
+                );
+            }
+            if last_print.elapsed() >= Duration::from_secs(1) {
+                println!(
+                    "[{ns}] {:>5.1}s  x-sink {n}/{ENVELOPES}  x-sump {sumped}  kills left {}",
+                    started.elapsed().as_secs_f64(),
+                    kill_at.len(),
+                );
+                last_print = Instant::now();
+            }
+            if kill_at.first().is_some_and(|&k| n >= k) {
+                // A random moment after the threshold, mid-processing.
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+                kill_at.remove(0);
+                actors[1].kill9_and_restart(&env);
+                println!(
+                    "[{ns}] kill -9 sidecar b at x-sink {n}; restarted (generation {})",
+                    actors[1].generation
+                );
+            }
+            if n >= ENVELOPES && kill_at.is_empty() {
+                // Keep watching past ack_wait so late duplicates would show.
+                let at = *done_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > Duration::from_millis(2 * ACK_WAIT_MS) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                let logs: String = actors.iter().map(Actor::logs).collect();
+                panic!("[{ns}] timed out: x-sink {n}/{ENVELOPES}, x-sump {sumped}\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for c in collectors {
+            c.abort();
+        }
+        let sink = sink.lock().unwrap();
+        let sump = sump.lock().unwrap();
+        let dups = sink.duplicates();
+        println!(
+            "[{ns}] done in {:?}: x-sink {} unique, {} duplicated; x-sump {}",
+            started.elapsed(),
+            sink.unique(),
+            dups.len(),
+            sump.unique()
+        );
+        assert!(
+            dups.is_empty(),
+            "duplicates at x-sink: {:?}",
+            dups.iter().take(5).collect::<Vec<_>>()
+        );
+        assert_eq!(sink.unique(), ENVELOPES, "envelopes missing at x-sink");
+        for i in 0..ENVELOPES {
+            assert!(
+                sink.firsts.contains_key(&format!("e-{i}")),
+                "e-{i} missing at x-sink"
+            );
+        }
+        assert_eq!(
+            sump.unique(),
+            0,
+            "envelopes in x-sump: {:?}",
+            sump.firsts.keys().take(5).collect::<Vec<_>>()
+        );
+        drop(actors);
+    }
+}

@@ -340,6 +340,7 @@ impl Transport for RedisStreams {
                     .and_then(|mut a| (a.len() >= 2).then(|| a.swap_remove(1)))
                     .and_then(Value::into_array)
                     .unwrap_or_default();
+                let full = claimed.len() >= max as usize;
                 if !claimed.is_empty() {
                     // Delivery counts of the claimed entries.
                     let ids: Vec<Vec<u8>> = claimed
@@ -364,7 +365,7 @@ impl Transport for RedisStreams {
                                 .unwrap_or(2) as u32
                         })
                         .collect();
-                    return Ok(entries(&key, claimed, &counts));
+                    return Ok((entries(&key, claimed, &counts), full));
                 }
             }
             // Due delayed messages back into the stream, then read new ones.
@@ -386,7 +387,7 @@ impl Transport for RedisStreams {
             if let Value::Error(e) = &read {
                 if e.starts_with("NOGROUP") {
                     groups.remove(&key);
-                    return Ok(Vec::new());
+                    return Ok((Vec::new(), false));
                 }
             }
             check("XREADGROUP", &read)?;
@@ -397,7 +398,14 @@ impl Transport for RedisStreams {
                 .and_then(|mut kv| kv.pop())
                 .and_then(Value::into_array)
                 .unwrap_or_default();
-            Ok(entries(&key, items, &[]))
+            Ok((entries(&key, items, &[]), false))
+        })
+        .map(|(got, more)| {
+            if more {
+                // A full batch of dead consumers' deliveries: look for more right away.
+                self.next_claim = None;
+            }
+            got
         })
     }
 
