@@ -1,1 +1,309 @@
-fn main() {}
+//! One sidecar hop on the memory transport against an in-process Rust echo runtime on a Unix
+//! socket (1 KB payloads), beside the raw HTTP-over-UDS echo round trip measured in the same
+//! run. Run: `cargo bench -p asya-host --bench hop` (env: HOP_N, default 20000).
+//!
+//! Printed:
+//! - raw round trip: a hand-written HTTP/1.1 request on one keep-alive Unix-socket
+//!   connection to the same echo runtime, response read by Content-Length (the floor);
+//! - client round trip: the host's runtime client alone (hyper, pooled connection);
+//! - host hop latency: publish one envelope to the actor's queue, receive it from x-sink
+//!   (parse, invoke, route, publish, ack), one at a time;
+//! - host throughput: N envelopes queued up front, drained by one sidecar at concurrency 1.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use asya_host::config::SidecarConfig;
+use asya_host::envelope::{Envelope, Frame};
+use asya_host::metrics::Metrics;
+use asya_host::runtime::RuntimeClient;
+use asya_host::sidecar::{self, Deps};
+use asya_host::transport::memory::MemoryTransport;
+use asya_host::transport::{OutMessage, Transport};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Serialize)]
+struct FramesOut<'a> {
+    frames: [FrameOut<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct FrameOut<'a> {
+    payload: &'a serde_json::value::RawValue,
+    route: asya_host::envelope::Route,
+}
+
+/// The echo runtime: one frame with the payload, route shifted.
+async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let rid = req.headers().get("x-request-id").cloned();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut resp = if body.is_empty() {
+        Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ready\"}")))
+    } else {
+        let env = Envelope::parse(&body).expect("bench sends envelopes");
+        let out = FramesOut {
+            frames: [FrameOut {
+                payload: &env.payload,
+                route: env.route.shifted(),
+            }],
+        };
+        Response::new(Full::new(Bytes::from(serde_json::to_vec(&out).unwrap())))
+    };
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    if let Some(r) = rid {
+        resp.headers_mut().insert("x-request-id", r);
+    }
+    Ok(resp)
+}
+
+async fn serve_echo(listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service_fn(echo))
+                .await;
+        });
+    }
+}
+
+fn envelope(id: &str, payload: &str) -> Vec<u8> {
+    format!(
+        r#"{{"id":"{id}","route":{{"prev":[],"curr":"a","next":[]}},"headers":{{"trace_id":"t-{id}"}},"payload":{payload}}}"#
+    )
+    .into_bytes()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    per_sec: f64,
+}
+
+fn stats(mut samples: Vec<Duration>, total: Duration) -> Stats {
+    samples.sort();
+    Stats {
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
+        per_sec: samples.len() as f64 / total.as_secs_f64(),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Hand-written HTTP/1.1 on one keep-alive connection: the floor for one runtime call.
+async fn raw_round_trips(path: &std::path::Path, body: &[u8], n: usize) -> Stats {
+    let mut s = UnixStream::connect(path).await.unwrap();
+    let mut req = format!(
+        "POST /invoke HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\nx-request-id: 0\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut samples = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&req).await.unwrap();
+        let mut have = 0;
+        loop {
+            let k = s.read(&mut buf[have..]).await.unwrap();
+            assert!(k > 0, "echo runtime closed the connection");
+            have += k;
+            if let Some(end) = find(&buf[..have], b"\r\n\r\n") {
+                let head = std::str::from_utf8(&buf[..end])
+                    .unwrap()
+                    .to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap();
+                if have >= end + 4 + len {
+                    break;
+                }
+            }
+        }
+        samples.push(t.elapsed());
+    }
+    stats(samples, start.elapsed())
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+async fn client_round_trips(client: &RuntimeClient, body: &Bytes, n: usize) -> Stats {
+    let mut samples = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = client
+            .invoke(
+                body.clone(),
+                tokio::time::Instant::now() + Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r, asya_host::runtime::Reply::Frames(ref f) if f.len() == 1));
+        samples.push(t.elapsed());
+    }
+    stats(samples, start.elapsed())
+}
+
+fn main() {
+    let n: usize = std::env::var("HOP_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(n));
+}
+
+async fn run(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("asya-runtime.sock");
+    tokio::spawn(serve_echo(UnixListener::bind(&sock).unwrap()));
+    std::fs::write(dir.path().join("runtime-ready"), "ready").unwrap();
+
+    // ~1 KB payload.
+    let payload =
+        serde_json::to_string(&serde_json::json!({"text": "x".repeat(1000), "n": 1})).unwrap();
+    let body = Bytes::from(envelope("warm", &payload));
+    println!(
+        "hop benchmark: n={n}, envelope {} bytes, payload {} bytes",
+        body.len(),
+        payload.len()
+    );
+
+    // Warm up and check the echo runtime answers a frame the host can parse.
+    let client = RuntimeClient::new(&sock, 64 << 20);
+    let _ = client_round_trips(&client, &body, 1000).await;
+    let frame: Frame =
+        serde_json::from_str(r#"{"route":{"prev":["a"],"curr":""},"payload":1}"#).unwrap();
+    drop(frame);
+
+    let raw = raw_round_trips(&sock, &body, n).await;
+    let cli = client_round_trips(&client, &body, n).await;
+
+    // One sidecar, memory transport, concurrency 1.
+    let transport = MemoryTransport::new();
+    let metrics = Metrics::new("asya_actor");
+    let mut cfg = SidecarConfig::new("a", "b", dir.path());
+    cfg.socket_path = sock.clone();
+    let deps = Deps::new(Arc::new(transport.clone()), metrics);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sidecar::run(cfg.clone(), deps, shutdown.clone()));
+    let mut sink = transport.subscribe("asya-b-x-sink", 1).await.unwrap();
+    let bodies: Vec<Bytes> = (0..n)
+        .map(|i| Bytes::from(envelope(&format!("e{i}"), &payload)))
+        .collect();
+    let send = |b: Bytes, i: usize| {
+        let t = &transport;
+        async move {
+            t.send(OutMessage {
+                queue: "asya-b-a".into(),
+                id: format!("in-{i}"),
+                body: b,
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    // Warm-up.
+    for (i, b) in bodies.iter().take(1000).enumerate() {
+        send(b.clone(), i).await;
+        sink.recv().await.unwrap().acker.ack().await.unwrap();
+    }
+    // Latency: one envelope at a time.
+    let mut samples = Vec::with_capacity(n);
+    let start = Instant::now();
+    for (i, b) in bodies.iter().enumerate() {
+        let t = Instant::now();
+        send(b.clone(), n + i).await;
+        let d = sink.recv().await.unwrap();
+        samples.push(t.elapsed());
+        d.acker.ack().await.unwrap();
+    }
+    let hop = stats(samples, start.elapsed());
+
+    // Throughput: queue everything, then drain.
+    for (i, b) in bodies.iter().enumerate() {
+        send(b.clone(), 2 * n + i).await;
+    }
+    let start = Instant::now();
+    for _ in 0..n {
+        sink.recv().await.unwrap().acker.ack().await.unwrap();
+    }
+    let drain = start.elapsed();
+    let throughput = n as f64 / drain.as_secs_f64();
+    shutdown.cancel();
+    let _ = task.await;
+
+    println!();
+    println!(
+        "{:<34} {:>10} {:>10} {:>12}",
+        "", "p50 µs", "p99 µs", "per second"
+    );
+    for (name, s) in [
+        ("raw HTTP/UDS round trip (floor)", &raw),
+        ("runtime client round trip (hyper)", &cli),
+        ("host hop, one at a time", &hop),
+    ] {
+        println!(
+            "{:<34} {:>10.1} {:>10.1} {:>12.0}",
+            name,
+            us(s.p50),
+            us(s.p99),
+            s.per_sec
+        );
+    }
+    println!(
+        "{:<34} {:>10} {:>10} {:>12.0}",
+        "host throughput, concurrency 1", "", "", throughput
+    );
+    println!();
+    let over = us(hop.p50) - us(raw.p50);
+    println!(
+        "host hop p50 - raw p50 = {over:.1} µs (target ≤ 20 µs): {}",
+        if over <= 20.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "host hop p50 / raw p50 = {:.2}x; throughput {throughput:.0}/s (target ≥ 25000/s): {}",
+        us(hop.p50) / us(raw.p50),
+        if throughput >= 25_000.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}

@@ -67,7 +67,7 @@ async fn malformed_json_goes_to_sump_with_the_raw_body() {
     assert_eq!(status(&out)["reason"], "ParseError");
     assert_eq!(status(&out)["error"]["type"], "ParseError");
     assert!(h.runtime.invocations().is_empty());
-    let text = h.scrape();
+    let text = h.scrape().await;
     assert_eq!(
         metric_value(
             &text,
@@ -98,7 +98,7 @@ async fn missing_id_goes_to_sump_as_validation_error() {
     assert!(h.runtime.invocations().is_empty());
     assert_eq!(
         metric_value(
-            &h.scrape(),
+            &h.scrape().await,
             "asya_actor_messages_failed_total",
             &[("reason", "validation_error")]
         ),
@@ -120,7 +120,7 @@ async fn route_mismatch_goes_to_sump_without_invoking() {
     assert!(h.runtime.invocations().is_empty());
     assert_eq!(
         metric_value(
-            &h.scrape(),
+            &h.scrape().await,
             "asya_actor_messages_failed_total",
             &[("reason", "route_mismatch")]
         ),
@@ -144,7 +144,7 @@ async fn expired_deadline_goes_to_sink_as_failed_timeout_without_invoking() {
     assert!(h.runtime.invocations().is_empty());
     assert_eq!(
         metric_value(
-            &h.scrape(),
+            &h.scrape().await,
             "asya_actor_messages_failed_total",
             &[("reason", "sla_expired")]
         ),
@@ -196,7 +196,7 @@ async fn handler_error_is_retried_then_sumped_with_the_error() {
         json!({"op": "error"}),
         "original payload kept"
     );
-    let text = h.scrape();
+    let text = h.scrape().await;
     assert_eq!(
         metric_value(
             &text,
@@ -356,7 +356,7 @@ async fn hanging_runtime_times_out_sumps_acks_and_crashes_without_redelivery() {
     assert_eq!(h.transport.depth(&h.cfg.queue()), 0);
     assert_eq!(
         metric_value(
-            &h.scrape(),
+            &h.scrape().await,
             "asya_actor_messages_failed_total",
             &[("reason", "timeout")]
         ),
@@ -407,7 +407,7 @@ async fn wrong_request_id_is_rejected_and_counted() {
     assert_eq!(status(&out)["error"]["type"], "RequestIdMismatch");
     assert_eq!(
         metric_value(
-            &h.scrape(),
+            &h.scrape().await,
             "asya_actor_runtime_request_id_mismatch_total",
             &[("queue", "asya-t-a")]
         ),
@@ -501,7 +501,7 @@ async fn shutdown_drains_in_flight_work_and_acks_it() {
     assert_eq!(h.transport.depth(&h.cfg.queue()), 0, "acked, not requeued");
     assert!(
         metric_value(
-            &h.scrape(),
+            &h.scrape().await,
             "asya_actor_messages_sent_total",
             &[("message_type", "sump")]
         )
@@ -521,5 +521,186 @@ async fn upstream_events_do_not_become_frames() {
         "streamed frames are fan-out children"
     );
     assert!(b.next_within(Duration::from_millis(200)).await.is_none());
+    h.stop().await;
+}
+
+/// GET over a fresh TCP connection; returns (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_server_serves_metrics_readiness_and_inflight() {
+    use asya_host::admin::{serve, AdminState};
+    use std::sync::Arc;
+    let mut h = Harness::start(|c| {
+        c.resiliency.crash_on_timeout = false;
+        c.resiliency.actor_timeout = Duration::from_secs(1);
+        c.concurrency = 2;
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let readiness = h.deps.readiness.clone();
+    let state = AdminState {
+        metrics: h.metrics.clone(),
+        inflight: h.deps.inflight.clone(),
+        checks: vec![("runtime:a".into(), Arc::new(move || readiness.is_ready()))],
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(serve(listener, state, stop.clone()));
+
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let mut ready = false;
+    for _ in 0..500 {
+        if http_get(addr, "/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "/readyz turns 200 once the runtime is reachable");
+    assert_eq!(http_get(addr, "/nope").await.0, 404);
+
+    let mut b = h.consumer("b").await;
+    let mut sump = h.consumer("x-sump").await;
+    h.send_raw(&b"garbage"[..]).await;
+    sump.next().await;
+    h.send("e1", &["b"], json!({"op": "echo"})).await;
+    b.next().await;
+    h.send("wedged", &["b"], json!({"op": "hang"})).await;
+    let inflight = h.deps.inflight.clone();
+    assert!(
+        eventually(WAIT, || inflight
+            .snapshot()
+            .iter()
+            .any(|r| r.envelope_id == "wedged"))
+        .await
+    );
+    let (code, body) = http_get(addr, "/debug/inflight").await;
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let row = &v["inflight"][0];
+    assert_eq!(row["envelope_id"], "wedged");
+    assert_eq!(row["trace_id"], "trace-wedged");
+    assert_eq!(row["stage"], "invoking");
+    assert_eq!(row["actor"], "a");
+    assert!(row["age_ms"].is_u64());
+    sump.next().await; // the hang times out
+    assert!(eventually(WAIT, || inflight.is_empty()).await);
+
+    let (code, text) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    let q = ("queue", "asya-t-a");
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_messages_received_total",
+            &[q, ("transport", "memory")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_messages_failed_total",
+            &[q, ("reason", "parse_error")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_messages_failed_total",
+            &[q, ("reason", "timeout")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_messages_processed_total",
+            &[q, ("status", "success")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_messages_processed_total",
+            &[q, ("status", "error")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_messages_sent_total",
+            &[
+                ("destination_queue", "asya-t-b"),
+                ("message_type", "routing")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_messages_sent_total",
+            &[
+                ("destination_queue", "asya-t-x-sump"),
+                ("message_type", "sump")
+            ]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(&text, "asya_actor_processing_duration_seconds_count", &[q]),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_runtime_execution_duration_seconds_count",
+            &[q]
+        ),
+        Some(2.0)
+    );
+    assert!(metric_value(
+        &text,
+        "asya_actor_queue_receive_duration_seconds_count",
+        &[q, ("transport", "memory")]
+    )
+    .is_some());
+    assert!(metric_value(
+        &text,
+        "asya_actor_queue_send_duration_seconds_count",
+        &[("destination_queue", "asya-t-b"), ("transport", "memory")]
+    )
+    .is_some());
+    assert_eq!(
+        metric_value(
+            &text,
+            "asya_actor_message_size_bytes_count",
+            &[("direction", "received")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(&text, "asya_actor_active_messages", &[q]),
+        Some(0.0)
+    );
+    stop.cancel();
     h.stop().await;
 }

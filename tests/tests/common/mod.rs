@@ -157,7 +157,14 @@ impl Harness {
             .expect("sidecar runs")
     }
 
-    pub fn scrape(&self) -> String {
+    /// The metrics text once no delivery is in flight (a delivery records its metrics
+    /// before it leaves the in-flight registry; outputs can arrive before that).
+    pub async fn scrape(&self) -> String {
+        let inflight = self.deps.inflight.clone();
+        assert!(
+            eventually(Duration::from_secs(10), || inflight.is_empty()).await,
+            "sidecar settles"
+        );
         self.metrics.encode()
     }
 }
