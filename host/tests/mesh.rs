@@ -483,3 +483,42 @@ fn port_in_use_is_one_line() {
     assert!(line.contains("--gateway-addr"), "{line}");
     assert_clean(tmp.path());
 }
+
+#[test]
+fn runtime_timeout_restarts_the_runtime_and_the_run_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(
+        tmp.path(),
+        "[actors.a]\nhandler = \"h.work\"\ntimeout = \"1s\"\n[flows]\nf = [\"a\"]\n",
+        "import time\n\ndef work(p):\n    if p.get(\"slow\"):\n        time.sleep(30)\n    return p\n",
+    );
+    let input = tmp.path().join("flow/in.jsonl");
+    std::fs::write(&input, "{\"slow\": true}\n{\"n\": 1}\n{\"n\": 2}\n").unwrap();
+    let out = run(
+        up(
+            tmp.path(),
+            &[
+                flow.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--flow",
+                "f",
+            ],
+        ),
+        Duration::from_secs(90),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let res = results(&out.stdout);
+    assert_eq!(res.len(), 3, "{stderr}");
+    assert_eq!(res[0]["status"], "failed", "{}", res[0]);
+    assert!(res[0]["error"]["message"].is_string(), "{}", res[0]);
+    assert_eq!(res[1]["status"], "succeeded", "{}", res[1]);
+    assert_eq!(res[2]["status"], "succeeded", "{}", res[2]);
+    assert!(
+        stderr.contains("restarting the runtime after a runtime timeout"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 failed"), "{stderr}");
+    assert_clean(tmp.path());
+}
