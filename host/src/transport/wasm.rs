@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::ResourceAny;
 use wasmtime::Store;
 use wasmtime_wasi::sockets::SocketAddrUse;
@@ -649,15 +649,17 @@ impl Transport for WasmTransport {
         *conn.live.lock().await = Some(first);
         let (tx, rx) = mpsc::channel(prefetch);
         let sem = Arc::new(Semaphore::new(prefetch));
+        let drained = Arc::new(Notify::new());
         tokio::spawn(receive_loop(
             conn,
             queue.to_owned(),
             prefetch,
             sem,
             tx,
+            drained.clone(),
             self.plugin.cfg.wait,
         ));
-        Ok(Box::new(WasmReceiver { rx }))
+        Ok(Box::new(WasmReceiver { rx, drained }))
     }
 
     async fn send(&self, msg: OutMessage) -> Result<(), TransportError> {
@@ -688,6 +690,7 @@ async fn receive_loop(
     prefetch: usize,
     sem: Arc<Semaphore>,
     tx: mpsc::Sender<Result<Delivery, TransportError>>,
+    drained: Arc<Notify>,
     wait: Duration,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -700,10 +703,26 @@ async fn receive_loop(
             },
         };
         let mut permits = vec![first];
-        while permits.len() < prefetch {
-            match sem.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        // Fetch in batches: wait for half the prefetch window to be free, unless the
+        // consumer has nothing buffered (then fetch whatever is free now).
+        let target = prefetch.div_ceil(2);
+        loop {
+            while permits.len() < prefetch {
+                match sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            if permits.len() >= target || tx.capacity() == tx.max_capacity() {
+                break;
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = drained.notified() => {}
+                p = sem.clone().acquire_owned() => match p {
+                    Ok(p) => permits.push(p),
+                    Err(_) => return,
+                },
             }
         }
         let wait = if permits.len() == prefetch {
@@ -750,12 +769,18 @@ async fn receive_loop(
 
 struct WasmReceiver {
     rx: mpsc::Receiver<Result<Delivery, TransportError>>,
+    /// Signalled when the buffer runs empty (the fetch loop stops batching then).
+    drained: Arc<Notify>,
 }
 
 #[async_trait]
 impl Receiver for WasmReceiver {
     async fn recv(&mut self) -> Result<Delivery, TransportError> {
-        self.rx.recv().await.unwrap_or(Err(TransportError::Closed))
+        let got = self.rx.recv().await.unwrap_or(Err(TransportError::Closed));
+        if self.rx.is_empty() {
+            self.drained.notify_one();
+        }
+        got
     }
 }
 
