@@ -87,6 +87,21 @@ enum PluginCommand {
         /// The component (`.wasm`).
         file: std::path::PathBuf,
     },
+    /// Run the transport conformance suite against a transport component (it needs its
+    /// broker running; every case uses fresh queues).
+    Test {
+        /// The transport component (`.wasm`).
+        file: std::path::PathBuf,
+        /// Its JSON configuration (what `ASYA_TRANSPORT_CONFIG` would hold).
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Addresses it may connect to (`ASYA_TRANSPORT_ALLOW` syntax).
+        #[arg(long, default_value = "")]
+        allow: String,
+        /// The transport does not deduplicate by message id: skip that case.
+        #[arg(long)]
+        no_dedup: bool,
+    },
 }
 
 /// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
@@ -149,6 +164,25 @@ fn main() -> ExitCode {
                 println!("{report}");
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Plugin {
+                command:
+                    PluginCommand::Test {
+                        file,
+                        config,
+                        allow,
+                        no_dedup,
+                    },
+            } => {
+                let report =
+                    asya_host::transport::wasm::conformance_test(&file, &config, &allow, !no_dedup)
+                        .await?;
+                print!("{report}");
+                Ok(if report.passed() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            }
         }
     });
     match result {
@@ -185,58 +219,6 @@ async fn provision(
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn gateway() -> anyhow::Result<ExitCode> {
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
-    asya_host::gateway::cli::run_gateway(&ProcessEnv, shutdown).await?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn gateway_token() -> Option<String> {
-    std::env::var("ASYA_GATEWAY_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-}
-
-async fn trace(task_id: &str, gateway: &str) -> anyhow::Result<ExitCode> {
-    let table =
-        asya_host::gateway::cli::trace(gateway, gateway_token().as_deref(), task_id).await?;
-    print!("{table}");
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn send(
-    flow: &str,
-    json: &str,
-    wait: bool,
-    timeout: Option<&str>,
-    gateway: &str,
-) -> anyhow::Result<ExitCode> {
-    let timeout = timeout
-        .map(|t| {
-            asya_host::config::parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))
-        })
-        .transpose()?;
-    let wait_for = wait.then(|| timeout.unwrap_or(std::time::Duration::from_secs(300)));
-    let view = asya_host::gateway::cli::send(
-        gateway,
-        gateway_token().as_deref(),
-        flow,
-        json,
-        timeout,
-        wait_for,
-    )
-    .await?;
-    println!("{}", serde_json::to_string_pretty(&view)?);
-    use asya_host::gateway::TaskStatus;
-    Ok(match view.status {
-        TaskStatus::Failed | TaskStatus::Canceled => ExitCode::from(1),
-        TaskStatus::Succeeded => ExitCode::SUCCESS,
-        _ if wait => ExitCode::from(1),
-        _ => ExitCode::SUCCESS,
-    })
 }
 
 /// Options of `asya-host up`.
