@@ -109,6 +109,18 @@ impl Native {
         }
     }
 
+    /// `SCRIPT LOAD` both scripts (pipelines invoke them by hash).
+    async fn load(c: &mut MultiplexedConnection) {
+        for lua in [SEND_LUA, MOVE_LUA] {
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(lua)
+                .query_async(c)
+                .await
+                .unwrap();
+        }
+    }
+
     async fn ensure_group(c: &mut MultiplexedConnection, queue: &str) {
         let r: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -251,6 +263,7 @@ fn main() {
         let client = redis::Client::open(format!("redis://{}/", server.addr())).unwrap();
         let mut c = client.get_multiplexed_async_connection().await.unwrap();
         let native = Native::new();
+        Native::load(&mut c).await;
         // Warm-up: both paths, small.
         wasm_batched(&t, "warm-w", 500).await;
         native.batched(&mut c, "warm-n", 500).await;

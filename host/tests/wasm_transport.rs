@@ -140,6 +140,40 @@ async fn conformance_redis_streams() {
     assert!(report.passed(), "{report}");
 }
 
+#[test]
+fn plugin_test_cli_runs_the_suite_on_redis_streams() {
+    let server = RedisServer::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_asya-host"))
+        .args(["plugin", "test"])
+        .arg(plugin("redis_streams"))
+        .args([
+            "--config",
+            &redis_config(&server),
+            "--allow",
+            &server.addr(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("12/12 passed"), "{stdout}");
+    // Not allowed to reach the broker: fails, naming the denial.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_asya-host"))
+        .args(["plugin", "test"])
+        .arg(plugin("redis_streams"))
+        .args(["--config", &redis_config(&server)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("permission denied"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------
 // End to end: real asya-host sidecars (ASYA_TRANSPORT=wasm, plugins/redis-streams) and
 // runtimes, a 3-actor flow, the middle sidecar killed with SIGKILL three times; every
