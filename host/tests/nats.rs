@@ -322,6 +322,7 @@ mod e2e {
         let url = server.url();
         let started = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+            .env("ASYA_NATS_ACK_WAIT", ACK_WAIT)
             .args([
                 "provision",
                 "--namespace",
@@ -343,8 +344,11 @@ mod e2e {
             String::from_utf8_lossy(&out.stdout).trim_end()
         );
 
+        // Same consumer settings as the sidecars: what a server restart strands comes back
+        // after one (short) ack wait.
         let t = NatsTransport::connect(NatsConfig {
             namespace: ns.into(),
+            ack_wait: Duration::from_secs(2),
             ..NatsConfig::new(&url)
         })
         .await
