@@ -820,11 +820,12 @@ impl NatsAcker {
     async fn confirm(&self, kind: AckKind, within: Duration) -> Result<(), TransportError> {
         let reply = self.reply()?;
         let deadline = Instant::now() + within;
+        // Several short tries rather than one long one: a request sent just before a
+        // connection drops gets no answer, and one try must not use up the whole budget.
+        let per_try = (within / 6).clamp(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let try_for = left
-                .min(Duration::from_secs(2))
-                .max(Duration::from_millis(50));
+            let try_for = left.min(per_try).max(Duration::from_millis(50));
             let r = tokio::time::timeout(
                 try_for,
                 self.client.request(reply.clone(), Bytes::from(kind)),
