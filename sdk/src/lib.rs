@@ -65,9 +65,9 @@ impl Route {
 pub enum Decision {
     /// Route the frame as it is.
     Keep,
-    /// Route the frame with this route. `prev` must stay exactly the frame's `prev`
-    /// (the host rejects a policy that rewrites history).
-    ReplaceRoute(Route),
+    /// Route the frame with this `curr` (`""` = end of route) and `next`. The frame's
+    /// `prev` is history and stays as it is.
+    ReplaceRoute { curr: String, next: Vec<String> },
     /// Refuse the frame: x-sump with reason `PolicyRejected` and this text.
     Reject(String),
     /// End the journey successfully: x-sink.
@@ -347,8 +347,10 @@ pub mod __rt {
     use std::thread::LocalKey;
 
     use super::__bindings::asya::plugin::envelope::Envelope as HostEnvelope;
-    use super::__bindings::asya::plugin::types::{PluginError, Route as WitRoute};
-    use super::__bindings::exports::asya::plugin::route_policy::Decision as WitDecision;
+    use super::__bindings::asya::plugin::types::PluginError;
+    use super::__bindings::exports::asya::plugin::route_policy::{
+        Decision as WitDecision, RouteAhead,
+    };
     use super::{Config, Decision, Envelope, Error, Repr, RoutePolicy};
 
     pub use super::__bindings::exports::asya::plugin::route_policy::Guest;
@@ -389,11 +391,9 @@ pub mod __rt {
                 .map_err(to_wit)?;
             Ok(match d {
                 Decision::Keep => WitDecision::Keep,
-                Decision::ReplaceRoute(r) => WitDecision::ReplaceRoute(WitRoute {
-                    prev: r.prev,
-                    curr: r.curr,
-                    next: r.next,
-                }),
+                Decision::ReplaceRoute { curr, next } => {
+                    WitDecision::ReplaceRoute(RouteAhead { curr, next })
+                }
                 Decision::Reject(why) => WitDecision::Reject(why),
                 Decision::SendToSink => WitDecision::SendToSink,
                 Decision::SendToSump(why) => WitDecision::SendToSump(why),

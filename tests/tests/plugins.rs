@@ -612,8 +612,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_that_rewrites_history_is_rejected_by_the_host() {
-    // priority-router cannot rewrite history; check the chain's guard directly with a
-    // frame whose prev does not follow the input (as a buggy policy would return)
+    // A policy only sends `curr` and `next` back; the host keeps the frame's `prev` and
+    // checks the result against the input after every policy, so a frame whose history is
+    // wrong is rejected (the sidecar checks it too, before the chain runs).
     let chain = PolicyChain::load(
         &engine(),
         &[spec("priority-router", Value::Null)],
@@ -626,7 +627,7 @@ async fn policy_that_rewrites_history_is_rejected_by_the_host() {
         br#"{"id":"x","route":{"prev":["z"],"curr":"a","next":["b"]},"payload":{}}"#,
     )
     .unwrap();
-    // the frame's prev is wrong: the router copies it into its new route → host rejects
+    // the frame's prev is wrong: the router replaces the route, the host's check fails
     let frame = Envelope::parse(
         br#"{"id":"x","route":{"prev":["q","a"],"curr":"b"},"payload":{"priority":"high"}}"#,
     )

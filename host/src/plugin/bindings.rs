@@ -196,13 +196,14 @@ impl policy::asya::plugin::log::Host for StoreState {
     }
 }
 
-/// A guest's decision, bounded and converted to the domain type.
-pub(crate) fn decision_from_wit(d: WitDecision) -> super::Decision {
+/// A guest's decision, bounded and converted to the domain type. A replaced route keeps
+/// `prev`, the frame's processed history.
+pub(crate) fn decision_from_wit(d: WitDecision, prev: &[String]) -> super::Decision {
     use super::{truncate, Decision, MAX_REASON};
     match d {
         WitDecision::Keep => Decision::Keep,
         WitDecision::ReplaceRoute(r) => Decision::ReplaceRoute(Route {
-            prev: r.prev,
+            prev: prev.to_vec(),
             curr: r.curr,
             next: r.next,
         }),

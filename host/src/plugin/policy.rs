@@ -326,7 +326,7 @@ impl PolicyPlugin {
         match result {
             Ok(Ok(d)) => {
                 self.put_back(inst);
-                let d = bindings::decision_from_wit(d);
+                let d = bindings::decision_from_wit(d, &frame.route.prev);
                 if let Decision::ReplaceRoute(r) = &d {
                     if let Err(why) = check_route(&input.route, r) {
                         self.record(Outcome::RejectedByHost, took);

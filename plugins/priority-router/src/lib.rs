@@ -2,7 +2,7 @@
 //! (default `"high"`), the configured actor (default `priority-handler`) processes the
 //! frame next; the actor that was next moves to the front of `next`.
 
-use asya_sdk::{Config, Decision, Envelope, Error, Route, RoutePolicy};
+use asya_sdk::{Config, Decision, Envelope, Error, RoutePolicy};
 
 /// Configuration: `{"actor": "priority-handler", "field": "priority", "value": "high"}`.
 pub struct PriorityRouter {
@@ -28,30 +28,25 @@ impl RoutePolicy for PriorityRouter {
         if frame.payload_str(&self.field).as_deref() != Some(self.value.as_str()) {
             return Ok(Decision::Keep);
         }
-        let route = frame.route();
-        Ok(match prioritize(route, &self.actor) {
-            Some(r) => Decision::ReplaceRoute(r),
-            None => Decision::Keep,
-        })
+        // Read only what the decision needs: `curr`, then `next` (never `prev`).
+        let curr = frame.route_curr();
+        if curr == self.actor {
+            return Ok(Decision::Keep);
+        }
+        let (curr, next) = prioritize(curr, frame.route_next(), &self.actor);
+        Ok(Decision::ReplaceRoute { curr, next })
     }
 }
 
-/// The route with `actor` as `curr` and the old `curr` (unless it was the end of the
-/// route) pushed to the front of `next`; `None` when `actor` already is `curr`.
-pub fn prioritize(route: Route, actor: &str) -> Option<Route> {
-    if route.curr == actor {
-        return None;
+/// `actor` as the new `curr`; the old `curr` (unless it was the end of the route) pushed to
+/// the front of `next`.
+pub fn prioritize(curr: String, next: Vec<String>, actor: &str) -> (String, Vec<String>) {
+    let mut ahead = Vec::with_capacity(next.len() + 1);
+    if !curr.is_empty() {
+        ahead.push(curr);
     }
-    let mut next = Vec::with_capacity(route.next.len() + 1);
-    if !route.curr.is_empty() {
-        next.push(route.curr);
-    }
-    next.extend(route.next);
-    Some(Route {
-        prev: route.prev,
-        curr: actor.to_owned(),
-        next,
-    })
+    ahead.extend(next);
+    (actor.to_owned(), ahead)
 }
 
 asya_sdk::export_route_policy!(PriorityRouter);
@@ -60,7 +55,7 @@ asya_sdk::export_route_policy!(PriorityRouter);
 mod tests {
     use super::*;
     use asya_sdk::serde_json::json;
-    use asya_sdk::LocalEnvelope;
+    use asya_sdk::{LocalEnvelope, Route};
 
     fn route(prev: &[&str], curr: &str, next: &[&str]) -> Route {
         Route {
@@ -78,7 +73,10 @@ mod tests {
             LocalEnvelope::new("e", route(&["a"], "b", &["c"]), json!({"priority": "high"}));
         assert_eq!(
             p.decide(&input.view(), &frame.view()).unwrap(),
-            Decision::ReplaceRoute(route(&["a"], "priority-handler", &["b", "c"]))
+            Decision::ReplaceRoute {
+                curr: "priority-handler".into(),
+                next: vec!["b".into(), "c".into()]
+            }
         );
         let low = LocalEnvelope::new("e", route(&["a"], "b", &[]), json!({"priority": "low"}));
         assert_eq!(
