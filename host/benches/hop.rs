@@ -223,9 +223,13 @@ async fn run(n: usize) {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sidecar::run(cfg.clone(), deps, shutdown.clone()));
     let mut sink = transport.subscribe("asya-b-x-sink", 1).await.unwrap();
-    let bodies: Vec<Bytes> = (0..n)
-        .map(|i| Bytes::from(envelope(&format!("e{i}"), &payload)))
-        .collect();
+    // Distinct envelope ids per phase: outputs carry deterministic message ids and the
+    // memory transport deduplicates them, as a broker would.
+    let bodies = |phase: &str| -> Vec<Bytes> {
+        (0..n)
+            .map(|i| Bytes::from(envelope(&format!("{phase}{i}"), &payload)))
+            .collect()
+    };
     let send = |b: Bytes, i: usize| {
         let t = &transport;
         async move {
@@ -240,14 +244,14 @@ async fn run(n: usize) {
     };
 
     // Warm-up.
-    for (i, b) in bodies.iter().take(1000).enumerate() {
+    for (i, b) in bodies("w").iter().take(1000).enumerate() {
         send(b.clone(), i).await;
         sink.recv().await.unwrap().acker.ack().await.unwrap();
     }
     // Latency: one envelope at a time.
     let mut samples = Vec::with_capacity(n);
     let start = Instant::now();
-    for (i, b) in bodies.iter().enumerate() {
+    for (i, b) in bodies("l").iter().enumerate() {
         let t = Instant::now();
         send(b.clone(), n + i).await;
         let d = sink.recv().await.unwrap();
@@ -257,7 +261,7 @@ async fn run(n: usize) {
     let hop = stats(samples, start.elapsed());
 
     // Throughput: queue everything, then drain.
-    for (i, b) in bodies.iter().enumerate() {
+    for (i, b) in bodies("t").iter().enumerate() {
         send(b.clone(), 2 * n + i).await;
     }
     let start = Instant::now();

@@ -114,6 +114,7 @@ fn init_logging(default_level: &str) {
         .unwrap_or_else(|_| EnvFilter::new(level.to_ascii_lowercase()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("ASYA_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();

@@ -13,7 +13,7 @@ use crate::envelope::{ErrorInfo, Frame};
 /// One event of the stream.
 #[derive(Debug)]
 pub enum SseEvent {
-    Downstream(Frame),
+    Downstream(Box<Frame>),
     Upstream(Value),
     Error(ErrorInfo),
     Done,
@@ -140,9 +140,9 @@ fn parse_event(raw: &[u8]) -> Result<Option<SseEvent>, RuntimeError> {
         RuntimeError::Malformed(format!("{what} event data is not valid: {e}"))
     };
     Ok(Some(match event {
-        "downstream" => {
-            SseEvent::Downstream(serde_json::from_str(&data).map_err(|e| bad("downstream", e))?)
-        }
+        "downstream" => SseEvent::Downstream(Box::new(
+            serde_json::from_str(&data).map_err(|e| bad("downstream", e))?,
+        )),
         "upstream" => {
             let v: Value = serde_json::from_str(&data).map_err(|e| bad("upstream", e))?;
             SseEvent::Upstream(match v {

@@ -82,7 +82,7 @@ impl Inflight {
                 age_ms: now.duration_since(e.since).as_millis() as u64,
             })
             .collect();
-        rows.sort_by(|a, b| b.age_ms.cmp(&a.age_ms));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.age_ms));
         rows
     }
 

@@ -254,7 +254,7 @@ async fn process(
             let result = loop {
                 match stream.next().await {
                     Ok(Some(SseEvent::Downstream(frame))) => {
-                        if let Err(e) = route_frame(s, log, env, hop, i, true, frame).await {
+                        if let Err(e) = route_frame(s, log, env, hop, i, true, *frame).await {
                             break Err(e);
                         }
                         i += 1;
