@@ -69,10 +69,17 @@ async fn wasm_batched(t: &Arc<WasmTransport>, queue: &str, n: usize) -> Duration
             .collect();
         t.send_all(msgs).await.unwrap();
     }
+    let published = start.elapsed();
     let mut rx = t.subscribe(queue, PREFETCH).await.unwrap();
     for _ in 0..n {
         let d = rx.recv().await.unwrap();
         d.acker.ack().await.unwrap();
+    }
+    if std::env::var_os("ASYA_BENCH_PHASES").is_some() {
+        println!(
+            "  wasm batched: publish {published:?}, consume {:?}",
+            start.elapsed() - published
+        );
     }
     start.elapsed()
 }
@@ -206,6 +213,7 @@ impl Native {
         for chunk in ids.chunks(BATCH) {
             self.send(c, queue, chunk).await;
         }
+        let published = start.elapsed();
         Self::ensure_group(c, queue).await;
         let mut got = 0;
         while got < n {
@@ -214,6 +222,12 @@ impl Native {
                 Self::ack(c, queue, &id).await;
                 got += 1;
             }
+        }
+        if std::env::var_os("ASYA_BENCH_PHASES").is_some() {
+            println!(
+                "  native batched: publish {published:?}, consume {:?}",
+                start.elapsed() - published
+            );
         }
         start.elapsed()
     }

@@ -46,8 +46,7 @@ pub trait Transport: Sized + 'static {
 
     /// Receive up to `max` messages from `queue`, waiting at most `wait` for the first one.
     /// An empty list means nothing arrived in time.
-    fn receive(&mut self, queue: &str, max: u32, wait: Duration)
-        -> Result<Vec<Delivery>, Error>;
+    fn receive(&mut self, queue: &str, max: u32, wait: Duration) -> Result<Vec<Delivery>, Error>;
 
     /// Publish messages; return only after the broker accepted all of them.
     fn send(&mut self, messages: Vec<Outgoing>) -> Result<(), Error>;
@@ -95,17 +94,21 @@ pub mod __rt {
     /// The value behind a `connection` resource.
     pub struct Conn<T>(RefCell<T>);
 
-    fn with<T, R>(c: &Conn<T>, f: impl FnOnce(&mut T) -> Result<R, Error>) -> Result<R, PluginError> {
-        let mut t = c
-            .0
-            .try_borrow_mut()
-            .map_err(|_| to_wit(Error::new("connection re-entered")))?;
+    fn with<T, R>(
+        c: &Conn<T>,
+        f: impl FnOnce(&mut T) -> Result<R, Error>,
+    ) -> Result<R, PluginError> {
+        let mut t =
+            c.0.try_borrow_mut()
+                .map_err(|_| to_wit(Error::new("connection re-entered")))?;
         f(&mut t).map_err(to_wit)
     }
 
     pub fn connect<T: Transport>(config: String) -> Result<Conn<T>, PluginError> {
         let cfg = Config::parse(&config).map_err(to_wit)?;
-        T::connect(&cfg).map(|t| Conn(RefCell::new(t))).map_err(to_wit)
+        T::connect(&cfg)
+            .map(|t| Conn(RefCell::new(t)))
+            .map_err(to_wit)
     }
 
     pub fn receive<T: Transport>(

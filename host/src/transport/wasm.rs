@@ -56,9 +56,9 @@ pub mod vars {
 
 /// How long `receive` waits for a first message while nothing is unsettled.
 pub const DEFAULT_WAIT: Duration = Duration::from_millis(200);
-/// How long `receive` waits while deliveries are unsettled (their acks share the
-/// connection and wait for the call to return).
-const BUSY_WAIT: Duration = Duration::from_millis(10);
+/// While deliveries are unsettled, `receive` does not wait in the broker (their acks share
+/// the connection); after an empty answer the next poll waits for a settlement or this.
+const IDLE_POLL: Duration = Duration::from_millis(5);
 /// Extra time every call gets on top of its wait.
 pub const DEFAULT_CALL_MARGIN: Duration = Duration::from_secs(5);
 /// Deadline of instantiation plus `connect`.
@@ -694,6 +694,7 @@ async fn receive_loop(
     wait: Duration,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut last_empty = false;
     loop {
         let first = tokio::select! {
             _ = tx.closed() => return,
@@ -725,10 +726,30 @@ async fn receive_loop(
                 },
             }
         }
+        if last_empty && permits.len() < prefetch {
+            // The queue was empty a moment ago and deliveries are unsettled: poll again
+            // when one settles, or after a short pause.
+            tokio::select! {
+                _ = tx.closed() => return,
+                p = sem.clone().acquire_owned() => match p {
+                    Ok(p) => permits.push(p),
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            while permits.len() < prefetch {
+                match sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+        }
+        // Block in the broker only while nothing is unsettled: an ack waits for the
+        // connection, and so for a blocked receive.
         let wait = if permits.len() == prefetch {
             wait
         } else {
-            wait.min(BUSY_WAIT)
+            Duration::ZERO
         };
         let req = Req::Receive {
             queue: &queue,
@@ -738,6 +759,7 @@ async fn receive_loop(
         match conn.call(req, None).await {
             Ok((generation, got)) => {
                 backoff = BACKOFF_MIN;
+                last_empty = got.is_empty();
                 for d in got {
                     let delivery = Delivery {
                         body: Bytes::from(d.body),
@@ -757,6 +779,7 @@ async fn receive_loop(
             Err(e) => {
                 tracing::warn!(queue = %queue, error = %e, "wasm transport: receive failed; retrying");
                 drop(permits);
+                last_empty = false;
                 tokio::select! {
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(backoff) => {}

@@ -117,7 +117,9 @@ impl Settings {
             dedup_ttl_ms: num("dedup_ttl_ms", 120_000)?,
         };
         if s.ack_wait_ms == 0 {
-            return Err(Error::new("config \"ack_wait_ms\" must be greater than zero"));
+            return Err(Error::new(
+                "config \"ack_wait_ms\" must be greater than zero",
+            ));
         }
         if s.group.is_empty() {
             return Err(Error::new("config \"group\" must not be empty"));
@@ -198,7 +200,13 @@ impl RedisStreams {
     /// operation here is safe to repeat: sends are deduplicated by message id).
     fn with_conn<R>(
         &mut self,
-        mut f: impl FnMut(&mut resp::Conn, &Settings, &[String; 3], &mut HashSet<String>, &str) -> Result<R, Op>,
+        mut f: impl FnMut(
+            &mut resp::Conn,
+            &Settings,
+            &[String; 3],
+            &mut HashSet<String>,
+            &str,
+        ) -> Result<R, Op>,
     ) -> Result<R, Error> {
         for attempt in 0..2 {
             if self.conn.is_none() {
@@ -208,7 +216,13 @@ impl RedisStreams {
                 self.groups.clear();
             }
             let conn = self.conn.as_mut().expect("connected above");
-            match f(conn, &self.cfg, &self.shas, &mut self.groups, &self.consumer) {
+            match f(
+                conn,
+                &self.cfg,
+                &self.shas,
+                &mut self.groups,
+                &self.consumer,
+            ) {
                 Ok(r) => return Ok(r),
                 Err(Op::Io(what, e)) => {
                     self.conn = None;
@@ -256,7 +270,14 @@ fn ensure_group(
         return Ok(());
     }
     let v = c
-        .call(&[b"XGROUP", b"CREATE", key.as_bytes(), cfg.group.as_bytes(), b"0", b"MKSTREAM"])
+        .call(&[
+            b"XGROUP",
+            b"CREATE",
+            key.as_bytes(),
+            cfg.group.as_bytes(),
+            b"0",
+            b"MKSTREAM",
+        ])
         .map_err(io("XGROUP CREATE"))?;
     match &v {
         Value::Error(e) if e.starts_with("BUSYGROUP") => {}
@@ -271,12 +292,16 @@ fn ensure_group(
 fn entries(key: &str, items: Vec<Value>, counts: &[u32]) -> Vec<Delivery> {
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        let Some(mut pair) = item.into_array() else { continue };
+        let Some(mut pair) = item.into_array() else {
+            continue;
+        };
         if pair.len() != 2 {
             continue;
         }
         let fields = pair.pop().and_then(Value::into_array);
-        let Some(id) = pair.pop().and_then(Value::into_bytes) else { continue };
+        let Some(id) = pair.pop().and_then(Value::into_bytes) else {
+            continue;
+        };
         let id = String::from_utf8_lossy(&id).into_owned();
         let (mut body, mut msg_id, mut prior) = (Vec::new(), None, 0u32);
         let mut it = fields.unwrap_or_default().into_iter();
@@ -284,7 +309,9 @@ fn entries(key: &str, items: Vec<Value>, counts: &[u32]) -> Vec<Delivery> {
             match k.into_bytes().as_deref() {
                 Some(b"body") => body = v.into_bytes().unwrap_or_default(),
                 Some(b"id") => {
-                    msg_id = v.into_bytes().map(|b| String::from_utf8_lossy(&b).into_owned())
+                    msg_id = v
+                        .into_bytes()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
                 }
                 Some(b"n") => prior = v.as_int().unwrap_or(0).max(0) as u32,
                 _ => {}
@@ -330,8 +357,14 @@ impl Transport for RedisStreams {
                 let idle = cfg.ack_wait_ms.to_string();
                 let v = c
                     .call(&[
-                        b"XAUTOCLAIM", key.as_bytes(), cfg.group.as_bytes(), consumer.as_bytes(),
-                        idle.as_bytes(), b"0-0", b"COUNT", max_s.as_bytes(),
+                        b"XAUTOCLAIM",
+                        key.as_bytes(),
+                        cfg.group.as_bytes(),
+                        consumer.as_bytes(),
+                        idle.as_bytes(),
+                        b"0-0",
+                        b"COUNT",
+                        max_s.as_bytes(),
                     ])
                     .map_err(io("XAUTOCLAIM"))?;
                 check("XAUTOCLAIM", &v)?;
@@ -346,12 +379,23 @@ impl Transport for RedisStreams {
                     let ids: Vec<Vec<u8>> = claimed
                         .iter()
                         .map(|e| match e {
-                            Value::Array(Some(p)) => p.first().cloned().and_then(Value::into_bytes).unwrap_or_default(),
+                            Value::Array(Some(p)) => p
+                                .first()
+                                .cloned()
+                                .and_then(Value::into_bytes)
+                                .unwrap_or_default(),
                             _ => Vec::new(),
                         })
                         .collect();
                     for id in &ids {
-                        c.push(&[b"XPENDING", key.as_bytes(), cfg.group.as_bytes(), id, id, b"1"]);
+                        c.push(&[
+                            b"XPENDING",
+                            key.as_bytes(),
+                            cfg.group.as_bytes(),
+                            id,
+                            id,
+                            b"1",
+                        ]);
                     }
                     let counts: Vec<u32> = c
                         .run(ids.len())
@@ -370,11 +414,22 @@ impl Transport for RedisStreams {
             }
             // Due delayed messages back into the stream, then read new ones.
             let delayed = format!("{key}:delayed");
-            c.push(&[b"EVALSHA", shas[2].as_bytes(), b"2", key.as_bytes(), delayed.as_bytes(), max_s.as_bytes()]);
+            c.push(&[
+                b"EVALSHA",
+                shas[2].as_bytes(),
+                b"2",
+                key.as_bytes(),
+                delayed.as_bytes(),
+                max_s.as_bytes(),
+            ]);
             let block = wait.as_millis().to_string();
             let mut args: Vec<&[u8]> = vec![
-                b"XREADGROUP", b"GROUP", cfg.group.as_bytes(), consumer.as_bytes(),
-                b"COUNT", max_s.as_bytes(),
+                b"XREADGROUP",
+                b"GROUP",
+                cfg.group.as_bytes(),
+                consumer.as_bytes(),
+                b"COUNT",
+                max_s.as_bytes(),
             ];
             if !wait.is_zero() {
                 args.extend([b"BLOCK".as_slice(), block.as_bytes()]);
@@ -419,8 +474,14 @@ impl Transport for RedisStreams {
                 let key = format!("{}{}", cfg.prefix, m.queue);
                 let dedup = format!("{}dedup:{}:{}", cfg.prefix, m.queue, m.message_id);
                 c.push(&[
-                    b"EVALSHA", shas[0].as_bytes(), b"2", key.as_bytes(), dedup.as_bytes(),
-                    ttl.as_bytes(), m.message_id.as_bytes(), &m.body,
+                    b"EVALSHA",
+                    shas[0].as_bytes(),
+                    b"2",
+                    key.as_bytes(),
+                    dedup.as_bytes(),
+                    ttl.as_bytes(),
+                    m.message_id.as_bytes(),
+                    &m.body,
                 ]);
             }
             for v in c.run(messages.len()).map_err(io("send"))? {
@@ -453,8 +514,15 @@ impl Transport for RedisStreams {
         self.with_conn(|c, cfg, shas, _, consumer| {
             let v = c
                 .call(&[
-                    b"EVALSHA", shas[1].as_bytes(), b"2", key.as_bytes(), delayed.as_bytes(),
-                    cfg.group.as_bytes(), id.as_bytes(), ms.as_bytes(), consumer.as_bytes(),
+                    b"EVALSHA",
+                    shas[1].as_bytes(),
+                    b"2",
+                    key.as_bytes(),
+                    delayed.as_bytes(),
+                    cfg.group.as_bytes(),
+                    id.as_bytes(),
+                    ms.as_bytes(),
+                    consumer.as_bytes(),
                 ])
                 .map_err(io("nack"))?;
             check("nack", &v)?;
@@ -475,8 +543,13 @@ impl Transport for RedisStreams {
         self.with_conn(|c, cfg, _, _, consumer| {
             let v = c
                 .call(&[
-                    b"XCLAIM", key.as_bytes(), cfg.group.as_bytes(), consumer.as_bytes(), b"0",
-                    id.as_bytes(), b"JUSTID",
+                    b"XCLAIM",
+                    key.as_bytes(),
+                    cfg.group.as_bytes(),
+                    consumer.as_bytes(),
+                    b"0",
+                    id.as_bytes(),
+                    b"JUSTID",
                 ])
                 .map_err(io("XCLAIM"))?;
             check("XCLAIM", &v)

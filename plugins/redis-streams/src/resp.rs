@@ -63,9 +63,11 @@ impl Conn {
 
     /// Queue one command (sent by [`Conn::flush`]).
     pub fn push(&mut self, args: &[&[u8]]) {
-        self.out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        self.out
+            .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
         for a in args {
-            self.out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            self.out
+                .extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
             self.out.extend_from_slice(a);
             self.out.extend_from_slice(b"\r\n");
         }
