@@ -844,6 +844,40 @@ impl Acker for WasmAcker {
     }
 }
 
+/// `asya-host plugin test FILE.wasm`: run the transport conformance suite
+/// ([`super::conformance`]) against a transport component. `config` is its JSON
+/// configuration, `allow` its allow-list (`ASYA_TRANSPORT_ALLOW` syntax). Every case uses
+/// fresh queues (`asya-ct<pid>n<k>-a`).
+pub async fn conformance_test(
+    plugin: &Path,
+    config: &str,
+    allow: &str,
+    deduplicates: bool,
+) -> Result<super::conformance::Report, TransportError> {
+    use super::conformance;
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(config) {
+        return Err(TransportError::Unavailable(format!(
+            "--config is not JSON: {e}"
+        )));
+    }
+    let allow = AllowList::parse(allow)
+        .await
+        .map_err(|e| TransportError::Unavailable(format!("--allow: {e}")))?;
+    let t: Arc<dyn Transport> =
+        Arc::new(WasmTransport::connect(WasmConfig::new(plugin, config, allow)).await?);
+    let n = Arc::new(AtomicU64::new(0));
+    let pid = std::process::id();
+    let fresh: conformance::NamespaceFn =
+        Arc::new(move || format!("ct{pid}n{}", n.fetch_add(1, Ordering::Relaxed)));
+    let opts = conformance::Options {
+        deduplicates,
+        ..conformance::Options::default()
+    };
+    let mut report = conformance::run(t, fresh, &opts).await;
+    report.transport = format!("wasm: {}", plugin.display());
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -881,38 +915,4 @@ mod tests {
         );
         assert_eq!(progress_interval("{}"), None);
     }
-}
-
-/// `asya-host plugin test FILE.wasm`: run the transport conformance suite
-/// ([`super::conformance`]) against a transport component. `config` is its JSON
-/// configuration, `allow` its allow-list (`ASYA_TRANSPORT_ALLOW` syntax). Every case uses
-/// fresh queues (`asya-ct<pid>n<k>-a`).
-pub async fn conformance_test(
-    plugin: &Path,
-    config: &str,
-    allow: &str,
-    deduplicates: bool,
-) -> Result<super::conformance::Report, TransportError> {
-    use super::conformance;
-    if let Err(e) = serde_json::from_str::<serde_json::Value>(config) {
-        return Err(TransportError::Unavailable(format!(
-            "--config is not JSON: {e}"
-        )));
-    }
-    let allow = AllowList::parse(allow)
-        .await
-        .map_err(|e| TransportError::Unavailable(format!("--allow: {e}")))?;
-    let t: Arc<dyn Transport> =
-        Arc::new(WasmTransport::connect(WasmConfig::new(plugin, config, allow)).await?);
-    let n = Arc::new(AtomicU64::new(0));
-    let pid = std::process::id();
-    let fresh: conformance::NamespaceFn =
-        Arc::new(move || format!("ct{pid}n{}", n.fetch_add(1, Ordering::Relaxed)));
-    let opts = conformance::Options {
-        deduplicates,
-        ..conformance::Options::default()
-    };
-    let mut report = conformance::run(t, fresh, &opts).await;
-    report.transport = format!("wasm: {}", plugin.display());
-    Ok(report)
 }
