@@ -33,8 +33,29 @@ fn redis_config(server: &RedisServer) -> String {
     .to_string()
 }
 
+#[test]
+fn plugin_check_sees_transports_and_policies_apart() {
+    use asya_host::plugin::{check, World};
+    for krate in [
+        "redis_streams",
+        "test_transport_dial",
+        "test_transport_loop",
+    ] {
+        let r = check(&plugin(krate)).unwrap_or_else(|e| panic!("{krate}: {e}"));
+        assert_eq!(r.world, World::Transport, "{krate}");
+        assert!(
+            r.exports.iter().all(|e| !e.contains("route-policy")),
+            "{r:?}"
+        );
+    }
+    // The SDK carries both worlds' bindings; a policy exports only its own.
+    let r = check(&plugin("priority_router")).unwrap();
+    assert_eq!(r.world, World::RoutePolicy);
+    assert!(r.exports.iter().all(|e| !e.contains("transport")), "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn address_outside_the_allow_list_is_denied() {
+async fn test_transport_dial_outside_the_allow_list_is_denied() {
     let server = RedisServer::start();
     let dial = plugin("test_transport_dial");
     let cfg = serde_json::json!({ "addr": server.addr() }).to_string();
@@ -79,7 +100,7 @@ async fn address_outside_the_allow_list_is_denied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runaway_and_trapping_transport_are_cut_off_and_replaced() {
+async fn test_transport_loop_runaway_and_trap_are_cut_off_and_replaced() {
     let mut cfg = WasmConfig::new(plugin("test_transport_loop"), "{}", AllowList::none());
     cfg.wait = Duration::from_millis(50);
     cfg.call_margin = Duration::from_millis(200);
