@@ -112,11 +112,57 @@ impl ErrorBody {
 }
 
 type Sender = SendRequest<Full<Bytes>>;
+type Connection = hyper::client::conn::http1::Connection<TokioIo<UnixStream>, Full<Bytes>>;
+
+/// One keep-alive connection. The connection future is driven by whoever uses the
+/// connection (see [`Conn::drive`]) rather than by a task of its own: a runtime call then
+/// costs no cross-task wake-ups, which is most of an HTTP client's overhead on a socket.
+pub(crate) struct Conn {
+    sender: Sender,
+    conn: std::pin::Pin<Box<Connection>>,
+    closed: bool,
+}
+
+impl Conn {
+    /// Await `fut` while polling the connection (reads, writes, keep-alive bookkeeping).
+    /// Once the connection has ended, `fut` still completes from what was already read.
+    pub(crate) async fn drive<F: std::future::Future>(&mut self, fut: F) -> F::Output {
+        drive(&mut self.conn, &mut self.closed, fut).await
+    }
+
+    /// Wait until the connection can take a request.
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        let Conn {
+            sender,
+            conn,
+            closed,
+        } = self;
+        drive(conn, closed, sender.ready()).await
+    }
+}
+
+async fn drive<F: std::future::Future>(
+    conn: &mut std::pin::Pin<Box<Connection>>,
+    closed: &mut bool,
+    fut: F,
+) -> F::Output {
+    tokio::pin!(fut);
+    loop {
+        if *closed {
+            return fut.await;
+        }
+        tokio::select! {
+            biased;
+            out = &mut fut => return out,
+            _ = conn.as_mut() => *closed = true,
+        }
+    }
+}
 
 /// Pool of keep-alive connections to one runtime socket.
 pub struct RuntimeClient {
     socket: PathBuf,
-    pool: Mutex<Vec<Sender>>,
+    pool: Mutex<Vec<Conn>>,
     max_body: usize,
 }
 
@@ -133,7 +179,7 @@ impl RuntimeClient {
         &self.socket
     }
 
-    async fn connect(&self) -> Result<Sender, RuntimeError> {
+    async fn connect(&self) -> Result<Conn, RuntimeError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -144,24 +190,24 @@ impl RuntimeClient {
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await?;
-        tokio::spawn(async move {
-            // Errors surface on the request side; the task just drives the connection.
-            let _ = conn.await;
-        });
-        Ok(sender)
+        Ok(Conn {
+            sender,
+            conn: Box::pin(conn),
+            closed: false,
+        })
     }
 
     /// A ready connection: a pooled one if any is still usable, else a new one.
-    async fn checkout(&self) -> Result<Sender, RuntimeError> {
+    async fn checkout(&self) -> Result<Conn, RuntimeError> {
         loop {
             let pooled = self.pool.lock().expect("pool lock").pop();
             match pooled {
-                Some(mut s) => {
-                    if s.is_closed() {
+                Some(mut c) => {
+                    if c.closed || c.sender.is_closed() {
                         continue;
                     }
-                    if s.ready().await.is_ok() {
-                        return Ok(s);
+                    if c.ready().await.is_ok() && !c.closed {
+                        return Ok(c);
                     }
                 }
                 None => return self.connect().await,
@@ -169,9 +215,9 @@ impl RuntimeClient {
         }
     }
 
-    fn checkin(&self, sender: Sender) {
-        if !sender.is_closed() {
-            self.pool.lock().expect("pool lock").push(sender);
+    fn checkin(&self, c: Conn) {
+        if !c.closed && !c.sender.is_closed() {
+            self.pool.lock().expect("pool lock").push(c);
         }
     }
 
@@ -185,14 +231,15 @@ impl RuntimeClient {
         req: Request<Full<Bytes>>,
         request_id: &str,
         deadline: Instant,
-    ) -> Result<(hyper::Response<Incoming>, Sender), RuntimeError> {
+    ) -> Result<(hyper::Response<Incoming>, Conn), RuntimeError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let fut = async {
-            let mut sender = self.checkout().await?;
-            let resp = sender.send_request(req).await?;
-            Ok::<_, RuntimeError>((resp, sender))
+            let mut c = self.checkout().await?;
+            let sent = c.sender.send_request(req);
+            let resp = c.drive(sent).await?;
+            Ok::<_, RuntimeError>((resp, c))
         };
-        let (resp, sender) = tokio::time::timeout_at(deadline, fut)
+        let (resp, conn) = tokio::time::timeout_at(deadline, fut)
             .await
             .map_err(|_| RuntimeError::Timeout(timeout))??;
         if let Some(got) = resp.headers().get(REQUEST_ID) {
@@ -204,15 +251,20 @@ impl RuntimeClient {
                 });
             }
         }
-        Ok((resp, sender))
+        Ok((resp, conn))
     }
 
-    async fn read_body(&self, body: Incoming, deadline: Instant) -> Result<Bytes, RuntimeError> {
+    async fn read_body(
+        &self,
+        conn: &mut Conn,
+        body: Incoming,
+        deadline: Instant,
+    ) -> Result<Bytes, RuntimeError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let collected =
-            tokio::time::timeout_at(deadline, Limited::new(body, self.max_body).collect())
-                .await
-                .map_err(|_| RuntimeError::Timeout(timeout))?;
+        let collect = Limited::new(body, self.max_body).collect();
+        let collected = tokio::time::timeout_at(deadline, conn.drive(collect))
+            .await
+            .map_err(|_| RuntimeError::Timeout(timeout))?;
         match collected {
             Ok(c) => Ok(c.to_bytes()),
             Err(e) => {
@@ -234,7 +286,7 @@ impl RuntimeClient {
             .header(REQUEST_ID, &request_id)
             .body(Full::new(envelope))
             .expect("static request parts are valid");
-        let (resp, sender) = self.request(req, &request_id, deadline).await?;
+        let (resp, mut conn) = self.request(req, &request_id, deadline).await?;
         let status = resp.status();
         let is_sse = resp
             .headers()
@@ -246,11 +298,13 @@ impl RuntimeClient {
                 resp.into_body(),
                 deadline,
                 self.max_body,
-                sender,
+                conn,
             )));
         }
-        let body = self.read_body(resp.into_body(), deadline).await?;
-        self.checkin(sender);
+        let body = self
+            .read_body(&mut conn, resp.into_body(), deadline)
+            .await?;
+        self.checkin(conn);
         match status {
             StatusCode::OK => {
                 let parsed: FramesBody = serde_json::from_slice(&body).map_err(|e| {
@@ -289,10 +343,14 @@ impl RuntimeClient {
             .expect("static request parts are valid");
         let deadline = Instant::now() + timeout;
         match self.request(req, &request_id, deadline).await {
-            Ok((resp, sender)) => {
+            Ok((resp, mut conn)) => {
                 let ok = resp.status() == StatusCode::OK;
-                if self.read_body(resp.into_body(), deadline).await.is_ok() {
-                    self.checkin(sender);
+                if self
+                    .read_body(&mut conn, resp.into_body(), deadline)
+                    .await
+                    .is_ok()
+                {
+                    self.checkin(conn);
                 }
                 ok
             }

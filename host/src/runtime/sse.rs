@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{ErrorBody, RuntimeError, Sender};
+use super::{Conn, ErrorBody, RuntimeError};
 use crate::envelope::{ErrorInfo, Frame};
 
 /// One event of the stream.
@@ -26,8 +26,8 @@ pub struct SseStream {
     deadline: Instant,
     max_event: usize,
     finished: bool,
-    // Keeps the connection's sender alive until the stream is read; not pooled again.
-    _sender: Sender,
+    // The connection the stream arrives on (driven while reading; not pooled again).
+    conn: Conn,
 }
 
 impl std::fmt::Debug for SseStream {
@@ -39,14 +39,14 @@ impl std::fmt::Debug for SseStream {
 }
 
 impl SseStream {
-    pub(super) fn new(body: Incoming, deadline: Instant, max_event: usize, sender: Sender) -> Self {
+    pub(super) fn new(body: Incoming, deadline: Instant, max_event: usize, conn: Conn) -> Self {
         SseStream {
             body,
             buf: BytesMut::new(),
             deadline,
             max_event,
             finished: false,
-            _sender: sender,
+            conn,
         }
     }
 
@@ -70,7 +70,8 @@ impl SseStream {
                 return Err(RuntimeError::BodyTooLarge(self.max_event));
             }
             let timeout = self.deadline.saturating_duration_since(Instant::now());
-            let frame = tokio::time::timeout_at(self.deadline, self.body.frame())
+            let next = self.body.frame();
+            let frame = tokio::time::timeout_at(self.deadline, self.conn.drive(next))
                 .await
                 .map_err(|_| RuntimeError::Timeout(timeout))?;
             match frame {
