@@ -1,7 +1,6 @@
 //! The one host-side `bindgen!` site. Generated types stay in this file: everything that
 //! leaves it is a domain type ([`crate::envelope::Route`], [`crate::plugin::Decision`]).
 
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use wasmtime::component::Resource;
 
@@ -55,36 +54,38 @@ impl Slot {
     }
 }
 
-/// The parts of an envelope a policy may read, owned by the store for one call.
-#[derive(Debug)]
+/// The parts of an envelope a policy may read, owned by the store. Refilled before every
+/// call, reusing its buffers (a pooled instance keeps them between calls).
+#[derive(Debug, Default)]
 pub(crate) struct EnvelopeView {
     pub id: String,
     pub parent_id: Option<String>,
     pub route: Route,
     pub headers: Map<String, Value>,
-    pub payload: Box<RawValue>,
+    /// The payload's JSON text.
+    pub payload: String,
 }
 
-impl Default for EnvelopeView {
-    fn default() -> Self {
-        EnvelopeView {
-            id: String::new(),
-            parent_id: None,
-            route: Route::default(),
-            headers: Map::new(),
-            payload: RawValue::from_string("null".to_owned()).expect("null is JSON"),
-        }
-    }
-}
+/// Buffers larger than this are released after a call rather than kept in the pool.
+const KEEP_PAYLOAD_CAPACITY: usize = 256 << 10;
 
 impl EnvelopeView {
-    pub(crate) fn of(env: &crate::envelope::Envelope) -> Self {
-        EnvelopeView {
-            id: env.id.clone(),
-            parent_id: env.parent_id.clone(),
-            route: env.route.clone(),
-            headers: env.headers.clone(),
-            payload: env.payload.clone(),
+    /// Copy `env` (with `route` as its route) into this view, reusing allocations.
+    pub(crate) fn fill(&mut self, env: &crate::envelope::Envelope, route: &Route) {
+        self.id.clone_from(&env.id);
+        self.parent_id.clone_from(&env.parent_id);
+        self.route.prev.clone_from(&route.prev);
+        self.route.curr.clone_from(&route.curr);
+        self.route.next.clone_from(&route.next);
+        self.headers.clone_from(&env.headers);
+        self.payload.clear();
+        self.payload.push_str(env.payload.get());
+    }
+
+    /// Drop oversized buffers after a call.
+    pub(crate) fn trim(&mut self) {
+        if self.payload.capacity() > KEEP_PAYLOAD_CAPACITY {
+            self.payload = String::new();
         }
     }
 }
@@ -146,15 +147,15 @@ impl policy::asya::plugin::envelope::HostEnvelope for StoreState {
     }
 
     fn payload_json(&mut self, e: Resource<EnvelopeHandle>) -> String {
-        self.view(&e).payload.get().to_owned()
+        self.view(&e).payload.clone()
     }
 
     fn payload_field(&mut self, e: Resource<EnvelopeHandle>, path: String) -> Option<String> {
-        super::json_path::field(self.view(&e).payload.get(), &path).map(str::to_owned)
+        super::json_path::field(&self.view(&e).payload, &path).map(str::to_owned)
     }
 
     fn payload_field_str(&mut self, e: Resource<EnvelopeHandle>, path: String) -> Option<String> {
-        let raw = super::json_path::field(self.view(&e).payload.get(), &path)?;
+        let raw = super::json_path::field(&self.view(&e).payload, &path)?;
         if !raw.starts_with('"') {
             return None;
         }

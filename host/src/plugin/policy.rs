@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use wasmtime::Store;
 
-use super::bindings::{self, EnvelopeView, RoutePolicyPlugin, RoutePolicyPluginPre, Slot};
+use super::bindings::{self, RoutePolicyPlugin, RoutePolicyPluginPre, Slot};
 use super::engine::{self, PluginEngine, StoreState};
 use super::{vars, Decision, LoadError, PluginError, PolicyError, RoutePolicy};
 use crate::config::{ConfigError, Reader, Source};
@@ -287,11 +287,13 @@ impl PolicyPlugin {
         }
     }
 
-    /// One `decide` call. The views are lent to the instance for the call and handed back.
+    /// One `decide` call on `frame` with `frame_route` as its route (the route an earlier
+    /// policy of the chain may have replaced).
     async fn call(
         &self,
-        input: &mut EnvelopeView,
-        frame: &mut EnvelopeView,
+        input: &Envelope,
+        frame: &Envelope,
+        frame_route: &Route,
     ) -> Result<Decision, PolicyError> {
         let start = Instant::now();
         let mut inst = match self.take() {
@@ -307,8 +309,8 @@ impl PolicyPlugin {
         let call_start = Instant::now();
         {
             let data = inst.store.data_mut();
-            std::mem::swap(&mut data.input, input);
-            std::mem::swap(&mut data.frame, frame);
+            data.input.fill(input, &input.route);
+            data.frame.fill(frame, frame_route);
         }
         inst.store
             .set_epoch_deadline(engine::ticks(self.opts.deadline));
@@ -320,13 +322,13 @@ impl PolicyPlugin {
         let took = call_start.elapsed();
         {
             let data = inst.store.data_mut();
-            std::mem::swap(&mut data.input, input);
-            std::mem::swap(&mut data.frame, frame);
+            data.input.trim();
+            data.frame.trim();
         }
         match result {
             Ok(Ok(d)) => {
                 self.put_back(inst);
-                let d = bindings::decision_from_wit(d, &frame.route.prev);
+                let d = bindings::decision_from_wit(d, &frame_route.prev);
                 if let Decision::ReplaceRoute(r) = &d {
                     if let Err(why) = check_route(&input.route, r) {
                         self.record(Outcome::RejectedByHost, took);
@@ -454,23 +456,19 @@ impl RoutePolicy for PolicyChain {
         if self.policies.is_empty() {
             return Ok(Decision::Keep);
         }
-        let mut iv = EnvelopeView::of(input);
-        let mut fv = EnvelopeView::of(frame);
-        let mut replaced = false;
+        // The route as replaced by the policies so far (`None`: the frame's own).
+        let mut replaced: Option<Route> = None;
         for p in &self.policies {
-            match p.call(&mut iv, &mut fv).await? {
+            let route = replaced.as_ref().unwrap_or(&frame.route);
+            match p.call(input, frame, route).await? {
                 Decision::Keep => {}
-                Decision::ReplaceRoute(r) => {
-                    fv.route = r;
-                    replaced = true;
-                }
+                Decision::ReplaceRoute(r) => replaced = Some(r),
                 terminal => return Ok(terminal),
             }
         }
-        Ok(if replaced {
-            Decision::ReplaceRoute(fv.route)
-        } else {
-            Decision::Keep
+        Ok(match replaced {
+            Some(r) => Decision::ReplaceRoute(r),
+            None => Decision::Keep,
         })
     }
 }
