@@ -52,6 +52,7 @@ pub async fn serve_sidecar(
 ) -> Result<sidecar::Exit, StartError> {
     let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
     let metrics = metrics::Metrics::new(&cfg.metrics_namespace);
+    transport.attach_metrics(metrics.clone());
     let mut deps = sidecar::Deps::new(transport.clone(), metrics.clone());
     deps.reporter = gateway::cli::sidecar_reporter(&config::ProcessEnv, &cfg)?;
     if let Some(chain) =

@@ -105,6 +105,8 @@ async fn test_transport_loop_runaway_and_trap_are_cut_off_and_replaced() {
     cfg.wait = Duration::from_millis(50);
     cfg.call_margin = Duration::from_millis(200);
     let t = Arc::new(WasmTransport::connect(cfg).await.unwrap());
+    let metrics = asya_host::metrics::Metrics::new("test");
+    t.attach_metrics(metrics.clone());
 
     // A trap (send panics): an error, the instance is replaced, the next call works on a
     // fresh instance (and traps again).
@@ -145,6 +147,16 @@ async fn test_transport_loop_runaway_and_trap_are_cut_off_and_replaced() {
         "two runaway receives cut off in {:?} (deadline 250 ms each)",
         started.elapsed()
     );
+    // Counted: asya_plugin_calls_total{plugin, kind="transport", outcome="trap"|"timeout"}.
+    let text = metrics.encode();
+    for outcome in ["trap", "timeout"] {
+        assert!(
+            text.lines().any(|l| l.contains("plugin_calls_total")
+                && l.contains("kind=\"transport\"")
+                && l.contains(&format!("outcome=\"{outcome}\""))),
+            "{outcome} not counted:\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,6 +108,10 @@ pub trait Transport: Send + Sync + 'static {
     fn is_connected(&self) -> bool {
         true
     }
+
+    /// The sidecar's metrics, for transports that count their own failures (a transport
+    /// component's traps and deadlines). Default: nothing to count.
+    fn attach_metrics(&self, _metrics: std::sync::Arc<crate::metrics::Metrics>) {}
 }
 
 /// The consuming side of one queue.

@@ -25,8 +25,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,6 +38,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
 use crate::config::{ConfigError, Reader, Source};
+use crate::metrics::Metrics;
 use crate::plugin::bindings::{
     GuestDelivery, GuestError, TransportCalls, TransportPlugin, TransportPluginPre,
 };
@@ -65,6 +66,8 @@ pub const DEFAULT_CALL_MARGIN: Duration = Duration::from_secs(5);
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// Linear memory limit per instance.
 pub const DEFAULT_MEMORY_LIMIT: usize = 64 << 20;
+/// `kind` label of plugin metrics for transports.
+pub const KIND: &str = "transport";
 /// Publishing connections.
 const PUBLISHERS: usize = 2;
 /// Messages per `send` call.
@@ -302,6 +305,8 @@ struct Plugin {
     allow: Arc<AllowList>,
     /// Instances discarded after a trap, deadline or cancelled call.
     restarts: AtomicU64,
+    /// Where failed calls are counted (`asya_plugin_calls_total{kind="transport"}`).
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 impl Plugin {
@@ -327,6 +332,7 @@ impl Plugin {
             allow: Arc::new(cfg.allow.clone()),
             cfg,
             restarts: AtomicU64::new(0),
+            metrics: OnceLock::new(),
         })
     }
 }
@@ -472,6 +478,7 @@ impl Conn {
                 Ok(l) => l,
                 Err(e) => {
                     self.healthy.store(false, Ordering::Relaxed);
+                    self.count("connect-failed", Instant::now());
                     return Err(e);
                 }
             },
@@ -511,6 +518,7 @@ impl Conn {
                     .map(|r| r.map(|()| Vec::new())),
             }
         };
+        let started = Instant::now();
         let outcome = tokio::time::timeout(limit + Duration::from_millis(100), fut).await;
         let generation = live.generation;
         match outcome {
@@ -521,18 +529,22 @@ impl Conn {
             }
             Ok(Ok(Err(e))) => {
                 *guard = Some(live);
+                self.count("error", started);
                 Err(guest_failed(op, e))
             }
             Ok(Err(trap)) => {
                 let what = if live.store.data().limits.hit {
+                    self.count("memory-limit", started);
                     format!(
                         "exceeded its memory limit of {} bytes",
                         self.plugin.cfg.memory_limit
                     )
                 } else if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt)
                 {
+                    self.count("timeout", started);
                     format!("exceeded its {limit:?} deadline")
                 } else {
+                    self.count("trap", started);
                     format!(
                         "trapped: {}",
                         crate::plugin::truncate(&format!("{trap:#}"), 1024)
@@ -540,7 +552,17 @@ impl Conn {
                 };
                 Err(self.discard(op, what))
             }
-            Err(_) => Err(self.discard(op, format!("did not return within {limit:?}"))),
+            Err(_) => {
+                self.count("timeout", started);
+                Err(self.discard(op, format!("did not return within {limit:?}")))
+            }
+        }
+    }
+
+    /// Count a failed call (successful calls are not recorded: one per message).
+    fn count(&self, outcome: &'static str, started: Instant) {
+        if let Some(m) = self.plugin.metrics.get() {
+            m.plugin_call(&self.plugin.name, KIND, outcome, started.elapsed());
         }
     }
 
@@ -679,6 +701,10 @@ impl Transport for WasmTransport {
         self.publishers
             .iter()
             .any(|c| c.healthy.load(Ordering::Relaxed))
+    }
+
+    fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.plugin.metrics.set(metrics);
     }
 }
 
