@@ -50,16 +50,18 @@ pub async fn serve_sidecar(
     cfg: config::SidecarConfig,
     shutdown: CancellationToken,
 ) -> Result<sidecar::Exit, StartError> {
-    let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
     let metrics = metrics::Metrics::new(&cfg.metrics_namespace);
+    // Plugins and the reporter first: a bad plugin or URL stops start-up before the broker
+    // is touched.
+    let policy = plugin::PolicyChain::from_source(&config::ProcessEnv, Some(metrics.clone()))
+        .await?
+        .map(|chain| Arc::new(chain) as Arc<dyn plugin::RoutePolicy>);
+    let reporter = gateway::cli::sidecar_reporter(&config::ProcessEnv, &cfg)?;
+    let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
     transport.attach_metrics(metrics.clone());
     let mut deps = sidecar::Deps::new(transport.clone(), metrics.clone());
-    deps.reporter = gateway::cli::sidecar_reporter(&config::ProcessEnv, &cfg)?;
-    if let Some(chain) =
-        plugin::PolicyChain::from_source(&config::ProcessEnv, Some(metrics.clone())).await?
-    {
-        deps.policy = Some(Arc::new(chain));
-    }
+    deps.policy = policy;
+    deps.reporter = reporter;
     let admin_stop = CancellationToken::new();
     if let Some(addr) = cfg.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -50,3 +50,17 @@ fn memory_transport_is_refused_outside_one_process() {
     assert_eq!(code, 1);
     assert!(err.contains("memory"), "{err}");
 }
+
+#[test]
+fn a_missing_policy_file_stops_start_up_before_the_broker_is_contacted() {
+    let (code, err) = sidecar(&[
+        ("ASYA_ACTOR_NAME", "a"),
+        ("ASYA_ROUTE_POLICIES", "/nonexistent/policy.wasm"),
+        // Nothing listens here: reaching the broker first would fail with a connect error.
+        ("ASYA_NATS_URL", "nats://127.0.0.1:1"),
+        ("ASYA_METRICS_ADDR", "127.0.0.1:0"),
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/policy.wasm"), "{err}");
+}
