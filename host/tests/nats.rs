@@ -2,6 +2,8 @@
 //! the conformance suite for `memory` and `nats`, provisioning, and the end-to-end
 //! kill -9 test with real `asya-host` sidecar processes.
 
+#[path = "support/kill9.rs"]
+mod kill9;
 #[path = "support/nats_server.rs"]
 mod nats_server;
 
@@ -97,199 +99,18 @@ async fn provision_is_idempotent_and_updates() {
 // restart; every envelope reaches x-sink exactly once, none reaches x-sump.
 
 mod e2e {
-    use std::collections::HashMap;
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::process::Command;
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use async_nats::jetstream;
     use rand::Rng;
 
+    use super::kill9::{self, collect, Actor, Seen, ENVELOPES};
     use super::nats_server::NatsServer;
     use asya_host::transport::nats::{NatsConfig, NatsTransport};
-    use asya_host::transport::{OutMessage, Transport};
 
-    const ENVELOPES: usize = 5_000;
     const ACK_WAIT: &str = "2s";
-
-    /// A child process killed (SIGKILL) on drop.
-    struct Proc(Child);
-
-    impl Drop for Proc {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures")
-            .join(name)
-    }
-
-    /// The stock runtime (`sdk/python/asya_runtime.py` with a one-line handler) when
-    /// `ASYA_E2E_RUNTIME=stock`, else the echo fixture.
-    fn start_runtime(dir: &Path) -> Proc {
-        let log = std::fs::File::create(dir.join("runtime.log")).unwrap();
-        let mut cmd = Command::new("python3");
-        if std::env::var("ASYA_E2E_RUNTIME").as_deref() == Ok("stock") {
-            std::fs::write(
-                dir.join("echo_handler.py"),
-                "def echo(payload):\n    return payload\n",
-            )
-            .unwrap();
-            cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/python/asya_runtime.py"))
-                .env("ASYA_HANDLER", "echo_handler.echo")
-                .env("PYTHONPATH", dir);
-        } else {
-            cmd.arg(fixture("echo_runtime_nats.py"));
-        }
-        let child = cmd
-            .env("ASYA_SOCKET_DIR", dir.join("sock"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("python3");
-        Proc(child)
-    }
-
-    fn start_sidecar(dir: &Path, actor: &str, ns: &str, url: &str, generation: usize) -> Proc {
-        let log = std::fs::File::create(dir.join(format!("sidecar-{generation}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_asya-host"))
-            .arg("sidecar")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("ASYA_ACTOR_NAME", actor)
-            .env("ASYA_NAMESPACE", ns)
-            .env("ASYA_TRANSPORT", "nats")
-            .env("ASYA_NATS_URL", url)
-            .env("ASYA_NATS_ACK_WAIT", ACK_WAIT)
-            .env("ASYA_NATS_DUPLICATE_WINDOW", "2m")
-            .env("ASYA_SOCKET_DIR", dir.join("sock"))
-            .env("ASYA_METRICS_ADDR", "off")
-            .env("ASYA_CONCURRENCY", "16")
-            .env("ASYA_RESILIENCY_MAX_ATTEMPTS", "1000")
-            .env("ASYA_RESILIENCY_BACKOFF_INITIAL", "100ms")
-            .env("ASYA_RESILIENCY_BACKOFF_MAX", "1s")
-            .env("ASYA_RUNTIME_READY_TIMEOUT", "30s")
-            .env("ASYA_SHUTDOWN_GRACE", "2s")
-            .env(
-                "ASYA_LOG_LEVEL",
-                std::env::var("ASYA_E2E_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("asya-host binary");
-        Proc(child)
-    }
-
-    struct Actor {
-        name: &'static str,
-        dir: tempfile::TempDir,
-        _runtime: Proc,
-        sidecar: Option<Proc>,
-        generation: usize,
-    }
-
-    impl Actor {
-        fn start(name: &'static str, ns: &str, url: &str) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::create_dir_all(dir.path().join("sock")).unwrap();
-            let runtime = start_runtime(dir.path());
-            let sidecar = Some(start_sidecar(dir.path(), name, ns, url, 0));
-            Actor {
-                name,
-                dir,
-                _runtime: runtime,
-                sidecar,
-                generation: 0,
-            }
-        }
-
-        fn kill9_and_restart(&mut self, ns: &str, url: &str) {
-            drop(self.sidecar.take()); // SIGKILL + wait
-            self.generation += 1;
-            self.sidecar = Some(start_sidecar(
-                self.dir.path(),
-                self.name,
-                ns,
-                url,
-                self.generation,
-            ));
-        }
-
-        fn logs(&self) -> String {
-            let mut out = String::new();
-            for g in 0..=self.generation {
-                let p = self.dir.path().join(format!("sidecar-{g}.log"));
-                let text = std::fs::read_to_string(p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(12).collect();
-                out += &format!(
-                    "--- {} sidecar {g}\n{}\n",
-                    self.name,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-            let rt =
-                std::fs::read_to_string(self.dir.path().join("runtime.log")).unwrap_or_default();
-            let tail: Vec<&str> = rt.lines().rev().take(6).collect();
-            out += &format!(
-                "--- {} runtime\n{}\n",
-                self.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-            out
-        }
-    }
-
-    /// Ids seen on an end queue: envelope id → first deliveries (attempt 1) and
-    /// redeliveries. A duplicate publish is a second stream message with the same id, so it
-    /// shows as a second first delivery; a redelivery to this test's own consumer does not.
-    #[derive(Default)]
-    struct Seen {
-        by_id: HashMap<String, (usize, usize)>,
-    }
-
-    impl Seen {
-        fn unique(&self) -> usize {
-            self.by_id.len()
-        }
-        fn duplicates(&self) -> Vec<(&String, &(usize, usize))> {
-            self.by_id
-                .iter()
-                .filter(|(_, (first, _))| *first > 1)
-                .collect()
-        }
-    }
-
-    /// Consume `queue` with the NATS transport into `seen`, acking each message.
-    fn collect(
-        t: NatsTransport,
-        queue: String,
-        seen: std::sync::Arc<std::sync::Mutex<Seen>>,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
-            while let Ok(d) = rx.recv().await {
-                let id = serde_json::from_slice::<serde_json::Value>(&d.body)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| "unparseable".into());
-                {
-                    let mut s = seen.lock().unwrap();
-                    let e = s.by_id.entry(id).or_default();
-                    if d.attempt == 1 {
-                        e.0 += 1;
-                    } else {
-                        e.1 += 1;
-                    }
-                }
-                let _ = d.acker.ack().await;
-            }
-        })
-    }
 
     /// `consumer:pending/unacked` for every queue of `ns`.
     async fn backlog(js: &jetstream::Context, ns: &str) -> String {
@@ -304,16 +125,6 @@ mod e2e {
             }
         }
         out.join(" ")
-    }
-
-    fn envelope(i: usize) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "id": format!("e-{i}"),
-            "route": {"prev": [], "curr": "a", "next": ["b", "c"]},
-            "headers": {"trace_id": format!("t-{i}")},
-            "payload": {"i": i, "text": "hello"},
-        }))
-        .unwrap()
     }
 
     /// One run: 5,000 envelopes through a → b → c, the middle sidecar killed `kills` times,
@@ -346,38 +157,36 @@ mod e2e {
 
         // Same consumer settings as the sidecars: what a server restart strands comes back
         // after one (short) ack wait.
-        let t = NatsTransport::connect(NatsConfig {
-            namespace: ns.into(),
-            ack_wait: Duration::from_secs(2),
-            ..NatsConfig::new(&url)
-        })
-        .await
-        .unwrap();
+        let t = Arc::new(
+            NatsTransport::connect(NatsConfig {
+                namespace: ns.into(),
+                ack_wait: Duration::from_secs(2),
+                ..NatsConfig::new(&url)
+            })
+            .await
+            .unwrap(),
+        );
         let js = jetstream::new(t.client().clone());
-        let sink = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
-        let sump = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let sink = Arc::new(Mutex::new(Seen::default()));
+        let sump = Arc::new(Mutex::new(Seen::default()));
         let collectors = [
             collect(t.clone(), format!("asya-{ns}-x-sink"), sink.clone()),
             collect(t.clone(), format!("asya-{ns}-x-sump"), sump.clone()),
         ];
 
+        let env = Arc::new(vec![
+            ("ASYA_NAMESPACE".to_owned(), ns.to_owned()),
+            ("ASYA_TRANSPORT".to_owned(), "nats".to_owned()),
+            ("ASYA_NATS_URL".to_owned(), url.clone()),
+            ("ASYA_NATS_ACK_WAIT".to_owned(), ACK_WAIT.to_owned()),
+            ("ASYA_NATS_DUPLICATE_WINDOW".to_owned(), "2m".to_owned()),
+        ]);
         let mut actors: Vec<Actor> = ["a", "b", "c"]
             .iter()
-            .map(|a| Actor::start(a, ns, &url))
+            .map(|a| Actor::start(a, env.clone()))
             .collect();
 
-        let queue = format!("asya-{ns}-a");
-        for chunk in (0..ENVELOPES).collect::<Vec<_>>().chunks(500) {
-            let msgs = chunk
-                .iter()
-                .map(|&i| OutMessage {
-                    queue: queue.clone(),
-                    id: format!("in-{i}"),
-                    body: envelope(i).into(),
-                })
-                .collect();
-            t.send_all(msgs).await.unwrap();
-        }
+        kill9::publish(t.as_ref(), ns).await;
         println!(
             "[{ns}] published {ENVELOPES} envelopes in {:?}",
             started.elapsed()
@@ -419,7 +228,7 @@ mod e2e {
                 // A random moment after the threshold, mid-processing.
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
                 kill_at.remove(0);
-                actors[1].kill9_and_restart(ns, &url);
+                actors[1].kill9_and_restart();
                 println!(
                     "[{ns}] kill -9 sidecar b at x-sink {n}; restarted (generation {})",
                     actors[1].generation
@@ -450,33 +259,11 @@ mod e2e {
         for c in collectors {
             c.abort();
         }
-        let sink = sink.lock().unwrap();
-        let sump = sump.lock().unwrap();
-        let dups = sink.duplicates();
-        println!(
-            "[{ns}] done in {:?}: x-sink {} unique, {} duplicated; x-sump {}",
+        kill9::assert_exactly_once(
+            ns,
             started.elapsed(),
-            sink.unique(),
-            dups.len(),
-            sump.unique()
-        );
-        assert!(
-            dups.is_empty(),
-            "duplicates at x-sink: {:?}",
-            dups.iter().take(5).collect::<Vec<_>>()
-        );
-        assert_eq!(sink.unique(), ENVELOPES, "envelopes missing at x-sink");
-        for i in 0..ENVELOPES {
-            assert!(
-                sink.by_id.contains_key(&format!("e-{i}")),
-                "e-{i} missing at x-sink"
-            );
-        }
-        assert_eq!(
-            sump.unique(),
-            0,
-            "envelopes in x-sump: {:?}",
-            sump.by_id.keys().take(5).collect::<Vec<_>>()
+            &sink.lock().unwrap(),
+            &sump.lock().unwrap(),
         );
         drop(actors);
     }

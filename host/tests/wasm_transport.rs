@@ -2,6 +2,8 @@
 //! trapping transport, the conformance suite with `plugins/redis-streams` on a real
 //! `redis-server` (started per test on a free port), and the 3-actor kill -9 test.
 
+#[path = "support/kill9.rs"]
+mod kill9;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -215,208 +217,51 @@ fn plugin_test_cli_runs_the_suite_on_redis_streams() {
 // process helpers are repeated here rather than shared).
 
 mod e2e {
-    use std::collections::HashMap;
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use rand::Rng;
 
+    use super::kill9::{self, collect, Actor, Seen, ENVELOPES};
     use super::redis_server::{plugin, RedisServer};
     use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
-    use asya_host::transport::{OutMessage, Transport};
 
-    const ENVELOPES: usize = 5_000;
     const ACK_WAIT_MS: u64 = 2_000;
-
-    /// A child process killed (SIGKILL) on drop.
-    struct Proc(Child);
-
-    impl Drop for Proc {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn start_runtime(dir: &Path) -> Proc {
-        let log = std::fs::File::create(dir.join("runtime.log")).unwrap();
-        let child = Command::new("python3")
-            .arg(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../tests/fixtures/echo_runtime_nats.py"),
-            )
-            .env("ASYA_SOCKET_DIR", dir.join("sock"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("python3");
-        Proc(child)
-    }
-
-    struct Env {
-        ns: String,
-        wasm: PathBuf,
-        config: String,
-        allow: String,
-        cache: PathBuf,
-    }
-
-    fn start_sidecar(dir: &Path, actor: &str, env: &Env, generation: usize) -> Proc {
-        let log = std::fs::File::create(dir.join(format!("sidecar-{generation}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_asya-host"))
-            .arg("sidecar")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("ASYA_ACTOR_NAME", actor)
-            .env("ASYA_NAMESPACE", &env.ns)
-            .env("ASYA_TRANSPORT", "wasm")
-            .env("ASYA_TRANSPORT_PLUGIN", &env.wasm)
-            .env("ASYA_TRANSPORT_CONFIG", &env.config)
-            .env("ASYA_TRANSPORT_ALLOW", &env.allow)
-            .env("ASYA_PLUGIN_CACHE_DIR", &env.cache)
-            .env("ASYA_SOCKET_DIR", dir.join("sock"))
-            .env("ASYA_METRICS_ADDR", "off")
-            .env("ASYA_CONCURRENCY", "16")
-            .env("ASYA_RESILIENCY_MAX_ATTEMPTS", "1000")
-            .env("ASYA_RESILIENCY_BACKOFF_INITIAL", "100ms")
-            .env("ASYA_RESILIENCY_BACKOFF_MAX", "1s")
-            .env("ASYA_RUNTIME_READY_TIMEOUT", "30s")
-            .env("ASYA_SHUTDOWN_GRACE", "2s")
-            .env(
-                "ASYA_LOG_LEVEL",
-                std::env::var("ASYA_E2E_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("asya-host binary");
-        Proc(child)
-    }
-
-    struct Actor {
-        name: &'static str,
-        dir: tempfile::TempDir,
-        _runtime: Proc,
-        sidecar: Option<Proc>,
-        generation: usize,
-    }
-
-    impl Actor {
-        fn start(name: &'static str, env: &Env) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::create_dir_all(dir.path().join("sock")).unwrap();
-            let runtime = start_runtime(dir.path());
-            let sidecar = Some(start_sidecar(dir.path(), name, env, 0));
-            Actor {
-                name,
-                dir,
-                _runtime: runtime,
-                sidecar,
-                generation: 0,
-            }
-        }
-
-        fn kill9_and_restart(&mut self, env: &Env) {
-            drop(self.sidecar.take()); // SIGKILL + wait
-            self.generation += 1;
-            self.sidecar = Some(start_sidecar(
-                self.dir.path(),
-                self.name,
-                env,
-                self.generation,
-            ));
-        }
-
-        fn logs(&self) -> String {
-            let mut out = String::new();
-            for g in 0..=self.generation {
-                let p = self.dir.path().join(format!("sidecar-{g}.log"));
-                let text = std::fs::read_to_string(p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(12).collect();
-                out += &format!(
-                    "--- {} sidecar {g}\n{}\n",
-                    self.name,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-            out
-        }
-    }
-
-    /// First deliveries per envelope id on an end queue (a redelivery to this test's own
-    /// consumer has attempt > 1 and is not counted; a duplicate publish is a second first
-    /// delivery).
-    #[derive(Default)]
-    struct Seen {
-        firsts: HashMap<String, usize>,
-    }
-
-    impl Seen {
-        fn unique(&self) -> usize {
-            self.firsts.len()
-        }
-        fn duplicates(&self) -> Vec<(&String, &usize)> {
-            self.firsts.iter().filter(|(_, n)| **n > 1).collect()
-        }
-    }
-
-    fn collect(
-        t: Arc<WasmTransport>,
-        queue: String,
-        seen: Arc<Mutex<Seen>>,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut rx = t.subscribe(&queue, 64).await.expect("subscribe");
-            while let Ok(d) = rx.recv().await {
-                let id = serde_json::from_slice::<serde_json::Value>(&d.body)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| "unparseable".into());
-                if d.attempt == 1 {
-                    *seen.lock().unwrap().firsts.entry(id).or_default() += 1;
-                }
-                let _ = d.acker.ack().await;
-            }
-        })
-    }
-
-    fn envelope(i: usize) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "id": format!("e-{i}"),
-            "route": {"prev": [], "curr": "a", "next": ["b", "c"]},
-            "headers": {"trace_id": format!("t-{i}")},
-            "payload": {"i": i, "text": "hello"},
-        }))
-        .unwrap()
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kill9_middle_sidecar_redis_streams() {
         let server = RedisServer::start();
         let cache = tempfile::tempdir().unwrap();
-        let env = Env {
-            ns: format!("k{}", std::process::id()),
-            wasm: plugin("redis_streams"),
-            config: serde_json::json!({
-                "addr": server.addr(),
-                "ack_wait_ms": ACK_WAIT_MS,
-                "dedup_ttl_ms": 300_000,
-            })
-            .to_string(),
-            allow: server.addr(),
-            cache: cache.path().to_owned(),
-        };
-        let ns = env.ns.clone();
+        let ns = format!("k{}", std::process::id());
+        let wasm = plugin("redis_streams");
+        let config = serde_json::json!({
+            "addr": server.addr(),
+            "ack_wait_ms": ACK_WAIT_MS,
+            "dedup_ttl_ms": 300_000,
+        })
+        .to_string();
+        let env = Arc::new(vec![
+            ("ASYA_NAMESPACE".to_owned(), ns.clone()),
+            ("ASYA_TRANSPORT".to_owned(), "wasm".to_owned()),
+            (
+                "ASYA_TRANSPORT_PLUGIN".to_owned(),
+                wasm.display().to_string(),
+            ),
+            ("ASYA_TRANSPORT_CONFIG".to_owned(), config.clone()),
+            ("ASYA_TRANSPORT_ALLOW".to_owned(), server.addr()),
+            (
+                "ASYA_PLUGIN_CACHE_DIR".to_owned(),
+                cache.path().display().to_string(),
+            ),
+        ]);
         let started = Instant::now();
         // The test's own client; compiles the component into the shared cache first.
         let mut cfg = WasmConfig::new(
-            &env.wasm,
-            &env.config,
-            AllowList::parse(&env.allow).await.unwrap(),
+            &wasm,
+            &config,
+            AllowList::parse(&server.addr()).await.unwrap(),
         );
-        cfg.cache_dir = Some(env.cache.clone());
+        cfg.cache_dir = Some(cache.path().to_owned());
         let t = Arc::new(WasmTransport::connect(cfg).await.unwrap());
         let sink = Arc::new(Mutex::new(Seen::default()));
         let sump = Arc::new(Mutex::new(Seen::default()));
@@ -427,21 +272,10 @@ mod e2e {
 
         let mut actors: Vec<Actor> = ["a", "b", "c"]
             .iter()
-            .map(|a| Actor::start(a, &env))
+            .map(|a| Actor::start(a, env.clone()))
             .collect();
 
-        let queue = format!("asya-{ns}-a");
-        for chunk in (0..ENVELOPES).collect::<Vec<_>>().chunks(500) {
-            let msgs = chunk
-                .iter()
-                .map(|&i| OutMessage {
-                    queue: queue.clone(),
-                    id: format!("in-{i}"),
-                    body: envelope(i).into(),
-                })
-                .collect();
-            t.send_all(msgs).await.unwrap();
-        }
+        kill9::publish(t.as_ref(), &ns).await;
         println!(
             "[{ns}] published {ENVELOPES} envelopes in {:?}",
             started.elapsed()
@@ -479,7 +313,7 @@ mod e2e {
                 // A random moment after the threshold, mid-processing.
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
                 kill_at.remove(0);
-                actors[1].kill9_and_restart(&env);
+                actors[1].kill9_and_restart();
                 println!(
                     "[{ns}] kill -9 sidecar b at x-sink {n}; restarted (generation {})",
                     actors[1].generation
@@ -501,33 +335,11 @@ mod e2e {
         for c in collectors {
             c.abort();
         }
-        let sink = sink.lock().unwrap();
-        let sump = sump.lock().unwrap();
-        let dups = sink.duplicates();
-        println!(
-            "[{ns}] done in {:?}: x-sink {} unique, {} duplicated; x-sump {}",
+        kill9::assert_exactly_once(
+            &ns,
             started.elapsed(),
-            sink.unique(),
-            dups.len(),
-            sump.unique()
-        );
-        assert!(
-            dups.is_empty(),
-            "duplicates at x-sink: {:?}",
-            dups.iter().take(5).collect::<Vec<_>>()
-        );
-        assert_eq!(sink.unique(), ENVELOPES, "envelopes missing at x-sink");
-        for i in 0..ENVELOPES {
-            assert!(
-                sink.firsts.contains_key(&format!("e-{i}")),
-                "e-{i} missing at x-sink"
-            );
-        }
-        assert_eq!(
-            sump.unique(),
-            0,
-            "envelopes in x-sump: {:?}",
-            sump.firsts.keys().take(5).collect::<Vec<_>>()
+            &sink.lock().unwrap(),
+            &sump.lock().unwrap(),
         );
         drop(actors);
     }
