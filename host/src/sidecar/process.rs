@@ -164,19 +164,7 @@ async fn process(
         warn!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), "{msg}");
         let err = ErrorInfo::new("RouteMismatch", msg);
         return (
-            settle_send(
-                s,
-                log,
-                sump_message(
-                    s,
-                    env.clone(),
-                    format!("{}:{hop}:sump", env.id),
-                    Reason::RouteMismatch,
-                    Some(err),
-                    attempt,
-                ),
-            )
-            .await,
+            sump_input(s, log, env, hop, Reason::RouteMismatch, Some(err), attempt).await,
             false,
         );
     }
@@ -198,17 +186,14 @@ async fn process(
             format!("delivered {attempt} times, limit {}", res.max_attempts),
         );
         return (
-            settle_send(
+            sump_input(
                 s,
                 log,
-                sump_message(
-                    s,
-                    env.clone(),
-                    format!("{}:{hop}:sump", env.id),
-                    Reason::MaxRetriesExhausted,
-                    Some(err),
-                    attempt,
-                ),
+                env,
+                hop,
+                Reason::MaxRetriesExhausted,
+                Some(err),
+                attempt,
             )
             .await,
             false,
@@ -317,19 +302,7 @@ async fn process(
             m.failed(FailReason::ParseError);
             warn!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), error = %info.message, "runtime rejected the envelope");
             (
-                settle_send(
-                    s,
-                    log,
-                    sump_message(
-                        s,
-                        env.clone(),
-                        format!("{}:{hop}:sump", env.id),
-                        Reason::ParseError,
-                        Some(info),
-                        attempt,
-                    ),
-                )
-                .await,
+                sump_input(s, log, env, hop, Reason::ParseError, Some(info), attempt).await,
                 false,
             )
         }
@@ -345,19 +318,7 @@ async fn process(
                 format!("runtime did not answer within {t:?} (deadline exceeded)"),
             );
             warn!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), "runtime deadline exceeded; sending to sump and crashing");
-            let settle = settle_send(
-                s,
-                log,
-                sump_message(
-                    s,
-                    env.clone(),
-                    format!("{}:{hop}:sump", env.id),
-                    Reason::Timeout,
-                    Some(err),
-                    attempt,
-                ),
-            )
-            .await;
+            let settle = sump_input(s, log, env, hop, Reason::Timeout, Some(err), attempt).await;
             // Only crash once the envelope is safely in x-sump: never both x-sump and a
             // redelivery.
             let crash = matches!(settle, Settle::Ack);
@@ -434,19 +395,7 @@ async fn failed_call(
     };
     warn!(actor = %s.actor, envelope_id = %env.id, trace_id = %env.trace_id(), attempt, error_type = %info.kind, error = %info.message, "handler failed; sending to sump");
     (
-        settle_send(
-            s,
-            log,
-            sump_message(
-                s,
-                env.clone(),
-                format!("{}:{hop}:sump", env.id),
-                status_reason,
-                Some(info),
-                attempt,
-            ),
-        )
-        .await,
+        sump_input(s, log, env, hop, status_reason, Some(info), attempt).await,
         false,
     )
 }
@@ -581,6 +530,25 @@ async fn route_frame(
 /// redelivered input produces the same children.
 fn child_id(msg_id: &str) -> String {
     uuid::Uuid::new_v5(&CHILD_ID_NS, msg_id.as_bytes()).to_string()
+}
+
+/// Send the input envelope to x-sump (failed, `reason`, `error`) and settle it.
+async fn sump_input(
+    s: &Shared,
+    log: &mut HopLog,
+    env: &Envelope,
+    hop: usize,
+    reason: Reason,
+    error: Option<ErrorInfo>,
+    attempt: u32,
+) -> Settle {
+    let id = format!("{}:{hop}:sump", env.id);
+    settle_send(
+        s,
+        log,
+        sump_message(s, env.clone(), id, reason, error, attempt),
+    )
+    .await
 }
 
 /// The x-sump message for `out` (the input envelope, or a rejected frame): failed status
