@@ -13,6 +13,10 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use asya_host::envelope::{Envelope, Route};
+#[path = "../tests/support/plugins_wasm.rs"]
+mod plugins_wasm;
+use plugins_wasm::plugin;
+
 use asya_host::plugin::{
     Decision, PluginEngine, PolicyChain, PolicyError, PolicyOptions, PolicySpec, RoutePolicy,
 };
@@ -51,28 +55,6 @@ impl RoutePolicy for NativePriorityRouter {
             next,
         }))
     }
-}
-
-fn wasm_path() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let path = root.join("plugins/target/wasm32-wasip2/release/priority_router.wasm");
-    if !path.is_file() {
-        let ok = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
-            .args([
-                "build",
-                "--manifest-path",
-                "plugins/Cargo.toml",
-                "--target",
-                "wasm32-wasip2",
-                "--release",
-            ])
-            .current_dir(&root)
-            .env_remove("CARGO_TARGET_DIR")
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "building plugins/ failed");
-    }
-    path
 }
 
 fn envelopes(priority: &str) -> (Envelope, Envelope) {
@@ -129,7 +111,7 @@ fn main() {
         let cache = tempfile_dir();
         let engine = PluginEngine::new(Some(cache.clone())).expect("engine");
         let spec = PolicySpec {
-            path: wasm_path(),
+            path: plugin("priority-router"),
             config: serde_json::Value::Null,
         };
         let wasm = PolicyChain::load(&engine, &[spec], PolicyOptions::default(), None)

@@ -1,11 +1,14 @@
 //! `asya-host up` end to end, through the real binary: the README's example pipeline, a
 //! runtime killed mid-run, Ctrl-C, and the errors a newcomer can hit.
 
+#[path = "support/plugins_wasm.rs"]
+mod plugins_wasm;
+use plugins_wasm::plugin;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{mpsc, Once};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, test_kill_process, Pid, Signal};
@@ -18,37 +21,6 @@ fn repo_root() -> PathBuf {
         .parent()
         .expect("host/ has a parent")
         .to_path_buf()
-}
-
-/// The example's route policy, built once if missing.
-fn priority_router() -> PathBuf {
-    static BUILD: Once = Once::new();
-    let wasm = repo_root().join("plugins/target/wasm32-wasip2/release/priority_router.wasm");
-    BUILD.call_once(|| {
-        if wasm.is_file() {
-            return;
-        }
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--manifest-path",
-                "plugins/Cargo.toml",
-                "--target",
-                "wasm32-wasip2",
-                "--release",
-                "-p",
-                "priority-router",
-            ])
-            .current_dir(repo_root())
-            .status()
-            .expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the priority-router plugin failed"
-        );
-    });
-    assert!(wasm.is_file(), "{} missing", wasm.display());
-    wasm
 }
 
 /// `asya-host up ARGS` from the repository root with TMPDIR in `tmp`.
@@ -142,7 +114,7 @@ fn write_flow(dir: &Path, flow: &str, handlers: &str) -> PathBuf {
 
 #[test]
 fn readme_command_runs_the_example_pipeline() {
-    priority_router();
+    plugin("priority-router");
     let tmp = tempfile::tempdir().unwrap();
     // Exactly the README's first command, with this test's binary instead of `cargo run`
     // (a nested cargo would wait for the lock this test run holds).

@@ -4,6 +4,8 @@
 
 #[path = "support/kill9.rs"]
 mod kill9;
+#[path = "support/plugins_wasm.rs"]
+mod plugins_wasm;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 use asya_host::transport::conformance::{self, NamespaceFn, Options};
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use asya_host::transport::{OutMessage, Transport};
-use redis_server::{plugin, RedisServer};
+use plugins_wasm::plugin;
+use redis_server::RedisServer;
 
 fn namespaces(prefix: &'static str) -> NamespaceFn {
     let n = Arc::new(AtomicU64::new(0));
@@ -223,7 +226,8 @@ mod e2e {
     use rand::Rng;
 
     use super::kill9::{self, collect, Actor, Seen, ENVELOPES};
-    use super::redis_server::{plugin, RedisServer};
+    use super::plugins_wasm::plugin;
+    use super::redis_server::RedisServer;
     use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 
     const ACK_WAIT_MS: u64 = 2_000;

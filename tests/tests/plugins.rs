@@ -7,12 +7,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asya_host::config::SidecarConfig;
 use asya_host::envelope::Envelope;
 use asya_host::metrics::Metrics;
+#[path = "../../host/tests/support/plugins_wasm.rs"]
+mod plugins_wasm;
+use plugins_wasm::plugin;
+
 use asya_host::plugin::{
     self, Decision, PluginEngine, PluginError, PolicyChain, PolicyOptions, PolicySpec, RoutePolicy,
     World,
@@ -46,49 +50,6 @@ fn plugin_folders() -> Vec<String> {
     names
 }
 
-static BUILD: Once = Once::new();
-
-/// The component built from `plugins/<folder>`; builds the plugins workspace once per run
-/// (a no-op when up to date) with the same command as `.ci/test`.
-fn wasm(folder: &str) -> PathBuf {
-    let root = repo_root();
-    let dir = root.join("plugins/target/wasm32-wasip2/release");
-    BUILD.call_once(|| {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--manifest-path",
-                "plugins/Cargo.toml",
-                "--target",
-                "wasm32-wasip2",
-                "--release",
-            ])
-            .current_dir(&root)
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("CARGO_BUILD_TARGET")
-            .env_remove("RUSTFLAGS")
-            .status();
-        let all_there = plugin_folders()
-            .iter()
-            .all(|f| dir.join(format!("{}.wasm", f.replace('-', "_"))).is_file());
-        match status {
-            Ok(s) if s.success() => {}
-            other => {
-                assert!(
-                    all_there,
-                    "building plugins/ failed ({other:?}) and some .wasm files are missing"
-                );
-                eprintln!(
-                    "warning: building plugins/ failed ({other:?}); using the existing .wasm files"
-                );
-            }
-        }
-    });
-    let path = dir.join(format!("{}.wasm", folder.replace('-', "_")));
-    assert!(path.is_file(), "{} missing", path.display());
-    path
-}
-
 /// One engine per test binary; its compiled-code cache lives in the target dir.
 fn engine() -> PluginEngine {
     static ENGINE: std::sync::OnceLock<PluginEngine> = std::sync::OnceLock::new();
@@ -111,7 +72,7 @@ fn opts() -> PolicyOptions {
 
 fn spec(folder: &str, config: Value) -> PolicySpec {
     PolicySpec {
-        path: wasm(folder),
+        path: plugin(folder),
         config,
     }
 }
@@ -519,7 +480,7 @@ async fn test_open_socket_gets_no_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_wrong_world_is_refused_at_load_and_by_check() {
-    let path = wasm("test-wrong-world");
+    let path = plugin("test-wrong-world");
     let err = PolicyChain::load(
         &engine(),
         &[spec("test-wrong-world", Value::Null)],
@@ -541,7 +502,7 @@ async fn test_wrong_world_is_refused_at_load_and_by_check() {
 #[test]
 fn check_reports_the_world_of_every_policy_and_refuses_non_components() {
     for folder in ["priority-router", "route-allowlist", "test-trap"] {
-        let r = plugin::check(&wasm(folder)).unwrap_or_else(|e| panic!("{folder}: {e}"));
+        let r = plugin::check(&plugin(folder)).unwrap_or_else(|e| panic!("{folder}: {e}"));
         assert_eq!(r.world, World::RoutePolicy);
         assert!(r.to_string().contains("ok, implements route-policy"), "{r}");
     }
@@ -558,7 +519,7 @@ fn check_reports_the_world_of_every_policy_and_refuses_non_components() {
 #[test]
 fn check_errors_are_one_line() {
     for e in [
-        plugin::check(&wasm("test-wrong-world")).unwrap_err(),
+        plugin::check(&plugin("test-wrong-world")).unwrap_err(),
         plugin::check(Path::new("/nonexistent/p.wasm")).unwrap_err(),
     ] {
         assert!(!e.to_string().contains('\n'), "{e}");
@@ -569,7 +530,7 @@ fn check_errors_are_one_line() {
 async fn compiled_code_cache_is_written_reused_and_survives_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let engine = PluginEngine::new(Some(dir.path().to_owned())).unwrap();
-    let path = wasm("priority-router");
+    let path = plugin("priority-router");
     engine.load(&path).unwrap();
     let entries: Vec<PathBuf> = walk(dir.path());
     assert_eq!(entries.len(), 1, "{entries:?}");

@@ -1,14 +1,12 @@
 //! A throwaway `redis-server` for tests and benchmarks: free port, no persistence
 //! (`--save "" --appendonly no`), temp dir, killed on drop. Readiness is polled with a
-//! deadline (`PING`). Also builds the plugin components once per process.
+//! deadline (`PING`).
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
@@ -91,33 +89,4 @@ impl Drop for RedisServer {
             let _ = c.wait();
         }
     }
-}
-
-static BUILD: Once = Once::new();
-
-/// `plugins/target/wasm32-wasip2/release/<crate>.wasm`, building the plugins workspace
-/// once per process.
-pub fn plugin(krate: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    BUILD.call_once(|| {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--manifest-path",
-                "plugins/Cargo.toml",
-                "--target",
-                "wasm32-wasip2",
-                "--release",
-            ])
-            .current_dir(&root)
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("CARGO_BUILD_TARGET")
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .status()
-            .expect("cargo");
-        assert!(status.success(), "building plugins/ failed");
-    });
-    root.join("plugins/target/wasm32-wasip2/release")
-        .join(format!("{krate}.wasm"))
 }
