@@ -10,79 +10,24 @@
 //!   (parse, invoke, route, publish, ack), one at a time;
 //! - host throughput: N envelopes queued up front, drained by one sidecar at concurrency 1.
 
-use std::convert::Infallible;
+#[path = "support/echo_runtime.rs"]
+mod echo_runtime;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asya_host::config::SidecarConfig;
-use asya_host::envelope::{Envelope, Frame};
 use asya_host::metrics::Metrics;
 use asya_host::runtime::RuntimeClient;
 use asya_host::sidecar::{self, Deps};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Transport};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Serialize)]
-struct FramesOut<'a> {
-    frames: [FrameOut<'a>; 1],
-}
-
-#[derive(Serialize)]
-struct FrameOut<'a> {
-    payload: &'a serde_json::value::RawValue,
-    route: asya_host::envelope::Route,
-}
-
-/// The echo runtime: one frame with the payload, route shifted.
-async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let rid = req.headers().get("x-request-id").cloned();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let mut resp = if body.is_empty() {
-        Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ready\"}")))
-    } else {
-        let env = Envelope::parse(&body).expect("bench sends envelopes");
-        let out = FramesOut {
-            frames: [FrameOut {
-                payload: &env.payload,
-                route: env.route.shifted(),
-            }],
-        };
-        Response::new(Full::new(Bytes::from(serde_json::to_vec(&out).unwrap())))
-    };
-    resp.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    if let Some(r) = rid {
-        resp.headers_mut().insert("x-request-id", r);
-    }
-    Ok(resp)
-}
-
-async fn serve_echo(listener: UnixListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service_fn(echo))
-                .await;
-        });
-    }
-}
+use echo_runtime::serve_echo;
 
 fn envelope(id: &str, payload: &str) -> Vec<u8> {
     format!(
@@ -207,9 +152,6 @@ async fn run(n: usize) {
     // Warm up and check the echo runtime answers a frame the host can parse.
     let client = RuntimeClient::new(&sock, 64 << 20);
     let _ = client_round_trips(&client, &body, 1000).await;
-    let frame: Frame =
-        serde_json::from_str(r#"{"route":{"prev":["a"],"curr":""},"payload":1}"#).unwrap();
-    drop(frame);
 
     let raw = raw_round_trips(&sock, &body, n).await;
     let cli = client_round_trips(&client, &body, n).await;

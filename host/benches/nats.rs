@@ -12,67 +12,27 @@
 //!   arrives on the x-sink subject (a core-NATS subscription), one at a time;
 //! - throughput: N envelopes queued up front, drained by one sidecar at `ASYA_CONCURRENCY=16`.
 
+#[path = "support/echo_runtime.rs"]
+mod echo_runtime;
 #[path = "../tests/support/nats_server.rs"]
 mod nats_server;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull::Config as PullConfig};
 use bytes::Bytes;
 use futures::StreamExt;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use asya_host::config::SidecarConfig;
-use asya_host::envelope::Envelope;
 use asya_host::metrics::Metrics;
 use asya_host::sidecar::{self, Deps};
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport, TransportKind};
+use echo_runtime::serve_echo;
 use nats_server::NatsServer;
-
-/// The echo runtime: one frame with the payload, route shifted.
-async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let rid = req.headers().get("x-request-id").cloned();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let mut resp = if body.is_empty() {
-        Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ready\"}")))
-    } else {
-        let env = Envelope::parse(&body).expect("bench sends envelopes");
-        let out = serde_json::json!({"frames": [{"payload": &env.payload, "route": env.route.shifted()}]});
-        Response::new(Full::new(Bytes::from(serde_json::to_vec(&out).unwrap())))
-    };
-    resp.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    if let Some(r) = rid {
-        resp.headers_mut().insert("x-request-id", r);
-    }
-    Ok(resp)
-}
-
-async fn serve_echo(listener: UnixListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service_fn(echo))
-                .await;
-        });
-    }
-}
 
 fn envelope(id: &str) -> Bytes {
     format!(

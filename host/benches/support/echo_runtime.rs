@@ -1,0 +1,66 @@
+//! The in-process Rust echo runtime the benchmarks call: HTTP/1.1 over a Unix socket,
+//! `POST /invoke` answers one frame with the payload and the route shifted.
+
+use std::convert::Infallible;
+
+use asya_host::envelope::Envelope;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::UnixListener;
+
+#[derive(Serialize)]
+struct FramesOut<'a> {
+    frames: [FrameOut<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct FrameOut<'a> {
+    payload: &'a serde_json::value::RawValue,
+    route: asya_host::envelope::Route,
+}
+
+/// The echo runtime: one frame with the payload, route shifted.
+async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let rid = req.headers().get("x-request-id").cloned();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut resp = if body.is_empty() {
+        Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ready\"}")))
+    } else {
+        let env = Envelope::parse(&body).expect("bench sends envelopes");
+        let out = FramesOut {
+            frames: [FrameOut {
+                payload: &env.payload,
+                route: env.route.shifted(),
+            }],
+        };
+        Response::new(Full::new(Bytes::from(serde_json::to_vec(&out).unwrap())))
+    };
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    if let Some(r) = rid {
+        resp.headers_mut().insert("x-request-id", r);
+    }
+    Ok(resp)
+}
+
+pub async fn serve_echo(listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service_fn(echo))
+                .await;
+        });
+    }
+}
