@@ -123,6 +123,27 @@ async fn raw_relay(js: jetstream::Context, ns: String, stop: CancellationToken) 
     }
 }
 
+/// The host's transport alone: `NatsTransport` receive (prefetch 1) → send → ack, no
+/// runtime, no sidecar loop. Separates the transport's cost from the rest of the hop.
+async fn transport_relay(t: NatsTransport, ns: String, stop: CancellationToken) {
+    let mut rx = t.subscribe(&format!("asya-{ns}-a"), 1).await.unwrap();
+    let out = format!("asya-{ns}-x-sink");
+    for n in 0u64.. {
+        let d = tokio::select! {
+            d = rx.recv() => d.unwrap(),
+            _ = stop.cancelled() => return,
+        };
+        t.send(OutMessage {
+            queue: out.clone(),
+            id: format!("{ns}-{n}:0:0"),
+            body: d.body,
+        })
+        .await
+        .unwrap();
+        d.acker.ack().await.unwrap();
+    }
+}
+
 async fn start_sidecar(
     t: &NatsTransport,
     ns: &str,
@@ -200,6 +221,22 @@ async fn run(server: &NatsServer, n: usize, tput: usize) {
         println!(
             "  round {round} floor (fetch 1 + publish/PubAck + ack): p50 {:7.1} us  p90 {:7.1} us  p99 {:7.1} us",
             us(floor.p50), us(floor.p90), us(floor.p99)
+        );
+
+        let ns = format!("relay{round}");
+        let t = connect(&ns).await.unwrap();
+        asya_host::transport::nats::provision(cfg.clone(), &ns, &["a".into()])
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(transport_relay(t.clone(), ns.clone(), stop.clone()));
+        let trans = hop_latency(&t, &ns, n, 200).await;
+        stop.cancel();
+        let _ = relay.await;
+        println!(
+            "  round {round} transport relay (NatsTransport, no host): p50 {:7.1} us  p90 {:7.1} us  p99 {:7.1} us  ratio p50 {:.2}",
+            us(trans.p50), us(trans.p90), us(trans.p99),
+            us(trans.p50) / us(floor.p50)
         );
 
         let ns = format!("hop{round}");

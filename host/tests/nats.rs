@@ -1,11 +1,14 @@
 //! NATS transport tests against a real `nats-server` (started per test on a free port):
-//! the conformance suite for `memory` and `nats`, provisioning, and the end-to-end
-//! kill -9 test with real `asya-host` sidecar processes.
+//! the conformance suite for `memory` and `nats`, provisioning, the example pipeline through
+//! `asya-host up --transport nats`, and the end-to-end kill -9 test with real `asya-host`
+//! sidecar processes.
 
 #[path = "support/kill9.rs"]
 mod kill9;
 #[path = "support/nats_server.rs"]
 mod nats_server;
+#[path = "support/plugins_wasm.rs"]
+mod plugins_wasm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -92,6 +95,64 @@ async fn provision_is_idempotent_and_updates() {
         .unwrap();
     assert_eq!(c.cached_info().config.max_deliver, -1);
     assert_eq!(c.cached_info().config.filter_subject, "asya.prod-eu.b-c");
+}
+
+/// The README's NATS command for the local mesh (`bash examples/run.sh --transport nats
+/// --nats-url URL`): the example pipeline runs through the broker with the same results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_pipeline_runs_on_nats() {
+    plugins_wasm::plugin("priority-router");
+    let server = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.args(["examples/run.sh", "--transport", "nats", "--nats-url"])
+        .arg(server.url())
+        .current_dir(&root)
+        .env("ASYA_HOST_BIN", env!("CARGO_BIN_EXE_asya-host"))
+        .env("TMPDIR", tmp.path())
+        .env_remove("ASYA_LOG_LEVEL")
+        .env_remove("RUST_LOG")
+        .env_remove("ASYA_PYTHONEXECUTABLE")
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("the example finishes within 300s")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stderr}", out.status);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 20, "{stderr}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["line"], i + 1, "results in input order: {l}");
+        assert_eq!(l["status"], "succeeded", "{l}");
+    }
+    // r02 went through `escalate` (the route policy) on NATS too.
+    assert!(lines[1]["result"].to_string().contains("\"ticket\":\"T-"));
+    assert!(stderr.contains("20 tasks: 20 succeeded, 0 failed"), "{stderr}");
+
+    // The envelopes really went through the broker: every actor's durable consumer took
+    // its messages and acked them all.
+    let t = NatsTransport::connect(NatsConfig::new(&server.url()))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(t.client().clone());
+    let mut stream = js.get_stream("asya-reviews").await.unwrap();
+    for (consumer, at_least) in [("parse", 20), ("tally", 20), ("x-sink", 20)] {
+        let info = stream.consumer_info(consumer).await.unwrap();
+        assert!(
+            info.delivered.consumer_sequence >= at_least,
+            "{consumer}: {info:?}"
+        );
+        assert_eq!(info.num_ack_pending, 0, "{consumer}: {info:?}");
+        assert_eq!(info.num_pending, 0, "{consumer}: {info:?}");
+    }
+    let left = stream.info().await.unwrap().state.messages;
+    assert_eq!(left, 0, "a work-queue stream is empty once every message is acked");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ mod report;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -183,44 +185,70 @@ pub async fn run(
     Ok(exit)
 }
 
+/// One worker: receive, handle, settle. The previous delivery's settlement (the ack and its
+/// confirmation by the broker) runs while the next delivery is received and handled, so a
+/// broker round trip per envelope leaves the critical path; a worker has at most one
+/// settlement outstanding, and waits for it before it settles the next or stops.
 async fn worker(
     shared: Arc<Shared>,
     receiver: Arc<AsyncMutex<Box<dyn Receiver>>>,
     stop: CancellationToken,
     crash: CancellationToken,
 ) {
+    let mut settling: Option<BoxFuture<'_, ()>> = None;
     loop {
         let waited = Instant::now();
-        let delivery = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            d = async { receiver.lock().await.recv().await } => d,
+        let next = async { receiver.lock().await.recv().await };
+        tokio::pin!(next);
+        let delivery = loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break None,
+                () = async { settling.as_mut().expect("guarded by the condition").await },
+                    if settling.is_some() => settling = None,
+                d = &mut next => break Some(d),
+            }
         };
+        let Some(delivery) = delivery else { break };
         match delivery {
             Ok(d) => {
                 shared
                     .metrics
                     .receive_duration
                     .observe(waited.elapsed().as_secs_f64());
-                if process::handle(&shared, d).await == process::After::Crash {
+                let work = process::handle(&shared, d);
+                let handled = match settling.take() {
+                    Some(previous) => tokio::join!(work, previous).0,
+                    None => work.await,
+                };
+                if handled.after == process::After::Crash {
+                    // The envelope is in x-sump: ack it, then stop the sidecar.
+                    process::settle(&shared, handled).await;
                     crash.cancel();
                     return;
                 }
+                settling = Some(Box::pin(process::settle(&shared, handled)));
             }
             Err(TransportError::Closed) => {
                 stop.cancel();
-                return;
+                break;
             }
             Err(e) => {
                 shared
                     .metrics
                     .failed(crate::metrics::FailReason::TransportError);
                 warn!(actor = %shared.actor, error = %e, "receive failed; retrying");
+                if let Some(previous) = settling.take() {
+                    previous.await;
+                }
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
                 }
             }
         }
+    }
+    if let Some(previous) = settling {
+        previous.await;
     }
 }

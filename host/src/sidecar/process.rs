@@ -8,12 +8,13 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::report::{HopLog, HopReport, Report};
+use super::inflight::InflightGuard;
 use super::{Shared, Stage};
 use crate::envelope::{now_rfc3339, Envelope, ErrorInfo, Frame, Phase, Reason, Route};
 use crate::metrics::{FailReason, MessageType};
 use crate::plugin::Decision;
 use crate::runtime::{Reply, RuntimeError, SseEvent};
-use crate::transport::{Delivery, OutMessage, TransportError};
+use crate::transport::{Acker, Delivery, OutMessage, TransportError};
 
 /// What the worker does after a delivery.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,7 +33,23 @@ enum Settle {
 /// Namespace for deterministic fan-out child ids.
 const CHILD_ID_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6173_7961_2d66_616e_2d6f_7574_2d69_6473);
 
-pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
+/// A delivery whose outputs are all published (or that is to be retried): what is left is
+/// to settle it with the broker, which [`settle`] does.
+pub(super) struct Handled {
+    pub after: After,
+    settle: Settle,
+    acker: Box<dyn Acker>,
+    guard: InflightGuard,
+    start: Instant,
+    body_len: usize,
+    attempt: u32,
+    /// For the gateway's hop report: the input and when it was received.
+    report: Option<(Envelope, chrono::DateTime<chrono::Utc>)>,
+    log: HopLog,
+}
+
+/// Steps 1–6 for one delivery: everything up to settling it.
+pub(super) async fn handle(s: &Shared, delivery: Delivery) -> Handled {
     let start = Instant::now();
     let received_at = s.reporter.as_ref().map(|_| chrono::Utc::now());
     let m = &s.metrics;
@@ -45,7 +62,7 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
         attempt,
         acker,
     } = delivery;
-    let log = &mut HopLog::default();
+    let mut log = HopLog::default();
 
     let mut after = After::Continue;
     let mut parsed = None;
@@ -62,7 +79,7 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
             let id = format!("{}:sump", env.id);
             settle_send(
                 s,
-                log,
+                &mut log,
                 sump_message(s, env, id, status_reason, None, attempt),
             )
             .await
@@ -83,7 +100,7 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
         Ok(env) => {
             guard.identify(&env.id, env.trace_id());
             // Keep the broker from redelivering while we work (NATS: +WPI every ack_wait/2).
-            let work = process(s, log, &env, &body, attempt, &guard);
+            let work = process(s, &mut log, &env, &body, attempt, &guard);
             let (settle, crash) = with_progress(acker.as_ref(), work).await;
             if crash {
                 after = After::Crash;
@@ -92,13 +109,39 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
             settle
         }
     };
+    Handled {
+        after,
+        settle,
+        acker,
+        guard,
+        start,
+        body_len: body.len(),
+        attempt,
+        report: parsed.zip(received_at),
+        log,
+    }
+}
 
+/// Step 7: ack (or nack for a retry) the delivery, then record the hop.
+pub(super) async fn settle(s: &Shared, h: Handled) {
+    let Handled {
+        settle,
+        acker,
+        guard,
+        start,
+        body_len,
+        attempt,
+        report,
+        log,
+        ..
+    } = h;
+    let m = &s.metrics;
     guard.stage(Stage::Acking);
     let retried = matches!(settle, Settle::Retry(_));
     let settled = match settle {
         Settle::Ack => acker.ack().await,
         Settle::Retry(delay) => {
-            m.sent(&s.queue, MessageType::Retry, Duration::ZERO, body.len());
+            m.sent(&s.queue, MessageType::Retry, Duration::ZERO, body_len);
             m.processed_retry.inc();
             acker.nack(delay).await
         }
@@ -111,12 +154,13 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
     let took = start.elapsed();
     m.processing_duration.observe(took.as_secs_f64());
     m.active.dec();
-    if let (Some(r), Some(env), Some(received_at)) = (&s.reporter, parsed, received_at) {
+    drop(guard);
+    if let (Some(r), Some((env, received_at))) = (&s.reporter, report) {
         let HopLog {
             sent,
             runtime,
             error,
-        } = std::mem::take(log);
+        } = log;
         r.report(Report::Hop(HopReport {
             actors_completed: env.route.prev.len() + 1,
             total_actors: env.route.actors().count(),
@@ -138,7 +182,6 @@ pub(super) async fn handle(s: &Shared, delivery: Delivery) -> After {
             error,
         }));
     }
-    after
 }
 
 /// Steps 2–6 for a parsed envelope. Returns how to settle the input and whether to crash.
@@ -148,7 +191,7 @@ async fn process(
     env: &Envelope,
     body: &Bytes,
     attempt: u32,
-    guard: &super::inflight::InflightGuard,
+    guard: &InflightGuard,
 ) -> (Settle, bool) {
     let m = &s.metrics;
     let res = &s.cfg.resiliency;
@@ -649,7 +692,7 @@ fn unparseable_envelope(body: &[u8], e: &crate::envelope::EnvelopeError) -> Enve
 /// (transports with a redelivery timer, e.g. NATS ack_wait, would otherwise redeliver a
 /// message whose handler runs longer than that timer).
 async fn with_progress<T>(
-    acker: &dyn crate::transport::Acker,
+    acker: &dyn Acker,
     work: impl std::future::Future<Output = T>,
 ) -> T {
     let Some(every) = acker.progress_interval().filter(|d| !d.is_zero()) else {

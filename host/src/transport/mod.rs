@@ -80,7 +80,11 @@ pub struct OutMessage {
 pub trait Transport: Send + Sync + 'static {
     fn kind(&self) -> TransportKind;
 
-    /// Start consuming `queue`; at most `prefetch` deliveries are outstanding (unacked).
+    /// Start consuming `queue`; at most `prefetch` deliveries are outstanding: buffered or
+    /// handed out, and not yet being settled. A transport may take the next delivery once
+    /// [`Acker::ack`] or [`Acker::nack`] has started (NATS does, so the next pull overlaps
+    /// the confirmation of the last ack); the sidecar settles at most one delivery per
+    /// worker in the background.
     async fn subscribe(
         &self,
         queue: &str,

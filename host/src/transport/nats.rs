@@ -9,6 +9,8 @@
 //!   the same id within its duplicate window, so a redelivered input produces no duplicates.
 //! - Acks wait for the server's confirmation; nacks carry the retry delay; an unsettled
 //!   delivery that is dropped is nacked without delay.
+//! - A delivery gives its prefetch slot back when its settling starts, so the pull request
+//!   for the next message goes out while the ack is still being confirmed.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -776,7 +778,7 @@ impl NatsReceiver {
             client: self.client.clone(),
             ack_wait: self.ack_wait,
             settled: false,
-            _permit: permit,
+            permit: Some(permit),
         }
     }
 }
@@ -805,7 +807,9 @@ struct NatsAcker {
     client: async_nats::Client,
     ack_wait: Duration,
     settled: bool,
-    _permit: OwnedSemaphorePermit,
+    /// The prefetch slot; given back when settling starts, so the next pull request goes
+    /// out while this delivery's ack is still being confirmed.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl NatsAcker {
@@ -849,12 +853,14 @@ impl NatsAcker {
 impl Acker for NatsAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), TransportError> {
         self.settled = true;
+        self.permit = None;
         // Retry for most of ack_wait: past it the server redelivers anyway.
         self.confirm(AckKind::Ack, self.ack_wait.mul_f64(0.8)).await
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<(), TransportError> {
         self.settled = true;
+        self.permit = None;
         let kind = if delay.is_zero() {
             AckKind::Nak(None)
         } else {
