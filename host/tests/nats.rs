@@ -133,7 +133,10 @@ async fn example_pipeline_runs_on_nats() {
     }
     // r02 went through `escalate` (the route policy) on NATS too.
     assert!(lines[1]["result"].to_string().contains("\"ticket\":\"T-"));
-    assert!(stderr.contains("20 tasks: 20 succeeded, 0 failed"), "{stderr}");
+    assert!(
+        stderr.contains("20 tasks: 20 succeeded, 0 failed"),
+        "{stderr}"
+    );
 
     // The envelopes really went through the broker: every actor's durable consumer took
     // its messages and acked them all.
@@ -152,7 +155,10 @@ async fn example_pipeline_runs_on_nats() {
         assert_eq!(info.num_pending, 0, "{consumer}: {info:?}");
     }
     let left = stream.info().await.unwrap().state.messages;
-    assert_eq!(left, 0, "a work-queue stream is empty once every message is acked");
+    assert_eq!(
+        left, 0,
+        "a work-queue stream is empty once every message is acked"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

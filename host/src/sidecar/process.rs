@@ -7,8 +7,8 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::report::{HopLog, HopReport, Report};
 use super::inflight::InflightGuard;
+use super::report::{HopLog, HopReport, Report};
 use super::{Shared, Stage};
 use crate::envelope::{now_rfc3339, Envelope, ErrorInfo, Frame, Phase, Reason, Route};
 use crate::metrics::{FailReason, MessageType};
@@ -691,10 +691,7 @@ fn unparseable_envelope(body: &[u8], e: &crate::envelope::EnvelopeError) -> Enve
 /// Run `work`, calling [`Acker::in_progress`] every [`Acker::progress_interval`] meanwhile
 /// (transports with a redelivery timer, e.g. NATS ack_wait, would otherwise redeliver a
 /// message whose handler runs longer than that timer).
-async fn with_progress<T>(
-    acker: &dyn Acker,
-    work: impl std::future::Future<Output = T>,
-) -> T {
+async fn with_progress<T>(acker: &dyn Acker, work: impl std::future::Future<Output = T>) -> T {
     let Some(every) = acker.progress_interval().filter(|d| !d.is_zero()) else {
         return work.await;
     };
