@@ -51,22 +51,27 @@ pub async fn serve_sidecar(
     shutdown: CancellationToken,
 ) -> Result<sidecar::Exit, StartError> {
     let metrics = metrics::Metrics::new(&cfg.metrics_namespace);
-    // Plugins and the reporter first: a bad plugin or URL stops start-up before the broker
-    // is touched.
+    // Plugins, the reporter and the admin port first: a bad plugin, URL or port stops
+    // start-up before the broker is touched.
     let policy = plugin::PolicyChain::from_source(&config::ProcessEnv, Some(metrics.clone()))
         .await?
         .map(|chain| Arc::new(chain) as Arc<dyn plugin::RoutePolicy>);
     let reporter = gateway::cli::sidecar_reporter(&config::ProcessEnv, &cfg)?;
+    let admin_listener = match cfg.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Admin { addr, source })?,
+        ),
+        None => None,
+    };
     let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
     transport.attach_metrics(metrics.clone());
     let mut deps = sidecar::Deps::new(transport.clone(), metrics.clone());
     deps.policy = policy;
     deps.reporter = reporter;
     let admin_stop = CancellationToken::new();
-    if let Some(addr) = cfg.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Admin { addr, source })?;
+    if let Some(listener) = admin_listener {
         let readiness = deps.readiness.clone();
         let t = transport.clone();
         let state = admin::AdminState {

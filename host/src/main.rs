@@ -189,10 +189,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("asya-host: {e:#}");
+            eprintln!("asya-host: {}", error_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line. Most of our errors already name their source in
+/// their message (`cannot bind …: Address already in use`); a cause is added only when the
+/// line does not say it yet, so nothing is printed twice.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 async fn sidecar() -> anyhow::Result<ExitCode> {

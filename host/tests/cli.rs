@@ -64,3 +64,23 @@ fn a_missing_policy_file_stops_start_up_before_the_broker_is_contacted() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("/nonexistent/policy.wasm"), "{err}");
 }
+
+#[test]
+fn an_admin_port_in_use_is_one_line_saying_it_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, err) = sidecar(&[
+        ("ASYA_ACTOR_NAME", "a"),
+        ("ASYA_METRICS_ADDR", &addr),
+        // Nothing listens here: the port is checked before the broker is contacted.
+        ("ASYA_NATS_URL", "nats://127.0.0.1:1"),
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&addr), "{err}");
+    assert_eq!(
+        err.matches("in use").count(),
+        1,
+        "the cause is said once: {err}"
+    );
+}
