@@ -167,6 +167,11 @@ pub struct Task {
     pub outstanding: i64,
     /// Envelope ids whose hop was reported.
     pub hops_seen: BTreeSet<String>,
+    /// `actor:hop:envelope id` of every counted hop report, and the envelope ids of every
+    /// counted final report: transports deliver at least once, so a redelivered envelope
+    /// can be reported twice (NATS.md, "Known limit"); it is counted once.
+    #[serde(default)]
+    pub counted: BTreeSet<String>,
     /// Parents named by reports.
     pub parents: BTreeSet<String>,
     /// Final payloads of succeeded branches, in arrival order.
@@ -204,6 +209,7 @@ impl Task {
             deadline_at,
             outstanding: 1,
             hops_seen: BTreeSet::new(),
+            counted: BTreeSet::new(),
             parents: BTreeSet::new(),
             results: Vec::new(),
             fanned_out: false,
@@ -240,9 +246,14 @@ impl Task {
         let retried = h.entry.retried;
         let envelope_id = h.entry.envelope_id.clone();
         let parent = h.entry.parent_id.clone();
+        let key = format!("{}:{}:{envelope_id}", h.entry.actor, h.actors_completed);
+        // Every report shows in the timeline, a redelivered one too.
         self.push_entry(h.entry);
         if retried {
             // The same delivery comes back; it is counted when it is finally settled.
+            return;
+        }
+        if !self.counted.insert(key) {
             return;
         }
         if !self.hops_seen.insert(envelope_id) {
@@ -273,6 +284,9 @@ impl Task {
 
     /// Apply a final (x-sink / x-sump) report.
     pub fn apply_final(&mut self, f: FinalUpdate) {
+        if !self.counted.insert(format!("final:{}", f.envelope_id)) {
+            return;
+        }
         self.updated_at = now_rfc3339();
         let failed = f.to_sump || f.phase == Some(Phase::Failed);
         self.push_entry(HopEntry {
@@ -481,6 +495,20 @@ mod tests {
         assert_eq!(t.status, TaskStatus::Failed);
         assert!(!t.cancel());
         assert_eq!(t.error.as_ref().unwrap().kind, "ValueError");
+    }
+
+    #[test]
+    fn redelivered_reports_are_counted_once() {
+        // At-least-once transports can deliver a hop's input or a final envelope twice.
+        let mut t = task();
+        t.apply_hop(hop("t", None, "a", 2, 1));
+        t.apply_hop(hop("t", None, "a", 2, 1));
+        t.apply_final(fin("c1", Some("t"), Value::from(1), false));
+        t.apply_final(fin("c1", Some("t"), Value::from(1), false));
+        assert_eq!(t.status, TaskStatus::Running, "c2 is still outstanding");
+        t.apply_final(fin("c2", Some("t"), Value::from(2), false));
+        assert_eq!(t.status, TaskStatus::Succeeded);
+        assert_eq!(t.result, Some(serde_json::json!([1, 2])));
     }
 
     #[test]
