@@ -138,8 +138,9 @@ async fn example_pipeline_runs_on_nats() {
         "{stderr}"
     );
 
-    // The envelopes really went through the broker: every actor's durable consumer took
-    // its messages and acked them all.
+    // The envelopes really went through the broker: the first actor's, the last actor's
+    // and x-sink's durable consumers took their messages and acked them, and the work-queue
+    // stream is empty (every message of every actor acked).
     let t = NatsTransport::connect(NatsConfig::new(&server.url()))
         .await
         .unwrap();
