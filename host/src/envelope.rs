@@ -254,6 +254,30 @@ impl Envelope {
     }
 }
 
+/// The W3C `traceparent` (version `00`) for messages sent by a hop whose span id is
+/// `span_id`: the trace id and flags of `parent`, the hop's span as the new parent span.
+/// `None` when `parent` is not a valid version-00 traceparent (it is then passed on as is).
+pub fn child_traceparent(parent: &str, span_id: u64) -> Option<String> {
+    let mut parts = parent.split('-');
+    let (Some("00"), Some(trace), Some(span), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    if !(hex(trace, 32) && nonzero(trace) && hex(span, 16) && hex(flags, 2)) || span_id == 0 {
+        return None;
+    }
+    Some(format!("00-{trace}-{span_id:016x}-{flags}"))
+}
+
 /// Current time as RFC 3339 UTC with millisecond precision.
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -420,6 +444,26 @@ mod tests {
         assert!(r
             .check_successor(&route(&["a", "b", "c"], "d", &[]))
             .is_err());
+    }
+
+    #[test]
+    fn child_traceparent_keeps_trace_and_flags_and_replaces_the_span() {
+        let p = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            child_traceparent(p, 0xabc).as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000abc-01")
+        );
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+        ] {
+            assert_eq!(child_traceparent(bad, 1), None, "{bad}");
+        }
+        assert_eq!(child_traceparent(p, 0), None);
     }
 
     #[test]

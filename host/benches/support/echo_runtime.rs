@@ -1,5 +1,6 @@
 //! The in-process Rust echo runtime the benchmarks call: HTTP/1.1 over a Unix socket,
-//! `POST /invoke` answers one frame with the payload and the route shifted.
+//! `POST /invoke` answers one frame with the payload and the route shifted (N frames when
+//! the payload holds `"fanout": N`).
 
 use std::convert::Infallible;
 
@@ -14,7 +15,7 @@ use tokio::net::UnixListener;
 
 #[derive(Serialize)]
 struct FramesOut<'a> {
-    frames: [FrameOut<'a>; 1],
+    frames: Vec<FrameOut<'a>>,
 }
 
 #[derive(Serialize)]
@@ -36,11 +37,14 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
         Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ready\"}")))
     } else {
         let env = Envelope::parse(&body).expect("bench sends envelopes");
+        let n = fanout(env.payload.get());
         let out = FramesOut {
-            frames: [FrameOut {
-                payload: &env.payload,
-                route: env.route.shifted(),
-            }],
+            frames: (0..n)
+                .map(|_| FrameOut {
+                    payload: &env.payload,
+                    route: env.route.shifted(),
+                })
+                .collect(),
         };
         Response::new(Full::new(Bytes::from(serde_json::to_vec(&out).unwrap())))
     };
@@ -50,6 +54,17 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
         resp.headers_mut().insert("x-request-id", r);
     }
     Ok(resp)
+}
+
+/// `N` of a payload with `"fanout": N`, else 1.
+fn fanout(payload: &str) -> usize {
+    if !payload.contains("\"fanout\"") {
+        return 1;
+    }
+    serde_json::from_str::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v["fanout"].as_u64())
+        .map_or(1, |n| n as usize)
 }
 
 pub async fn serve_echo(listener: UnixListener) {

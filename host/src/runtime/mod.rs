@@ -25,6 +25,28 @@ use tokio::time::Instant;
 use crate::envelope::{ErrorInfo, Frame};
 pub use sse::{SseEvent, SseStream};
 
+/// What the sidecar needs from its runtime: [`RuntimeClient`] talks to a real one; tests of
+/// the sidecar loop can put a scripted one in [`crate::sidecar::Deps::runtime`].
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    /// Call the handler with the envelope bytes; answer within `deadline`.
+    async fn invoke(&self, envelope: Bytes, deadline: Instant) -> Result<Reply, RuntimeError>;
+    /// Forget pooled connections (after a timeout the runtime may still answer late).
+    fn reset(&self);
+    /// Wait until the runtime can take calls.
+    async fn wait_ready(&self, ready_file: &Path, timeout: Duration) -> Result<(), RuntimeError>;
+}
+
+/// The events of a streaming (SSE) answer.
+#[async_trait::async_trait]
+pub trait EventStream: Send + std::fmt::Debug {
+    /// The next event; `Ok(None)` after `done`. A stream that ends without `done`, or an
+    /// event that cannot be parsed, is an error.
+    async fn next(&mut self) -> Result<Option<SseEvent>, RuntimeError>;
+    /// The next event if it has already arrived (no waiting, no I/O); `None` otherwise.
+    fn next_buffered(&mut self) -> Option<Result<Option<SseEvent>, RuntimeError>>;
+}
+
 /// Header carrying the per-request id.
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -72,7 +94,7 @@ pub enum Reply {
     /// 200 JSON: the outgoing frames.
     Frames(Vec<Frame>),
     /// 200 SSE: frames arrive one by one.
-    Stream(SseStream),
+    Stream(Box<dyn EventStream>),
     /// 204: the handler aborted (returned None).
     Abort,
     /// 400: the runtime could not parse the envelope.
@@ -294,12 +316,12 @@ impl RuntimeClient {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if status == StatusCode::OK && is_sse {
-            return Ok(Reply::Stream(SseStream::new(
+            return Ok(Reply::Stream(Box::new(SseStream::new(
                 resp.into_body(),
                 deadline,
                 self.max_body,
                 conn,
-            )));
+            ))));
         }
         let body = self
             .read_body(&mut conn, resp.into_body(), deadline)
@@ -386,5 +408,20 @@ impl RuntimeClient {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for RuntimeClient {
+    async fn invoke(&self, envelope: Bytes, deadline: Instant) -> Result<Reply, RuntimeError> {
+        RuntimeClient::invoke(self, envelope, deadline).await
+    }
+
+    fn reset(&self) {
+        RuntimeClient::reset(self)
+    }
+
+    async fn wait_ready(&self, ready_file: &Path, timeout: Duration) -> Result<(), RuntimeError> {
+        RuntimeClient::wait_ready(self, ready_file, timeout).await
     }
 }

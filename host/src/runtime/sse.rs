@@ -50,21 +50,33 @@ impl SseStream {
         }
     }
 
-    /// The next event; `Ok(None)` after `done`. A stream that ends without `done`, or an
-    /// event that cannot be parsed, is an error.
-    pub async fn next(&mut self) -> Result<Option<SseEvent>, RuntimeError> {
+    /// The next complete event already in the buffer, if any.
+    fn buffered(&mut self) -> Option<Result<Option<SseEvent>, RuntimeError>> {
         if self.finished {
-            return Ok(None);
+            return Some(Ok(None));
         }
-        loop {
-            if let Some(raw) = take_event(&mut self.buf) {
-                if let Some(ev) = parse_event(&raw)? {
+        while let Some(raw) = take_event(&mut self.buf) {
+            match parse_event(&raw) {
+                Err(e) => return Some(Err(e)),
+                Ok(None) => continue,
+                Ok(Some(ev)) => {
                     if matches!(ev, SseEvent::Done) {
                         self.finished = true;
                     }
-                    return Ok(Some(ev));
+                    return Some(Ok(Some(ev)));
                 }
-                continue;
+            }
+        }
+        None
+    }
+}
+
+#[async_trait::async_trait]
+impl super::EventStream for SseStream {
+    async fn next(&mut self) -> Result<Option<SseEvent>, RuntimeError> {
+        loop {
+            if let Some(ev) = self.buffered() {
+                return ev;
             }
             if self.buf.len() > self.max_event {
                 return Err(RuntimeError::BodyTooLarge(self.max_event));
@@ -88,6 +100,10 @@ impl SseStream {
                 }
             }
         }
+    }
+
+    fn next_buffered(&mut self) -> Option<Result<Option<SseEvent>, RuntimeError>> {
+        self.buffered()
     }
 }
 

@@ -1,8 +1,16 @@
 //! The sidecar loop (SPEC §5): receive → parse → check → invoke → route → ack, with
 //! retries, crash-on-timeout, concurrency and graceful drain.
+//!
+//! - `plan`: the decisions of one delivery, pure (route rules, retries, status stamps,
+//!   sink/sump shapes, policy outcomes, settlement) — unit-tested without any process;
+//! - `delivery`: the I/O around them (runtime call, policy calls, publish, settle);
+//! - `msgid`: every message id and assigned envelope id;
+//! - this module: workers, concurrency, drain and exit.
 
+mod delivery;
 mod inflight;
-mod process;
+mod msgid;
+mod plan;
 mod report;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +27,7 @@ use tracing::{error, info, warn};
 use crate::config::SidecarConfig;
 use crate::metrics::{ActorMetrics, Metrics};
 use crate::plugin::RoutePolicy;
-use crate::runtime::{RuntimeClient, RuntimeError};
+use crate::runtime::{Runtime, RuntimeClient, RuntimeError};
 use crate::transport::{Receiver, Transport, TransportError};
 
 pub use inflight::{Inflight, InflightRow, Stage};
@@ -70,6 +78,9 @@ pub struct Deps {
     pub readiness: Arc<Readiness>,
     pub policy: Option<Arc<dyn RoutePolicy>>,
     pub reporter: Option<Arc<dyn Reporter>>,
+    /// The runtime to call; `None` (the default): a [`RuntimeClient`] on the configured
+    /// socket.
+    pub runtime: Option<Arc<dyn Runtime>>,
 }
 
 impl Deps {
@@ -81,6 +92,7 @@ impl Deps {
             readiness: Arc::new(Readiness::default()),
             policy: None,
             reporter: None,
+            runtime: None,
         }
     }
 }
@@ -88,12 +100,11 @@ impl Deps {
 /// Everything a worker needs, shared by all workers of one sidecar.
 struct Shared {
     cfg: SidecarConfig,
+    rules: plan::Rules,
     actor: Arc<str>,
     queue: String,
-    sink_queue: String,
-    sump_queue: String,
     transport: Arc<dyn Transport>,
-    runtime: Arc<RuntimeClient>,
+    runtime: Arc<dyn Runtime>,
     metrics: ActorMetrics,
     inflight: Arc<Inflight>,
     policy: Option<Arc<dyn RoutePolicy>>,
@@ -108,7 +119,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Exit, SidecarError> {
     let queue = cfg.queue();
-    let runtime = Arc::new(RuntimeClient::new(&cfg.socket_path, cfg.max_message_bytes));
+    let runtime: Arc<dyn Runtime> = match &deps.runtime {
+        Some(r) => r.clone(),
+        None => Arc::new(RuntimeClient::new(&cfg.socket_path, cfg.max_message_bytes)),
+    };
     if !cfg.is_end_actor {
         info!(actor = %cfg.actor, socket = %cfg.socket_path.display(), "waiting for runtime");
         tokio::select! {
@@ -129,9 +143,8 @@ pub async fn run(
     info!(actor = %cfg.actor, %queue, concurrency = cfg.concurrency, transport = cfg.transport.as_str(), "consuming");
 
     let shared = Arc::new(Shared {
+        rules: plan::Rules::new(&cfg),
         actor: Arc::from(cfg.actor.as_str()),
-        sink_queue: cfg.queue_of(&cfg.sink),
-        sump_queue: cfg.queue_of(&cfg.sump),
         metrics: ActorMetrics::new(deps.metrics.clone(), &queue, deps.transport.kind().as_str()),
         queue,
         transport: deps.transport.clone(),
@@ -141,15 +154,24 @@ pub async fn run(
         reporter: deps.reporter.clone(),
         cfg,
     });
-    let receiver = Arc::new(AsyncMutex::new(receiver));
     // Cancelled by a worker that hit a runtime timeout with crash-on-timeout.
     let crash = CancellationToken::new();
     let stop_receiving = CancellationToken::new();
     let mut workers = JoinSet::new();
-    for _ in 0..shared.cfg.concurrency {
+    // One worker owns the receiver; several share it behind a lock (a worker holds the lock
+    // only while it waits for its next delivery).
+    let sources: Vec<Source> = if shared.cfg.concurrency <= 1 {
+        vec![Source::Owned(receiver)]
+    } else {
+        let shared_rx = Arc::new(AsyncMutex::new(receiver));
+        (0..shared.cfg.concurrency)
+            .map(|_| Source::Shared(shared_rx.clone()))
+            .collect()
+    };
+    for source in sources {
         workers.spawn(worker(
             shared.clone(),
-            receiver.clone(),
+            source,
             stop_receiving.clone(),
             crash.clone(),
         ));
@@ -191,14 +213,14 @@ pub async fn run(
 /// settlement outstanding, and waits for it before it settles the next or stops.
 async fn worker(
     shared: Arc<Shared>,
-    receiver: Arc<AsyncMutex<Box<dyn Receiver>>>,
+    mut source: Source,
     stop: CancellationToken,
     crash: CancellationToken,
 ) {
     let mut settling: Option<BoxFuture<'_, ()>> = None;
     loop {
         let waited = Instant::now();
-        let next = async { receiver.lock().await.recv().await };
+        let next = source.recv();
         tokio::pin!(next);
         let delivery = loop {
             tokio::select! {
@@ -216,18 +238,18 @@ async fn worker(
                     .metrics
                     .receive_duration
                     .observe(waited.elapsed().as_secs_f64());
-                let work = process::handle(&shared, d);
+                let work = delivery::handle(&shared, d);
                 let handled = match settling.take() {
                     Some(previous) => tokio::join!(work, previous).0,
                     None => work.await,
                 };
-                if handled.after == process::After::Crash {
+                if handled.exits() {
                     // The envelope is in x-sump: ack it, then stop the sidecar.
-                    process::settle(&shared, handled).await;
+                    delivery::settle(&shared, handled).await;
                     crash.cancel();
                     return;
                 }
-                settling = Some(Box::pin(process::settle(&shared, handled)));
+                settling = Some(Box::pin(delivery::settle(&shared, handled)));
             }
             Err(TransportError::Closed) => {
                 stop.cancel();
@@ -250,5 +272,22 @@ async fn worker(
     }
     if let Some(previous) = settling {
         previous.await;
+    }
+}
+
+/// Where a worker takes its deliveries from.
+enum Source {
+    /// The only worker: no lock between it and the transport.
+    Owned(Box<dyn Receiver>),
+    Shared(Arc<AsyncMutex<Box<dyn Receiver>>>),
+}
+
+impl Source {
+    /// Cancel-safe, as [`Receiver::recv`] is.
+    async fn recv(&mut self) -> Result<crate::transport::Delivery, TransportError> {
+        match self {
+            Source::Owned(rx) => rx.recv().await,
+            Source::Shared(rx) => rx.lock().await.recv().await,
+        }
     }
 }

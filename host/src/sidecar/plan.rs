@@ -1,0 +1,562 @@
+//! The decisions of one delivery, as pure functions (no I/O, no clock, no runtime): what the
+//! input, the runtime's answer and the policy's decisions mean — every outgoing message and
+//! how the input is settled — written down as a [`Plan`] that `delivery.rs` applies.
+//!
+//! Steps of SPEC §5 decided here: route check (2), deadline (3), bounded redelivery, the
+//! timeout of the call (4), route rules, policy outcomes, sink/sump shapes (5), retries and
+//! the x-sump fallback (6), and how the input is settled (7).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+
+use super::msgid::{unparseable_envelope_id, MsgId};
+use crate::config::{Resiliency, SidecarConfig};
+use crate::envelope::{
+    Envelope, EnvelopeError, ErrorInfo, Frame, Phase, Reason, Route, RouteViolation, Status,
+    HEADER_TRACEPARENT,
+};
+use crate::metrics::{FailReason, MessageType};
+use crate::plugin::Decision;
+use crate::runtime::RuntimeError;
+
+/// What the decisions need from the sidecar's configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Rules {
+    pub actor: Arc<str>,
+    pub namespace: String,
+    pub sink_queue: String,
+    pub sump_queue: String,
+    pub resiliency: Resiliency,
+}
+
+impl Rules {
+    pub fn new(cfg: &SidecarConfig) -> Self {
+        Rules {
+            actor: Arc::from(cfg.actor.as_str()),
+            namespace: cfg.namespace.clone(),
+            sink_queue: cfg.queue_of(&cfg.sink),
+            sump_queue: cfg.queue_of(&cfg.sump),
+            resiliency: cfg.resiliency.clone(),
+        }
+    }
+
+    fn queue_of(&self, actor: &str) -> String {
+        crate::transport::queue_name(&self.namespace, actor)
+    }
+}
+
+/// Everything a decision about one delivery looks at (the per-delivery context).
+#[derive(Debug, Clone)]
+pub(crate) struct Hop<'a> {
+    pub rules: &'a Rules,
+    pub input: &'a Envelope,
+    /// This actor's position in the route (`route.prev.len()`).
+    pub hop: usize,
+    /// Delivery count of the input (1 = first delivery).
+    pub attempt: u32,
+    /// The time of the decision: deadline checks and `status.updated_at`.
+    pub now: DateTime<Utc>,
+    /// `traceparent` of every message this hop sends (the hop's span as the parent);
+    /// `None` passes the input's header on unchanged.
+    pub traceparent: Option<String>,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub(crate) struct Output {
+    pub kind: MessageType,
+    pub queue: String,
+    /// Deduplication id ([`MsgId`]).
+    pub id: String,
+    pub envelope: Envelope,
+}
+
+/// How the input delivery is settled once every output was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    Ack,
+    /// Hand the input back for redelivery after the delay.
+    Retry(Duration),
+    /// Ack, then stop the sidecar (the runtime timed out with crash-on-timeout; the input is
+    /// safely in x-sump, so it is never both in x-sump and redelivered).
+    AckThenExit,
+}
+
+/// Which `processed` counter a delivery adds to once its outputs are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Processed {
+    Success,
+    Error,
+}
+
+/// A failure to count (`messages_failed_total{reason}`) and log at DEBUG, together.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Failed {
+    pub reason: FailReason,
+    pub message: String,
+}
+
+/// Everything one delivery does, decided before any of it is done.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// Published together; the input is settled only after all were accepted.
+    pub outputs: Vec<Output>,
+    pub settle: Settlement,
+    /// Counted once the outputs were accepted (`None`: a retry, counted when settling).
+    pub processed: Option<Processed>,
+    pub failures: Vec<Failed>,
+    /// The error of the hop, for the gateway's hop report.
+    pub error: Option<ErrorInfo>,
+    /// Drop the runtime's pooled connections (it timed out and may still answer late).
+    pub reset_runtime: bool,
+    /// The runtime answered another request's id.
+    pub id_mismatch: bool,
+    /// The redelivery delay when publishing the outputs fails.
+    pub on_publish_failure: Duration,
+}
+
+impl Plan {
+    fn new(rules: &Rules, settle: Settlement, processed: Option<Processed>) -> Self {
+        Plan {
+            outputs: Vec::new(),
+            settle,
+            processed,
+            failures: Vec::new(),
+            error: None,
+            reset_runtime: false,
+            id_mismatch: false,
+            on_publish_failure: rules.resiliency.backoff(1),
+        }
+    }
+
+    fn failed(mut self, reason: FailReason, message: impl Into<String>) -> Self {
+        self.failures.push(Failed {
+            reason,
+            message: message.into(),
+        });
+        self
+    }
+}
+
+/// How the runtime is to be called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Invoke {
+    /// min(actor timeout, time left to the deadline).
+    pub timeout: Duration,
+    /// The deadline, not the actor timeout, bounds the call.
+    pub cut_by_deadline: bool,
+}
+
+/// What the runtime call came to (after routing any frames it returned).
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// Frames, routed (for a stream: the frames were published batch by batch as they
+    /// arrived, and this holds nothing left to publish).
+    Frames(Routed),
+    /// 204, or a JSON answer without frames: the input goes to x-sink as succeeded.
+    Abort,
+    /// 400: the runtime could not use the envelope.
+    Rejected(ErrorInfo),
+    /// 500, or an SSE `error` event: the handler raised.
+    Handler(ErrorInfo),
+    /// The call itself failed.
+    Runtime(RuntimeError),
+    /// Publishing streamed frames failed (already counted and logged).
+    Unpublished(ErrorInfo),
+}
+
+impl Answer {
+    fn error(&self) -> Option<ErrorInfo> {
+        match self {
+            Answer::Frames(_) | Answer::Abort => None,
+            Answer::Rejected(i) | Answer::Handler(i) | Answer::Unpublished(i) => Some(i.clone()),
+            Answer::Runtime(e) => Some(runtime_error_info(e)),
+        }
+    }
+}
+
+fn runtime_error_info(e: &RuntimeError) -> ErrorInfo {
+    ErrorInfo::new(e.error_type(), e.to_string())
+}
+
+/// The runtime call and what it came to.
+#[derive(Debug)]
+pub(crate) struct Call {
+    pub invoke: Invoke,
+    pub answer: Answer,
+}
+
+/// Routed frames: their outputs and the failures met while routing them.
+#[derive(Debug, Default)]
+pub(crate) struct Routed {
+    pub outputs: Vec<Output>,
+    pub failures: Vec<Failed>,
+}
+
+/// One frame turned into an outgoing envelope, before the policy has seen it.
+#[derive(Debug)]
+pub(crate) struct Candidate {
+    index: usize,
+    pub envelope: Envelope,
+    violation: Option<RouteViolation>,
+}
+
+impl Candidate {
+    /// Only frames that keep the route rules are shown to the policy.
+    pub fn wants_policy(&self) -> bool {
+        self.violation.is_none()
+    }
+}
+
+/// The x-sump envelope for bytes that are not an envelope: the raw body as a JSON string
+/// payload, the headers salvaged from a well-formed but invalid envelope, the parse error.
+pub(crate) fn unparseable_envelope(body: &[u8], e: &EnvelopeError) -> Envelope {
+    let text = String::from_utf8_lossy(body);
+    let payload = RawValue::from_string(serde_json::to_string(&text).expect("a string serialises"))
+        .expect("a JSON string is JSON");
+    let mut env = Envelope::new(unparseable_envelope_id(body), Route::default(), payload);
+    if let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body) {
+        if let Some(h) = obj.get("headers").and_then(|h| h.as_object()) {
+            env.headers = h.clone();
+        }
+    }
+    let kind = if e.is_parse() {
+        "ParseError"
+    } else {
+        "ValidationError"
+    };
+    env.status_mut().error = Some(ErrorInfo::new(kind, e.to_string()));
+    env
+}
+
+/// Step 1 failed: `h.input` is [`unparseable_envelope`] of the bytes; it goes to x-sump.
+pub(crate) fn unparseable(h: &Hop, e: &EnvelopeError) -> Plan {
+    let (fail, reason) = if e.is_parse() {
+        (FailReason::ParseError, Reason::ParseError)
+    } else {
+        (FailReason::ValidationError, Reason::ValidationError)
+    };
+    let why = Why {
+        reason,
+        error: None,
+        with_attempt: true,
+    };
+    let id = MsgId::unparseable(&h.input.id).to_string();
+    let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error))
+        .failed(fail, format!("unusable message: {e}"));
+    plan.outputs.push(to_sump(h, h.input.clone(), id, why));
+    plan
+}
+
+/// An end actor (x-sink, x-sump) records the final state; it never routes.
+pub(crate) fn end_of_route(rules: &Rules) -> Plan {
+    Plan::new(rules, Settlement::Ack, Some(Processed::Success))
+}
+
+/// Steps 2–4 before the runtime is called: the input may be done with already (wrong actor,
+/// past its deadline, delivered too often); else how to call the runtime.
+pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Plan> {
+    let input = h.input;
+    let res = &h.rules.resiliency;
+    if input.route.curr != *h.rules.actor {
+        let msg = format!(
+            "envelope for actor {:?} arrived at actor {:?}",
+            input.route.curr, h.rules.actor
+        );
+        let err = ErrorInfo::new("RouteMismatch", msg.clone());
+        return Err(
+            sump_input(h, Reason::RouteMismatch, Some(err)).failed(FailReason::RouteMismatch, msg)
+        );
+    }
+    let deadline = input.deadline();
+    if deadline.is_some_and(|d| d <= h.now) {
+        return Err(expired(h));
+    }
+    if h.attempt > res.max_attempts {
+        let msg = format!("delivered {} times, limit {}", h.attempt, res.max_attempts);
+        let err = ErrorInfo::new("MaxRetriesExhausted", msg.clone());
+        return Err(sump_input(h, Reason::MaxRetriesExhausted, Some(err))
+            .failed(FailReason::MaxRetriesExhausted, msg));
+    }
+    let left = deadline.map(|d| (d - h.now).to_std().unwrap_or_default());
+    Ok(match left {
+        Some(left) if left < res.actor_timeout => Invoke {
+            timeout: left,
+            cut_by_deadline: true,
+        },
+        _ => Invoke {
+            timeout: res.actor_timeout,
+            cut_by_deadline: false,
+        },
+    })
+}
+
+/// Frame `index` of the answer as an outgoing envelope (fan-out children get their own id
+/// and the input as parent), checked against the route rules.
+pub(crate) fn candidate(h: &Hop, index: usize, fanout: bool, frame: Frame) -> Candidate {
+    let mut out = frame.into_envelope(h.input);
+    if fanout {
+        out.parent_id = Some(h.input.id.clone());
+        out.id = MsgId::frame(&h.input.id, h.hop, index).child_id();
+    }
+    let violation = h.input.route.check_successor(&out.route).err();
+    Candidate {
+        index,
+        envelope: out,
+        violation,
+    }
+}
+
+/// Step 5 for one frame: route rules, the policy's decision (`None`: no policy, or the frame
+/// was not shown to it; `Err`: the policy failed), then its destination.
+pub(crate) fn route_frame(
+    h: &Hop,
+    routed: &mut Routed,
+    cand: Candidate,
+    policy: Option<Result<Decision, String>>,
+) {
+    let input = h.input;
+    let sump_id = MsgId::frame_sump(&input.id, h.hop, cand.index).to_string();
+    if let Some(v) = cand.violation {
+        routed.failures.push(Failed {
+            reason: FailReason::RouteMismatch,
+            message: format!("runtime rewrote route history: {v}"),
+        });
+        let why = Why {
+            reason: Reason::RouteMismatch,
+            error: Some(ErrorInfo::new("RouteMismatch", v.to_string())),
+            with_attempt: false,
+        };
+        routed.outputs.push(to_sump(h, input.clone(), sump_id, why));
+        return;
+    }
+    let mut out = cand.envelope;
+    let mut to_sink = out.route.is_finished();
+    let rejected = match policy {
+        None | Some(Ok(Decision::Keep)) => None,
+        Some(Ok(Decision::ReplaceRoute(route))) => match input.route.check_successor(&route) {
+            Ok(()) => {
+                out.route = route;
+                to_sink = out.route.is_finished();
+                None
+            }
+            Err(v) => Some(v.to_string()),
+        },
+        Some(Ok(Decision::SendToSink)) => {
+            to_sink = true;
+            None
+        }
+        Some(Ok(Decision::Reject(why) | Decision::SendToSump(why))) | Some(Err(why)) => Some(why),
+    };
+    if let Some(why) = rejected {
+        routed.failures.push(Failed {
+            reason: FailReason::PolicyRejected,
+            message: format!("policy rejected a frame: {why}"),
+        });
+        let why = Why {
+            reason: Reason::PolicyRejected,
+            error: Some(ErrorInfo::new("PolicyRejected", why)),
+            with_attempt: false,
+        };
+        routed.outputs.push(to_sump(h, out, sump_id, why));
+        return;
+    }
+    let id = MsgId::frame(&input.id, h.hop, cand.index).to_string();
+    let dest = if to_sink {
+        stamp(h, &mut out, Phase::Succeeded, Reason::Completed);
+        (MessageType::Sink, h.rules.sink_queue.clone())
+    } else {
+        (MessageType::Routing, h.rules.queue_of(&out.route.curr))
+    };
+    routed.outputs.push(emit(h, dest, id, out));
+}
+
+/// Steps 5–7 after the runtime call: what its answer means for the input.
+pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
+    let rules = h.rules;
+    let res = &rules.resiliency;
+    let error = call.answer.error();
+    let mut plan = match call.answer {
+        Answer::Frames(routed) => {
+            let mut plan = succeeded(h);
+            plan.outputs = routed.outputs;
+            plan.failures = routed.failures;
+            plan
+        }
+        Answer::Abort => {
+            let mut out = h.input.clone();
+            stamp(h, &mut out, Phase::Succeeded, Reason::Completed);
+            let id = MsgId::abort(&h.input.id, h.hop).to_string();
+            let mut plan = succeeded(h);
+            let dest = (MessageType::Sink, rules.sink_queue.clone());
+            plan.outputs.push(emit(h, dest, id, out));
+            plan
+        }
+        Answer::Unpublished(_) => Plan::new(
+            rules,
+            Settlement::Retry(res.backoff(h.attempt.max(1))),
+            None,
+        ),
+        Answer::Rejected(info) => {
+            let msg = format!("runtime rejected the envelope: {}", info.message);
+            sump_input(h, Reason::ParseError, Some(info)).failed(FailReason::ParseError, msg)
+        }
+        Answer::Runtime(RuntimeError::Timeout(_)) if call.invoke.cut_by_deadline => {
+            let mut plan = expired(h);
+            plan.reset_runtime = true;
+            plan
+        }
+        Answer::Runtime(RuntimeError::Timeout(t)) if res.crash_on_timeout => {
+            let err = ErrorInfo::new(
+                "Timeout",
+                format!("runtime did not answer within {t:?} (deadline exceeded)"),
+            );
+            let mut plan = sump_input(h, Reason::Timeout, Some(err)).failed(
+                FailReason::Timeout,
+                "runtime deadline exceeded; sending to sump and exiting",
+            );
+            plan.settle = Settlement::AckThenExit;
+            plan.reset_runtime = true;
+            plan
+        }
+        Answer::Runtime(e) => {
+            let timeout = matches!(e, RuntimeError::Timeout(_));
+            let reason = if timeout {
+                FailReason::Timeout
+            } else {
+                FailReason::RuntimeError
+            };
+            let mut plan = failed_call(h, runtime_error_info(&e), reason);
+            plan.reset_runtime = timeout;
+            plan.id_mismatch = matches!(e, RuntimeError::RequestIdMismatch { .. });
+            plan
+        }
+        Answer::Handler(info) => failed_call(h, info, FailReason::RuntimeError),
+    };
+    plan.error = error;
+    plan
+}
+
+/// The runtime call succeeded: ack once the outputs are accepted; a failed publish is
+/// retried with the backoff of this attempt.
+fn succeeded(h: &Hop) -> Plan {
+    let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Success));
+    plan.on_publish_failure = h.rules.resiliency.backoff(h.attempt.max(1));
+    plan
+}
+
+/// Step 6: retry while allowed, else x-sump.
+fn failed_call(h: &Hop, info: ErrorInfo, reason: FailReason) -> Plan {
+    let res = &h.rules.resiliency;
+    let retryable = res.is_retryable(&info.kind);
+    if retryable && h.attempt < res.max_attempts {
+        let delay = res.backoff(h.attempt);
+        return Plan::new(h.rules, Settlement::Retry(delay), None);
+    }
+    let msg = format!("handler failed ({}): {}", info.kind, info.message);
+    let mut failures = vec![Failed {
+        reason,
+        message: msg,
+    }];
+    let status_reason = if !retryable {
+        Reason::NonRetryableFailure
+    } else if res.max_attempts > 1 {
+        failures.push(Failed {
+            reason: FailReason::MaxRetriesExhausted,
+            message: format!("gave up after {} attempts", h.attempt),
+        });
+        Reason::MaxRetriesExhausted
+    } else {
+        Reason::RuntimeError
+    };
+    let mut plan = sump_input(h, status_reason, Some(info));
+    plan.failures.splice(0..0, failures);
+    plan
+}
+
+/// Step 3 (or a call cut short by the deadline): the input to x-sink, failed with reason
+/// Timeout, its payload untouched.
+fn expired(h: &Hop) -> Plan {
+    let mut out = h.input.clone();
+    stamp(h, &mut out, Phase::Failed, Reason::Timeout).error = Some(ErrorInfo::new(
+        "Timeout",
+        "deadline passed before processing finished",
+    ));
+    let id = MsgId::expired(&h.input.id, h.hop).to_string();
+    let dest = (MessageType::Sink, h.rules.sink_queue.clone());
+    let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Success)).failed(
+        FailReason::SlaExpired,
+        "deadline passed; sending to sink as failed",
+    );
+    plan.outputs.push(emit(h, dest, id, out));
+    plan
+}
+
+/// The input to x-sump (failed, `reason`, `error`), then ack.
+fn sump_input(h: &Hop, reason: Reason, error: Option<ErrorInfo>) -> Plan {
+    let id = MsgId::sump(&h.input.id, h.hop).to_string();
+    let why = Why {
+        reason,
+        error,
+        with_attempt: true,
+    };
+    let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error));
+    plan.outputs.push(to_sump(h, h.input.clone(), id, why));
+    plan
+}
+
+/// Why an envelope goes to x-sump.
+struct Why {
+    reason: Reason,
+    /// Replaces the envelope's `status.error` when given.
+    error: Option<ErrorInfo>,
+    /// Record the delivery count (`attempt`, `max_attempts`) in the status.
+    with_attempt: bool,
+}
+
+/// The x-sump message for `env` (the input, or a rejected frame): failed status with the
+/// reason and error, everything else as it was.
+fn to_sump(h: &Hop, mut env: Envelope, id: String, why: Why) -> Output {
+    let st = stamp(h, &mut env, Phase::Failed, why.reason);
+    if why.with_attempt && h.attempt > 0 {
+        st.attempt = Some(h.attempt);
+        st.max_attempts = Some(h.rules.resiliency.max_attempts);
+    }
+    if why.error.is_some() {
+        st.error = why.error;
+    }
+    let dest = (MessageType::Sump, h.rules.sump_queue.clone());
+    emit(h, dest, id, env)
+}
+
+/// The one status stamp: phase, reason, this actor, now. Returns the status for the rest.
+fn stamp<'e>(h: &Hop, env: &'e mut Envelope, phase: Phase, reason: Reason) -> &'e mut Status {
+    let st = env.status_mut();
+    st.phase = Some(phase);
+    st.reason = Some(reason);
+    st.actor = Some(h.rules.actor.to_string());
+    st.updated_at = Some(h.now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    st
+}
+
+/// An output of this hop: carries the hop's `traceparent`.
+fn emit(h: &Hop, (kind, queue): (MessageType, String), id: String, mut env: Envelope) -> Output {
+    if let Some(tp) = &h.traceparent {
+        env.headers.insert(
+            HEADER_TRACEPARENT.to_owned(),
+            serde_json::Value::from(tp.as_str()),
+        );
+    }
+    Output {
+        kind,
+        queue,
+        id,
+        envelope: env,
+    }
+}
+
+#[cfg(test)]
+mod tests;
