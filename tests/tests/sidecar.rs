@@ -704,3 +704,60 @@ async fn admin_server_serves_metrics_readiness_and_inflight() {
     stop.cancel();
     h.stop().await;
 }
+
+/// Each hop's span is the parent in the `traceparent` it sends on: same trace id and flags,
+/// a new span id per hop (the runtime echoes the header it received; the host replaces it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hop_sends_its_own_span_as_the_traceparent_parent() {
+    let mut h = Harness::start(|_| {});
+    // A second actor `b` on the same transport, with its own runtime.
+    let rt_b = common::RuntimeProcess::scripted();
+    let mut cfg_b = asya_host::config::SidecarConfig::new("b", common::NS, rt_b.dir.path());
+    cfg_b.ready_timeout = Duration::from_secs(20);
+    let deps_b = asya_host::sidecar::Deps::new(
+        std::sync::Arc::new(h.transport.clone()),
+        asya_host::metrics::Metrics::new("asya_actor"),
+    );
+    let stop_b = tokio_util::sync::CancellationToken::new();
+    let task_b = tokio::spawn(asya_host::sidecar::run(cfg_b, deps_b, stop_b.clone()));
+    let mut c = h.consumer("c").await;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let root = format!("00-{trace}-00f067aa0ba902b7-01");
+    let send = |id: &str, next: &[&str]| {
+        serde_json::to_vec(&json!({
+            "id": id,
+            "route": {"prev": [], "curr": "a", "next": next},
+            "headers": {"trace_id": trace, "traceparent": root},
+            "payload": {"op": "echo"},
+        }))
+        .unwrap()
+    };
+    let span_of = |v: &Value| -> String {
+        let tp = v["headers"]["traceparent"].as_str().expect("traceparent");
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[1], parts[3]), ("00", trace, "01"), "{tp}");
+        assert_eq!(parts[2].len(), 16);
+        assert_ne!(parts[2], "0000000000000000");
+        parts[2].to_owned()
+    };
+
+    // One hop (a -> c) and two hops (a -> b -> c).
+    h.send_raw(send("one", &["c"])).await;
+    let one = c.next().await;
+    assert_eq!(one["id"], "one");
+    let hop_a = span_of(&one);
+    h.send_raw(send("two", &["b", "c"])).await;
+    let two = c.next().await;
+    assert_eq!(two["id"], "two");
+    assert_eq!(two["route"]["prev"], json!(["a", "b"]));
+    let hop_b = span_of(&two);
+    assert_ne!(hop_a, "00f067aa0ba902b7", "hop a's span replaces the root");
+    assert_ne!(hop_b, "00f067aa0ba902b7", "two hops later, not the root");
+    assert_ne!(hop_a, hop_b, "every hop has its own span");
+
+    stop_b.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(20), task_b).await;
+    assert_eq!(h.stop().await, Exit::Shutdown);
+}

@@ -12,6 +12,8 @@ mod inflight;
 mod msgid;
 mod plan;
 mod report;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
