@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::queue::{EndActors, InvalidName, QueueName};
 use crate::transport::TransportKind;
 
 /// Names of every variable the sidecar reads.
@@ -152,21 +153,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// An actor name usable in a queue name.
+/// An actor or namespace name usable in a queue name ([`crate::queue::check_name`]).
 pub fn validate_actor_name(var: &'static str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError {
-            var,
-            message: format!("invalid actor name {name:?} (letters, digits, '-' and '_' only)"),
-        })
-    }
+    crate::queue::check_name("actor", name).map_err(|e| ConfigError {
+        var,
+        message: format!(
+            "invalid actor name {:?} (letters, digits, '-' and '_' only)",
+            e.name
+        ),
+    })
+}
+
+/// The end actors from `ASYA_ACTOR_SINK` and `ASYA_ACTOR_SUMP`.
+pub fn end_actors(src: &dyn Source) -> Result<EndActors, ConfigError> {
+    let r = Reader(src);
+    let d = EndActors::default();
+    let sink = r.string(vars::ACTOR_SINK, &d.sink);
+    validate_actor_name(vars::ACTOR_SINK, &sink)?;
+    let sump = r.string(vars::ACTOR_SUMP, &d.sump);
+    validate_actor_name(vars::ACTOR_SUMP, &sump)?;
+    Ok(EndActors { sink, sump })
 }
 
 /// Retry policy (`ASYA_RESILIENCY_*`).
@@ -233,8 +239,8 @@ pub struct SidecarConfig {
     /// `None` disables the admin server (in-process meshes run one for all actors).
     pub metrics_addr: Option<SocketAddr>,
     pub metrics_namespace: String,
-    pub sink: String,
-    pub sump: String,
+    /// Where finished and failed envelopes go.
+    pub ends: EndActors,
     pub is_end_actor: bool,
     pub shutdown_grace: Duration,
     /// Cap on a runtime response body and on a received message.
@@ -256,8 +262,7 @@ impl SidecarConfig {
             concurrency: 1,
             metrics_addr: None,
             metrics_namespace: "asya_actor".into(),
-            sink: "x-sink".into(),
-            sump: "x-sump".into(),
+            ends: EndActors::default(),
             is_end_actor: false,
             shutdown_grace: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
@@ -330,10 +335,7 @@ impl SidecarConfig {
                 message,
             })?),
         };
-        let sink = r.string(vars::ACTOR_SINK, "x-sink");
-        validate_actor_name(vars::ACTOR_SINK, &sink)?;
-        let sump = r.string(vars::ACTOR_SUMP, "x-sump");
-        validate_actor_name(vars::ACTOR_SUMP, &sump)?;
+        let ends = end_actors(src)?;
         let max_message_bytes: usize = r.parse(vars::MAX_MESSAGE_BYTES, 64usize << 20)?;
         Ok(SidecarConfig {
             actor,
@@ -346,8 +348,7 @@ impl SidecarConfig {
             concurrency,
             metrics_addr,
             metrics_namespace: r.string(vars::METRICS_NAMESPACE, "asya_actor"),
-            sink,
-            sump,
+            ends,
             is_end_actor: r.bool(vars::IS_END_ACTOR, false)?,
             shutdown_grace: r.duration(vars::SHUTDOWN_GRACE, Duration::from_secs(30))?,
             max_message_bytes,
@@ -355,12 +356,13 @@ impl SidecarConfig {
     }
 
     /// This actor's queue.
-    pub fn queue(&self) -> String {
-        crate::transport::queue_name(&self.namespace, &self.actor)
+    pub fn queue(&self) -> Result<QueueName, InvalidName> {
+        QueueName::new(&self.namespace, &self.actor)
     }
 
-    pub fn queue_of(&self, actor: &str) -> String {
-        crate::transport::queue_name(&self.namespace, actor)
+    /// The queue of `actor` in this sidecar's namespace.
+    pub fn queue_of(&self, actor: &str) -> Result<QueueName, InvalidName> {
+        QueueName::new(&self.namespace, actor)
     }
 }
 
@@ -385,7 +387,7 @@ mod tests {
         assert_eq!(err.var, vars::ACTOR_NAME);
         assert_eq!(err.to_string(), "ASYA_ACTOR_NAME: is required but not set");
         let c = SidecarConfig::from_source(&[("ASYA_ACTOR_NAME", "a")]).unwrap();
-        assert_eq!(c.queue(), "asya-default-a");
+        assert_eq!(c.queue().unwrap().to_string(), "asya-default-a");
         assert_eq!(c.transport, TransportKind::Nats);
         assert_eq!(
             c.socket_path,

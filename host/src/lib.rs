@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
+pub mod queue;
 pub mod runtime;
 pub mod sidecar;
 pub mod transport;

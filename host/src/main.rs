@@ -226,8 +226,13 @@ async fn provision(
     actors: &[String],
     nats_url: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    let locs = asya_host::transport::nats::provision_from(&ProcessEnv, namespace, actors, nats_url)
-        .await?;
+    use asya_host::transport::nats::{provision, NatsConfig};
+    let mut cfg = NatsConfig::from_source(&ProcessEnv)?;
+    if let Some(u) = nats_url {
+        cfg.url = u.to_owned();
+    }
+    let ends = asya_host::config::end_actors(&ProcessEnv)?;
+    let locs = provision(cfg, namespace, actors, &ends).await?;
     for l in locs {
         println!(
             "stream {} subject {} consumer {}",
@@ -290,6 +295,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     opts.gateway_token = args.gateway_token.filter(|t| !t.is_empty());
     opts.metrics_addr = addr("--metrics-addr", args.metrics_addr)?;
     opts.python = args.python;
+    opts.ends = asya_host::config::end_actors(&ProcessEnv)?;
     opts.task_timeout = parse_duration(&args.timeout)
         .ok()
         .filter(|d| !d.is_zero())

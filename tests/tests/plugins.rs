@@ -21,6 +21,7 @@ use asya_host::plugin::{
     self, Decision, PluginEngine, PluginError, PolicyChain, PolicyOptions, PolicySpec, RoutePolicy,
     World,
 };
+use asya_host::queue::QueueName;
 use asya_host::sidecar::{self, Deps, Exit, SidecarError};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Receiver, Transport};
@@ -150,7 +151,7 @@ impl Mesh {
         });
         self.transport
             .send(OutMessage {
-                queue: self.cfg.queue(),
+                queue: self.cfg.queue().expect("valid test actor"),
                 id: String::new(),
                 body: serde_json::to_vec(&env).unwrap().into(),
             })
@@ -161,7 +162,7 @@ impl Mesh {
     async fn consumer(&self, actor: &str) -> Consumer {
         Consumer(
             self.transport
-                .subscribe(&format!("asya-{NS}-{actor}"), 100)
+                .subscribe(&QueueName::new(NS, actor).unwrap(), 100)
                 .await
                 .expect("subscribe"),
         )

@@ -353,7 +353,7 @@ async fn hanging_runtime_times_out_sumps_acks_and_crashes_without_redelivery() {
     assert_eq!(status(&out)["reason"], "Timeout");
     assert_eq!(h.join().await, Exit::RuntimeTimeout);
     // Acked: nothing waits in the queue for redelivery.
-    assert_eq!(h.transport.depth(&h.cfg.queue()), 0);
+    assert_eq!(h.transport.depth(h.cfg.queue().unwrap()), 0);
     assert_eq!(
         metric_value(
             &h.scrape().await,
@@ -498,7 +498,11 @@ async fn shutdown_drains_in_flight_work_and_acks_it() {
     assert!(eventually(WAIT, || inflight.len() == 1).await);
     assert_eq!(h.stop().await, Exit::Shutdown);
     assert_eq!(b.next().await["id"], "slow");
-    assert_eq!(h.transport.depth(&h.cfg.queue()), 0, "acked, not requeued");
+    assert_eq!(
+        h.transport.depth(h.cfg.queue().unwrap()),
+        0,
+        "acked, not requeued"
+    );
     assert!(
         metric_value(
             &h.scrape().await,

@@ -151,10 +151,12 @@ pub fn sidecar_reporter(
     let r = Reader(src);
     let mut out: Vec<Arc<dyn Reporter>> = Vec::new();
     if let Some(url) = r.raw(gvars::URL) {
-        let rep = super::HttpReporter::new(&url, r.raw(gvars::TOKEN), &cfg.namespace, &cfg.sump)
-            .map_err(|e| ConfigError {
-                var: gvars::URL,
-                message: e.to_string(),
+        let rep =
+            super::HttpReporter::new(&url, r.raw(gvars::TOKEN), &cfg.ends.sump).map_err(|e| {
+                ConfigError {
+                    var: gvars::URL,
+                    message: e.to_string(),
+                }
             })?;
         out.push(Arc::new(rep));
     }

@@ -34,6 +34,7 @@ use crate::config::SidecarConfig;
 use crate::gateway::{self, Gateway, MemoryStore, SubmitRequest, TaskStatus, TaskView};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginEngine, PolicyChain, PolicyOptions};
+use crate::queue::EndActors;
 use crate::sidecar::{self, Deps, Exit, Inflight, Reporter};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::nats::{NatsConfig, NatsTransport};
@@ -89,6 +90,8 @@ pub struct UpOptions {
     pub ready_timeout: Duration,
     /// Show an interactive progress bar (`None`: when stderr is a terminal).
     pub progress_bar: Option<bool>,
+    /// The end actors (`ASYA_ACTOR_SINK`, `ASYA_ACTOR_SUMP`).
+    pub ends: EndActors,
 }
 
 impl UpOptions {
@@ -106,6 +109,7 @@ impl UpOptions {
             task_timeout: Duration::from_secs(300),
             ready_timeout: Duration::from_secs(60),
             progress_bar: None,
+            ends: EndActors::default(),
         }
     }
 }
@@ -215,6 +219,8 @@ pub enum MeshError {
     Runtime(#[from] RuntimeStartError),
     #[error("nats: {0}")]
     Transport(#[from] TransportError),
+    #[error("nats: {0}")]
+    Provision(#[from] crate::transport::nats::ProvisionError),
     #[error("interrupted")]
     Interrupted,
     #[error("actor {actor}: {source}")]
@@ -438,14 +444,11 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let (transport, kind): (Arc<dyn Transport>, TransportKind) = match &opts.transport {
         MeshTransport::Memory => (Arc::new(MemoryTransport::new()), TransportKind::Memory),
         MeshTransport::Nats(cfg) => {
-            let cfg = NatsConfig {
-                namespace: flow.namespace.clone(),
-                ..(**cfg).clone()
-            };
             let names: Vec<String> = flow.actors.iter().map(|a| a.name.clone()).collect();
-            crate::transport::nats::provision(cfg.clone(), &flow.namespace, &names).await?;
+            crate::transport::nats::provision((**cfg).clone(), &flow.namespace, &names, &opts.ends)
+                .await?;
             (
-                Arc::new(NatsTransport::connect(cfg).await?),
+                Arc::new(NatsTransport::connect((**cfg).clone()).await?),
                 TransportKind::Nats,
             )
         }
@@ -455,8 +458,8 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         transport.clone(),
         flow.namespace.clone(),
         flow.flows.clone(),
-        "x-sink".into(),
-        "x-sump".into(),
+        opts.ends.sink.clone(),
+        opts.ends.sump.clone(),
     );
     let stats = summary::StatsReporter::new(Some(gw.reporter()));
     let reporter: Arc<dyn Reporter> = stats.clone();
@@ -476,6 +479,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let mut checks: Vec<crate::admin::ReadyCheck> = Vec::new();
     for ((a, rc), proc) in flow.actors.iter().zip(runtime_cfgs).zip(procs) {
         let mut cfg = SidecarConfig::new(&a.name, &flow.namespace, &rc.socket_dir);
+        cfg.ends = opts.ends.clone();
         cfg.transport = kind;
         cfg.concurrency = a.concurrency;
         cfg.ready_timeout = opts.ready_timeout;
@@ -519,8 +523,9 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             restarts,
         });
     }
-    for end in ["x-sink", "x-sump"] {
+    for end in opts.ends.names() {
         let mut cfg = SidecarConfig::new(end, &flow.namespace, tmp.path());
+        cfg.ends = opts.ends.clone();
         cfg.transport = kind;
         cfg.is_end_actor = true;
         cfg.concurrency = 16;
@@ -609,8 +614,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     }
     run_result?;
     let mut names: Vec<String> = actors.iter().map(|a| a.name.clone()).collect();
-    names.push("x-sink".into());
-    names.push("x-sump".into());
+    names.extend(opts.ends.names().map(String::from));
     report.actors = stats.snapshot(&names);
     report.restarts = actors
         .iter()

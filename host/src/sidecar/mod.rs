@@ -20,7 +20,7 @@ use crate::config::SidecarConfig;
 use crate::metrics::{ActorMetrics, Metrics};
 use crate::plugin::RoutePolicy;
 use crate::runtime::{RuntimeClient, RuntimeError};
-use crate::transport::{Receiver, Transport, TransportError};
+use crate::transport::{QueueName, Receiver, Transport, TransportError};
 
 pub use inflight::{Inflight, InflightRow, Stage};
 pub use report::{HopReport, Report, Reporter};
@@ -40,6 +40,8 @@ pub enum Exit {
 pub enum SidecarError {
     #[error("runtime is not ready: {0}")]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::InvalidName),
     #[error("cannot consume queue {queue}: {source}")]
     Subscribe {
         queue: String,
@@ -89,9 +91,9 @@ impl Deps {
 struct Shared {
     cfg: SidecarConfig,
     actor: Arc<str>,
-    queue: String,
-    sink_queue: String,
-    sump_queue: String,
+    queue: QueueName,
+    sink_queue: QueueName,
+    sump_queue: QueueName,
     transport: Arc<dyn Transport>,
     runtime: Arc<RuntimeClient>,
     metrics: ActorMetrics,
@@ -107,7 +109,9 @@ pub async fn run(
     deps: Deps,
     shutdown: CancellationToken,
 ) -> Result<Exit, SidecarError> {
-    let queue = cfg.queue();
+    let queue = cfg.queue()?;
+    let sink_queue = queue.sibling(&cfg.ends.sink)?;
+    let sump_queue = queue.sibling(&cfg.ends.sump)?;
     let runtime = Arc::new(RuntimeClient::new(&cfg.socket_path, cfg.max_message_bytes));
     if !cfg.is_end_actor {
         info!(actor = %cfg.actor, socket = %cfg.socket_path.display(), "waiting for runtime");
@@ -122,7 +126,7 @@ pub async fn run(
         .subscribe(&queue, cfg.concurrency)
         .await
         .map_err(|source| SidecarError::Subscribe {
-            queue: queue.clone(),
+            queue: queue.to_string(),
             source,
         })?;
     deps.readiness.consuming.store(true, Ordering::Relaxed);
@@ -130,9 +134,13 @@ pub async fn run(
 
     let shared = Arc::new(Shared {
         actor: Arc::from(cfg.actor.as_str()),
-        sink_queue: cfg.queue_of(&cfg.sink),
-        sump_queue: cfg.queue_of(&cfg.sump),
-        metrics: ActorMetrics::new(deps.metrics.clone(), &queue, deps.transport.kind().as_str()),
+        sink_queue,
+        sump_queue,
+        metrics: ActorMetrics::new(
+            deps.metrics.clone(),
+            queue.as_str(),
+            deps.transport.kind().as_str(),
+        ),
         queue,
         transport: deps.transport.clone(),
         runtime,

@@ -141,7 +141,12 @@ pub(super) async fn settle(s: &Shared, h: Handled) {
     let settled = match settle {
         Settle::Ack => acker.ack().await,
         Settle::Retry(delay) => {
-            m.sent(&s.queue, MessageType::Retry, Duration::ZERO, body_len);
+            m.sent(
+                s.queue.as_str(),
+                MessageType::Retry,
+                Duration::ZERO,
+                body_len,
+            );
             m.processed_retry.inc();
             acker.nack(delay).await
         }
@@ -558,7 +563,13 @@ async fn route_frame(
         st.updated_at = Some(now_rfc3339());
         (s.sink_queue.clone(), MessageType::Sink)
     } else {
-        (s.cfg.queue_of(&out.route.curr), MessageType::Routing)
+        let queue = s.queue.sibling(&out.route.curr).map_err(|e| {
+            Failure::Transport(TransportError::Queue {
+                queue: out.route.curr.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        (queue, MessageType::Routing)
     };
     debug!(actor = %s.actor, envelope_id = %out.id, trace_id = %out.trace_id(), %queue, "routing");
     let msg = OutMessage {
@@ -658,7 +669,7 @@ async fn send(
     let len = msg.body.len();
     let queue = msg.queue.clone();
     s.transport.send(msg).await?;
-    s.metrics.sent(&queue, ty, t.elapsed(), len);
+    s.metrics.sent(queue.as_str(), ty, t.elapsed(), len);
     log.sent.push((queue, ty));
     Ok(())
 }

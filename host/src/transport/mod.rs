@@ -12,6 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use crate::queue::QueueName;
+
 pub mod conformance;
 pub mod memory;
 pub mod nats;
@@ -68,8 +70,8 @@ impl TransportError {
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct OutMessage {
-    /// Destination queue name (`asya-<ns>-<actor>`).
-    pub queue: String,
+    /// Destination queue.
+    pub queue: QueueName,
     /// Deterministic message id, used for deduplication where the transport supports it.
     pub id: String,
     pub body: Bytes,
@@ -87,7 +89,7 @@ pub trait Transport: Send + Sync + 'static {
     /// worker in the background.
     async fn subscribe(
         &self,
-        queue: &str,
+        queue: &QueueName,
         prefetch: usize,
     ) -> Result<Box<dyn Receiver>, TransportError>;
 
@@ -104,7 +106,7 @@ pub trait Transport: Send + Sync + 'static {
     }
 
     /// Make sure `queues` exist (idempotent).
-    async fn ensure_queues(&self, _queues: &[String]) -> Result<(), TransportError> {
+    async fn ensure_queues(&self, _queues: &[QueueName]) -> Result<(), TransportError> {
         Ok(())
     }
 
@@ -158,11 +160,6 @@ impl std::fmt::Debug for Delivery {
             .field("attempt", &self.attempt)
             .finish()
     }
-}
-
-/// Queue name of `actor` in `namespace` (SPEC §5).
-pub fn queue_name(namespace: &str, actor: &str) -> String {
-    format!("asya-{namespace}-{actor}")
 }
 
 /// The transport a standalone sidecar uses, from `ASYA_TRANSPORT` and its variables.

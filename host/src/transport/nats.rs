@@ -25,8 +25,11 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
+use super::{
+    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+};
 use crate::config::{ConfigError, Reader, Source};
+use crate::queue::EndActors;
 
 /// Variables of the NATS transport.
 pub mod vars {
@@ -74,9 +77,6 @@ const PULL_RETRY: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, PartialEq)]
 pub struct NatsConfig {
     pub url: String,
-    /// The sidecar's namespace (`ASYA_NAMESPACE`): queue names of this namespace are split
-    /// at it, so namespaces may contain `-`.
-    pub namespace: String,
     pub creds: Option<PathBuf>,
     pub nkey: Option<String>,
     pub user_password: Option<(String, String)>,
@@ -99,7 +99,6 @@ impl NatsConfig {
     pub fn new(url: &str) -> Self {
         NatsConfig {
             url: url.to_owned(),
-            namespace: "default".into(),
             creds: None,
             nkey: None,
             user_password: None,
@@ -199,7 +198,6 @@ impl NatsConfig {
         };
         let cfg = NatsConfig {
             url,
-            namespace: r.string(crate::config::vars::NAMESPACE, "default"),
             creds: r.raw(vars::CREDS).map(PathBuf::from),
             nkey: r.raw(vars::NKEY),
             user_password,
@@ -266,40 +264,17 @@ pub struct Location {
     pub consumer: String,
 }
 
-/// The JetStream layout of `queue` (`asya-<ns>-<actor>`). Queues of `namespace` are split
-/// at it; any other queue at its first `-` after `asya-`.
-pub fn locate(namespace: &str, queue: &str) -> Result<Location, TransportError> {
-    let bad = |why: &str| TransportError::Queue {
-        queue: queue.to_owned(),
-        message: why.to_owned(),
-    };
-    let rest = queue
-        .strip_prefix("asya-")
-        .ok_or_else(|| bad("queue names start with `asya-`"))?;
-    let (ns, actor) = match rest
-        .strip_prefix(namespace)
-        .and_then(|r| r.strip_prefix('-'))
-    {
-        Some(actor) if !namespace.is_empty() => (namespace, actor),
-        _ => rest
-            .split_once('-')
-            .ok_or_else(|| bad("queue names are `asya-<namespace>-<actor>`"))?,
-    };
-    let token_ok = |t: &str| {
-        !t.is_empty()
-            && t.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if !token_ok(ns) || !token_ok(actor) {
-        return Err(bad(
-            "namespace and actor may only use letters, digits, '-' and '_'",
-        ));
+impl Location {
+    /// The JetStream layout of `queue`: stream `asya-<ns>`, subject `asya.<ns>.<actor>`,
+    /// consumer `<actor>` (the name's parts are valid subject tokens by construction).
+    pub fn of(queue: &QueueName) -> Location {
+        let (ns, actor) = (queue.namespace(), queue.actor());
+        Location {
+            stream: format!("asya-{ns}"),
+            subject: format!("asya.{ns}.{actor}"),
+            consumer: actor.to_owned(),
+        }
     }
-    Ok(Location {
-        stream: format!("asya-{ns}"),
-        subject: format!("asya.{ns}.{actor}"),
-        consumer: actor.to_owned(),
-    })
 }
 
 fn broker(
@@ -408,10 +383,6 @@ impl NatsTransport {
         &self.inner.client
     }
 
-    pub fn locate(&self, queue: &str) -> Result<Location, TransportError> {
-        locate(&self.inner.cfg.namespace, queue)
-    }
-
     fn stream_config(&self, loc: &Location) -> stream::Config {
         let ns_subjects = match loc.subject.rsplit_once('.') {
             Some((prefix, _)) => format!("{prefix}.>"),
@@ -477,9 +448,9 @@ impl NatsTransport {
     /// Create or update the stream and the durable consumer of `queue` (idempotent).
     async fn ensure_queue(
         &self,
-        queue: &str,
+        queue: &QueueName,
     ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
-        let loc = self.locate(queue)?;
+        let loc = Location::of(queue);
         self.ensure_stream(&loc, false).await?;
         let stream = self
             .inner
@@ -491,7 +462,7 @@ impl NatsTransport {
             .create_consumer(self.consumer_config(&loc))
             .await
             .map_err(|e| TransportError::Queue {
-                queue: queue.to_owned(),
+                queue: queue.to_string(),
                 message: format!("cannot create or update consumer {}: {e}", loc.consumer),
             })
     }
@@ -500,7 +471,7 @@ impl NatsTransport {
         &self,
         msg: &OutMessage,
     ) -> Result<jetstream::context::PublishAckFuture, TransportError> {
-        let loc = self.locate(&msg.queue)?;
+        let loc = Location::of(&msg.queue);
         let publish = jetstream::message::PublishMessage::build()
             .payload(msg.body.clone())
             .message_id(&msg.id);
@@ -528,7 +499,7 @@ impl NatsTransport {
                 }
                 Err(e) => {
                     first_err.get_or_insert(TransportError::Queue {
-                        queue: msgs[i].queue.clone(),
+                        queue: msgs[i].queue.to_string(),
                         message: format!("publish not acknowledged: {e}"),
                     });
                 }
@@ -541,31 +512,20 @@ impl NatsTransport {
     }
 }
 
-/// Create the stream and consumers of `actors` (plus `sink` and `sump`) in `namespace`.
-/// Idempotent; existing streams and consumers are updated to the configuration.
+/// Create the stream and the durable consumers of `actors` of `namespace` and of its end
+/// actors `ends` (`asya-host provision`, `asya-host up --transport nats`). Idempotent;
+/// existing streams and consumers are updated to the configuration.
 pub async fn provision(
     cfg: NatsConfig,
     namespace: &str,
     actors: &[String],
-) -> Result<Vec<Location>, TransportError> {
-    let t = NatsTransport::connect(NatsConfig {
-        namespace: namespace.to_owned(),
-        ..cfg
-    })
-    .await?;
-    let mut queues: Vec<String> = actors
-        .iter()
-        .map(|a| super::queue_name(namespace, a))
-        .collect();
-    for end in ["x-sink", "x-sump"] {
-        let q = super::queue_name(namespace, end);
-        if !queues.contains(&q) {
-            queues.push(q);
-        }
-    }
+    ends: &EndActors,
+) -> Result<Vec<Location>, ProvisionError> {
+    let queues = provision_queues(namespace, actors, ends)?;
+    let t = NatsTransport::connect(cfg).await?;
     let mut out = Vec::new();
     for (i, q) in queues.iter().enumerate() {
-        let loc = t.locate(q)?;
+        let loc = Location::of(q);
         // Update the stream once per run so changed settings (duplicate window) apply.
         t.ensure_stream(&loc, i == 0).await?;
         t.ensure_queue(q).await?;
@@ -574,39 +534,23 @@ pub async fn provision(
     Ok(out)
 }
 
-/// `asya-host provision`: configuration from `src` (`ASYA_NATS_*`, `ASYA_ACTOR_SINK`,
-/// `ASYA_ACTOR_SUMP`), `url` overriding `ASYA_NATS_URL`.
-pub async fn provision_from(
-    src: &dyn Source,
+/// The queues [`provision`] creates: the actors', then the end actors'.
+fn provision_queues(
     namespace: &str,
     actors: &[String],
-    url: Option<&str>,
-) -> Result<Vec<Location>, ProvisionError> {
-    use crate::config::{validate_actor_name, vars as cv};
-    let mut cfg = NatsConfig::from_source(src)?;
-    if let Some(u) = url {
-        cfg.url = u.to_owned();
-    }
-    validate_actor_name(cv::NAMESPACE, namespace)?;
-    let r = Reader(src);
-    let mut all: Vec<String> = Vec::new();
-    for a in actors.iter().cloned().chain([
-        r.string(cv::ACTOR_SINK, "x-sink"),
-        r.string(cv::ACTOR_SUMP, "x-sump"),
-    ]) {
-        validate_actor_name(cv::ACTOR_NAME, &a)?;
-        if !all.contains(&a) {
-            all.push(a);
-        }
-    }
-    Ok(provision(cfg, namespace, &all).await?)
+    ends: &EndActors,
+) -> Result<Vec<QueueName>, crate::queue::InvalidName> {
+    ends.with_actors(actors.iter().map(String::as_str))
+        .iter()
+        .map(|a| QueueName::new(namespace, a))
+        .collect()
 }
 
 /// Why `provision` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Name(#[from] crate::queue::InvalidName),
     #[error(transparent)]
     Transport(#[from] TransportError),
 }
@@ -619,7 +563,7 @@ impl Transport for NatsTransport {
 
     async fn subscribe(
         &self,
-        queue: &str,
+        queue: &QueueName,
         prefetch: usize,
     ) -> Result<Box<dyn Receiver>, TransportError> {
         let consumer = self.ensure_queue(queue).await?;
@@ -631,7 +575,7 @@ impl Transport for NatsTransport {
             permits,
             tx,
             self.inner.reconnected.clone(),
-            queue.to_owned(),
+            queue.to_string(),
         ));
         Ok(Box::new(NatsReceiver {
             rx,
@@ -653,20 +597,20 @@ impl Transport for NatsTransport {
         // The namespace stream does not exist yet: create it and publish those again.
         let retry: Vec<OutMessage> = missing.into_iter().map(|i| msgs[i].clone()).collect();
         for m in &retry {
-            let loc = self.locate(&m.queue)?;
+            let loc = Location::of(&m.queue);
             self.ensure_stream(&loc, true).await?;
         }
         let still = self.publish_all(&retry).await?;
         match still.first() {
             None => Ok(()),
             Some(&i) => Err(TransportError::Queue {
-                queue: retry[i].queue.clone(),
+                queue: retry[i].queue.to_string(),
                 message: "no stream accepts this subject".into(),
             }),
         }
     }
 
-    async fn ensure_queues(&self, queues: &[String]) -> Result<(), TransportError> {
+    async fn ensure_queues(&self, queues: &[QueueName]) -> Result<(), TransportError> {
         for q in queues {
             self.ensure_queue(q).await?;
         }
@@ -904,15 +848,24 @@ mod tests {
 
     #[test]
     fn layout() {
-        let l = locate("prod-eu", "asya-prod-eu-text-clean").unwrap();
+        let l = Location::of(&QueueName::new("prod-eu", "text-clean").unwrap());
         assert_eq!(l.stream, "asya-prod-eu");
         assert_eq!(l.subject, "asya.prod-eu.text-clean");
         assert_eq!(l.consumer, "text-clean");
-        let l = locate("default", "asya-other-x-sink").unwrap();
+        let l = Location::of(&QueueName::new("other", "x-sink").unwrap());
         assert_eq!(l.subject, "asya.other.x-sink");
-        assert!(locate("default", "queue").is_err());
-        assert!(locate("default", "asya-nodash").is_err());
-        assert!(locate("default", "asya-a-b.c").is_err());
+    }
+
+    #[test]
+    fn provision_queues_end_with_the_configured_end_actors() {
+        let ends = EndActors {
+            sink: "done".into(),
+            sump: "x-sump".into(),
+        };
+        let qs = provision_queues("n", &["a".into(), "x-sump".into()], &ends).unwrap();
+        let names: Vec<String> = qs.iter().map(|q| q.to_string()).collect();
+        assert_eq!(names, ["asya-n-a", "asya-n-x-sump", "asya-n-done"]);
+        assert!(provision_queues("n", &["a.b".into()], &ends).is_err());
     }
 
     #[test]

@@ -36,7 +36,9 @@ use wasmtime::Store;
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
-use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
+use super::{
+    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+};
 use crate::config::{ConfigError, Reader, Source};
 use crate::metrics::Metrics;
 use crate::plugin::bindings::{
@@ -662,7 +664,7 @@ impl Transport for WasmTransport {
 
     async fn subscribe(
         &self,
-        queue: &str,
+        queue: &QueueName,
         prefetch: usize,
     ) -> Result<Box<dyn Receiver>, TransportError> {
         let prefetch = prefetch.clamp(1, 4096);
@@ -674,7 +676,7 @@ impl Transport for WasmTransport {
         let drained = Arc::new(Notify::new());
         tokio::spawn(receive_loop(
             conn,
-            queue.to_owned(),
+            queue.to_string(),
             prefetch,
             sem,
             tx,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use asya_host::config::SidecarConfig;
 use asya_host::metrics::Metrics;
+use asya_host::queue::QueueName;
 use asya_host::sidecar::{self, Deps, Exit, SidecarError};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Receiver, Transport};
@@ -106,15 +107,15 @@ impl Harness {
         }
     }
 
-    pub fn queue(actor: &str) -> String {
-        format!("asya-{NS}-{actor}")
+    pub fn queue(actor: &str) -> QueueName {
+        QueueName::new(NS, actor).expect("valid test actor")
     }
 
     /// Publish raw bytes to this actor's queue.
     pub async fn send_raw(&self, body: impl Into<Bytes>) {
         self.transport
             .send(OutMessage {
-                queue: self.cfg.queue(),
+                queue: self.cfg.queue().expect("valid test actor"),
                 id: String::new(),
                 body: body.into(),
             })
