@@ -148,3 +148,35 @@ fn wait_output(mut child: std::process::Child, limit: std::time::Duration) -> st
     }
     child.wait_with_output().expect("output")
 }
+
+/// `--help` of `sidecar`, `gateway` and `up` lists the variables each reads, with their
+/// defaults, from the definitions the parsers use.
+#[test]
+fn help_lists_the_variables_with_their_defaults() {
+    for (cmd, var, default) in [
+        ("sidecar", "ASYA_CONCURRENCY", "[default 1]"),
+        ("sidecar", "ASYA_RUNTIME_READY_TIMEOUT", "[default 300s]"),
+        ("sidecar", "ASYA_NATS_ACK_WAIT", "[default 30s]"),
+        ("sidecar", "ASYA_ACTOR_NAME", "[required]"),
+        ("gateway", "ASYA_GATEWAY_ADDR", "[default :8090]"),
+        (
+            "gateway",
+            "ASYA_GATEWAY_KV_BUCKET",
+            "[default asya-<namespace>-tasks]",
+        ),
+        ("up", "ASYA_ACTOR_SINK", "[default x-sink]"),
+        ("up", "ASYA_NATS_URL", "[default nats://127.0.0.1:4222]"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+            .args([cmd, "--help"])
+            .output()
+            .expect("binary runs");
+        assert!(out.status.success(), "{cmd} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let line = help
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(var))
+            .unwrap_or_else(|| panic!("{cmd} --help does not list {var}:\n{help}"));
+        assert!(line.contains(default), "{cmd} --help: {line}");
+    }
+}

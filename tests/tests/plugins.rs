@@ -22,9 +22,10 @@ use asya_host::plugin::{
     World,
 };
 use asya_host::queue::QueueName;
-use asya_host::sidecar::{self, Deps, Exit, SidecarError};
+use asya_host::sidecar::{Exit, SidecarError};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Receiver, Transport};
+use asya_host::SidecarBuilder;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -127,10 +128,12 @@ impl Mesh {
         let chain = PolicyChain::load(&engine(), specs, opts(), Some(metrics.clone()))
             .await
             .expect("policies load");
-        let mut deps = Deps::new(Arc::new(transport.clone()), metrics.clone());
-        deps.policy = Some(Arc::new(chain));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(sidecar::run(cfg.clone(), deps, shutdown.clone()));
+        let task = SidecarBuilder::new(cfg.clone(), Arc::new(transport.clone()))
+            .metrics(metrics.clone())
+            .policy(Some(Arc::new(chain)))
+            .build()
+            .spawn(shutdown.clone());
         Mesh {
             _runtime: runtime,
             transport,

@@ -28,40 +28,96 @@ use tracing::{debug, info, warn};
 use super::{
     Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
 };
-use crate::config::{ConfigError, Reader, Source};
+use crate::config::{ConfigError, Reader, Source, Var};
 use crate::queue::EndActors;
 
 /// Variables of the NATS transport.
 pub mod vars {
-    /// Server URL(s), comma-separated for a cluster (`nats://host:4222,nats://host2:4222`).
-    pub const URL: &str = "ASYA_NATS_URL";
-    /// A `.creds` file (JWT + nkey seed).
-    pub const CREDS: &str = "ASYA_NATS_CREDS";
-    /// An nkey seed (`SU...`).
-    pub const NKEY: &str = "ASYA_NATS_NKEY";
-    pub const USER: &str = "ASYA_NATS_USER";
-    pub const PASSWORD: &str = "ASYA_NATS_PASSWORD";
-    pub const TOKEN: &str = "ASYA_NATS_TOKEN";
-    /// PEM file of CA certificates to trust (implies TLS).
-    pub const TLS_CA: &str = "ASYA_NATS_TLS_CA";
-    /// PEM client certificate and key for mutual TLS (both or neither).
-    pub const TLS_CERT: &str = "ASYA_NATS_TLS_CERT";
-    pub const TLS_KEY: &str = "ASYA_NATS_TLS_KEY";
-    /// Refuse to connect without TLS.
-    pub const TLS_REQUIRED: &str = "ASYA_NATS_TLS_REQUIRED";
-    pub const CONNECT_TIMEOUT: &str = "ASYA_NATS_CONNECT_TIMEOUT";
-    /// Stream duplicate window (dedup of `Nats-Msg-Id`).
-    pub const DUPLICATE_WINDOW: &str = "ASYA_NATS_DUPLICATE_WINDOW";
-    /// Consumer ack wait: an unacked delivery is redelivered after this long.
-    pub const ACK_WAIT: &str = "ASYA_NATS_ACK_WAIT";
-    /// Consumer max deliveries; `-1` (default) = unlimited, the host decides.
-    pub const MAX_DELIVER: &str = "ASYA_NATS_MAX_DELIVER";
-    /// Consumer-wide cap on unacked deliveries (all replicas of an actor together).
-    pub const MAX_ACK_PENDING: &str = "ASYA_NATS_MAX_ACK_PENDING";
-    /// Stream replicas (1, or 3/5 in a cluster).
-    pub const REPLICAS: &str = "ASYA_NATS_REPLICAS";
-    /// `file` (default) or `memory`.
-    pub const STORAGE: &str = "ASYA_NATS_STORAGE";
+    use crate::config::Var;
+
+    pub const URL: Var = Var::new(
+        "ASYA_NATS_URL",
+        "nats://127.0.0.1:4222",
+        "server URL(s), comma-separated for a cluster",
+    );
+    pub const CREDS: Var = Var::optional("ASYA_NATS_CREDS", "a .creds file (JWT + nkey seed)");
+    pub const NKEY: Var = Var::optional("ASYA_NATS_NKEY", "an nkey seed (SU...)");
+    pub const USER: Var = Var::optional("ASYA_NATS_USER", "user name (with ASYA_NATS_PASSWORD)");
+    pub const PASSWORD: Var = Var::optional("ASYA_NATS_PASSWORD", "password (with ASYA_NATS_USER)");
+    pub const TOKEN: Var = Var::optional("ASYA_NATS_TOKEN", "authentication token");
+    pub const TLS_CA: Var = Var::optional(
+        "ASYA_NATS_TLS_CA",
+        "PEM file of CA certificates to trust (implies TLS)",
+    );
+    pub const TLS_CERT: Var = Var::optional(
+        "ASYA_NATS_TLS_CERT",
+        "PEM client certificate for mutual TLS (with ASYA_NATS_TLS_KEY)",
+    );
+    pub const TLS_KEY: Var = Var::optional(
+        "ASYA_NATS_TLS_KEY",
+        "PEM client key for mutual TLS (with ASYA_NATS_TLS_CERT)",
+    );
+    pub const TLS_REQUIRED: Var = Var::new(
+        "ASYA_NATS_TLS_REQUIRED",
+        "false",
+        "refuse to connect without TLS",
+    );
+    pub const CONNECT_TIMEOUT: Var = Var::new(
+        "ASYA_NATS_CONNECT_TIMEOUT",
+        "5s",
+        "timeout of one connection attempt",
+    );
+    pub const DUPLICATE_WINDOW: Var = Var::new(
+        "ASYA_NATS_DUPLICATE_WINDOW",
+        "2m",
+        "stream duplicate window (dedup of Nats-Msg-Id); longer than the ack wait",
+    );
+    pub const ACK_WAIT: Var = Var::new(
+        "ASYA_NATS_ACK_WAIT",
+        "30s",
+        "an unacked delivery is redelivered after this long",
+    );
+    pub const MAX_DELIVER: Var = Var::new(
+        "ASYA_NATS_MAX_DELIVER",
+        "-1",
+        "consumer max deliveries; -1 = unlimited, the host decides",
+    );
+    pub const MAX_ACK_PENDING: Var = Var::new(
+        "ASYA_NATS_MAX_ACK_PENDING",
+        "1024",
+        "consumer-wide cap on unacked deliveries (all replicas of an actor)",
+    );
+    pub const REPLICAS: Var = Var::new(
+        "ASYA_NATS_REPLICAS",
+        "1",
+        "stream replicas (1, or 3/5 in a cluster)",
+    );
+    pub const STORAGE: Var = Var::new(
+        "ASYA_NATS_STORAGE",
+        "file",
+        "stream storage: file or memory",
+    );
+
+    /// Every variable of the NATS transport, in `--help` order.
+    pub const ALL: &[Var] = &[
+        URL,
+        CREDS,
+        NKEY,
+        USER,
+        PASSWORD,
+        TOKEN,
+        TLS_CA,
+        TLS_CERT,
+        TLS_KEY,
+        TLS_REQUIRED,
+        CONNECT_TIMEOUT,
+        DUPLICATE_WINDOW,
+        ACK_WAIT,
+        MAX_DELIVER,
+        MAX_ACK_PENDING,
+        REPLICAS,
+        STORAGE,
+    ];
 }
 
 /// How long one pull request waits on the server for messages. No idle heartbeat: in
@@ -95,33 +151,20 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
-    /// Defaults for a server at `url`.
+    /// The variables' defaults, for a server at `url`.
     pub fn new(url: &str) -> Self {
+        let unset: [(&str, &str); 0] = [];
         NatsConfig {
             url: url.to_owned(),
-            creds: None,
-            nkey: None,
-            user_password: None,
-            token: None,
-            tls_ca: None,
-            tls_client: None,
-            tls_required: false,
-            connect_timeout: Duration::from_secs(5),
-            duplicate_window: Duration::from_secs(120),
-            ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            max_ack_pending: 1024,
-            replicas: 1,
-            storage: stream::StorageType::File,
+            ..NatsConfig::from_source(&unset).expect("the defaults of ASYA_NATS_* are valid")
         }
     }
 
-    /// Read every `ASYA_NATS_*` variable (and `ASYA_NAMESPACE`) from `src`.
+    /// Read every `ASYA_NATS_*` variable from `src`.
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         let r = Reader(src);
-        let d = NatsConfig::new("nats://127.0.0.1:4222");
-        let err = |var: &'static str, message: String| ConfigError { var, message };
-        let url = r.string(vars::URL, &d.url);
+        let err = |var: Var, message: String| var.error(message);
+        let url = r.string(vars::URL);
         for part in url.split(',') {
             let p = part.trim();
             if p.is_empty() || p.contains(char::is_whitespace) {
@@ -182,11 +225,7 @@ impl NatsConfig {
                 ),
             ));
         }
-        let storage = match r
-            .string(vars::STORAGE, "file")
-            .to_ascii_lowercase()
-            .as_str()
-        {
+        let storage = match r.string(vars::STORAGE).to_ascii_lowercase().as_str() {
             "file" => stream::StorageType::File,
             "memory" => stream::StorageType::Memory,
             other => {
@@ -204,13 +243,13 @@ impl NatsConfig {
             token: r.raw(vars::TOKEN),
             tls_ca: r.raw(vars::TLS_CA).map(PathBuf::from),
             tls_client,
-            tls_required: r.bool(vars::TLS_REQUIRED, false)?,
-            connect_timeout: r.duration(vars::CONNECT_TIMEOUT, d.connect_timeout)?,
-            duplicate_window: r.duration(vars::DUPLICATE_WINDOW, d.duplicate_window)?,
-            ack_wait: r.duration(vars::ACK_WAIT, d.ack_wait)?,
-            max_deliver: r.parse(vars::MAX_DELIVER, d.max_deliver)?,
-            max_ack_pending: r.parse(vars::MAX_ACK_PENDING, d.max_ack_pending)?,
-            replicas: r.parse(vars::REPLICAS, d.replicas)?,
+            tls_required: r.bool(vars::TLS_REQUIRED)?,
+            connect_timeout: r.duration(vars::CONNECT_TIMEOUT)?,
+            duplicate_window: r.duration(vars::DUPLICATE_WINDOW)?,
+            ack_wait: r.duration(vars::ACK_WAIT)?,
+            max_deliver: r.parse(vars::MAX_DELIVER)?,
+            max_ack_pending: r.parse(vars::MAX_ACK_PENDING)?,
+            replicas: r.parse(vars::REPLICAS)?,
             storage,
         };
         cfg.validate()?;
@@ -219,7 +258,7 @@ impl NatsConfig {
 
     /// Cross-field checks, one-line errors naming the variable.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |var: &'static str, message: String| Err(ConfigError { var, message });
+        let err = |var: Var, message: String| Err(var.error(message));
         if self.ack_wait < Duration::from_millis(100) {
             return err(vars::ACK_WAIT, "must be at least 100ms".into());
         }
@@ -365,13 +404,6 @@ impl NatsTransport {
                 reconnected,
             }),
         })
-    }
-
-    /// From `ASYA_NATS_*` variables.
-    pub async fn from_source(src: &dyn Source) -> Result<Self, TransportError> {
-        let cfg =
-            NatsConfig::from_source(src).map_err(|e| broker("invalid NATS configuration", e))?;
-        Self::connect(cfg).await
     }
 
     pub fn config(&self) -> &NatsConfig {
@@ -871,6 +903,7 @@ mod tests {
     #[test]
     fn config_errors_name_the_variable() {
         let c = NatsConfig::from_source(&[("ASYA_NAMESPACE", "n")]).unwrap();
+        assert_eq!(c, NatsConfig::new("nats://127.0.0.1:4222"));
         assert_eq!(c.url, "nats://127.0.0.1:4222");
         assert_eq!(c.duplicate_window, Duration::from_secs(120));
         assert_eq!(c.max_deliver, -1);
@@ -883,11 +916,12 @@ mod tests {
             (vars::TLS_CERT, "c.pem", vars::TLS_KEY),
             (vars::REPLICAS, "7", vars::REPLICAS),
         ] {
-            let e = NatsConfig::from_source(&[(var, val)]).unwrap_err();
+            let e = NatsConfig::from_source(&[(var.name, val)]).unwrap_err();
             assert_eq!(e.var, named, "{e}");
             assert!(!e.to_string().contains('\n'));
         }
-        let e = NatsConfig::from_source(&[(vars::TOKEN, "t"), (vars::CREDS, "/x")]).unwrap_err();
+        let e = NatsConfig::from_source(&[(vars::TOKEN.name, "t"), (vars::CREDS.name, "/x")])
+            .unwrap_err();
         assert_eq!(e.var, vars::CREDS);
     }
 }

@@ -10,9 +10,10 @@ use std::time::Duration;
 use asya_host::config::SidecarConfig;
 use asya_host::metrics::Metrics;
 use asya_host::queue::QueueName;
-use asya_host::sidecar::{self, Deps, Exit, SidecarError};
+use asya_host::sidecar::{Deps, Exit, SidecarError};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Receiver, Transport};
+use asya_host::SidecarBuilder;
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -93,9 +94,12 @@ impl Harness {
         tweak(&mut cfg);
         let transport = MemoryTransport::new();
         let metrics = Metrics::new("asya_actor");
-        let deps = Deps::new(Arc::new(transport.clone()), metrics.clone());
+        let sidecar = SidecarBuilder::new(cfg.clone(), Arc::new(transport.clone()))
+            .metrics(metrics.clone())
+            .build();
+        let deps = sidecar.deps.clone();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(sidecar::run(cfg.clone(), deps.clone(), shutdown.clone()));
+        let task = sidecar.spawn(shutdown.clone());
         Harness {
             runtime,
             transport,
