@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use asya_host::config::SidecarConfig;
 use asya_host::metrics::Metrics;
+use asya_host::queue::QueueName;
 use asya_host::runtime::RuntimeClient;
 use asya_host::sidecar::{self, Deps};
 use asya_host::transport::memory::MemoryTransport;
@@ -169,7 +170,10 @@ async fn run(n: usize, runs: usize) {
     let deps = Deps::new(Arc::new(transport.clone()), metrics);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sidecar::run(cfg.clone(), deps, shutdown.clone()));
-    let mut sink = transport.subscribe("asya-b-x-sink", 1).await.unwrap();
+    let mut sink = transport
+        .subscribe(&QueueName::new("b", "x-sink").unwrap(), 1)
+        .await
+        .unwrap();
     // Distinct envelope ids per phase: outputs carry deterministic message ids and the
     // memory transport deduplicates them, as a broker would.
     let bodies = |phase: &str| -> Vec<Bytes> {
@@ -181,7 +185,7 @@ async fn run(n: usize, runs: usize) {
         let t = &transport;
         async move {
             t.send(OutMessage {
-                queue: "asya-b-a".into(),
+                queue: QueueName::new("b", "a").unwrap(),
                 id: String::new(),
                 body: b,
             })

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use asya_host::config::SidecarConfig;
 use asya_host::metrics::Metrics;
+use asya_host::queue::{EndActors, QueueName};
 use asya_host::sidecar::{self, Deps};
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport, TransportKind};
@@ -84,7 +85,7 @@ struct Lat {
 struct Pipeline {
     name: &'static str,
     t: NatsTransport,
-    queue: String,
+    queue: QueueName,
     sink: async_nats::Subscriber,
     samples: Vec<Duration>,
     /// Envelopes sent so far: ids never repeat (the stream would drop a repeated id).
@@ -103,7 +104,7 @@ impl Pipeline {
         Pipeline {
             name,
             t,
-            queue: format!("asya-{ns}-a"),
+            queue: QueueName::new(ns, "a").unwrap(),
             sink,
             samples: Vec::new(),
             sent: 0,
@@ -238,8 +239,11 @@ async fn raw_relay(js: jetstream::Context, ns: String, stop: CancellationToken) 
 /// The host's transport alone: `NatsTransport` receive (prefetch 1) → send → ack, no
 /// runtime, no sidecar loop. Separates the transport's cost from the rest of the hop.
 async fn transport_relay(t: NatsTransport, ns: String, stop: CancellationToken) {
-    let mut rx = t.subscribe(&format!("asya-{ns}-a"), 1).await.unwrap();
-    let out = format!("asya-{ns}-x-sink");
+    let mut rx = t
+        .subscribe(&QueueName::new(&ns, "a").unwrap(), 1)
+        .await
+        .unwrap();
+    let out = QueueName::new(&ns, "x-sink").unwrap();
     for n in 0u64.. {
         let d = tokio::select! {
             d = rx.recv() => d.unwrap(),
@@ -298,12 +302,7 @@ async fn run(server: &NatsServer, n: usize, tput: usize) {
     ));
     std::fs::write(dir.path().join("runtime-ready"), "ready").unwrap();
     let cfg = NatsConfig::new(&server.url());
-    let connect = |ns: &str| {
-        NatsTransport::connect(NatsConfig {
-            namespace: ns.into(),
-            ..cfg.clone()
-        })
-    };
+    let connect = |_ns: &str| NatsTransport::connect(cfg.clone());
     println!(
         "nats bench: nats-server {} on {}, {n} samples per latency run",
         nats_server::server_binary().display(),
@@ -317,9 +316,14 @@ async fn run(server: &NatsServer, n: usize, tput: usize) {
     for name in ["floor", "transport", "host", "fanout"] {
         let ns = format!("lat-{name}");
         let t = connect(&ns).await.unwrap();
-        asya_host::transport::nats::provision(cfg.clone(), &ns, &["a".into()])
-            .await
-            .unwrap();
+        asya_host::transport::nats::provision(
+            cfg.clone(),
+            &ns,
+            &["a".into()],
+            &EndActors::default(),
+        )
+        .await
+        .unwrap();
         let stop = CancellationToken::new();
         let task = match name {
             "floor" => tokio::spawn(raw_relay(
@@ -366,7 +370,7 @@ async fn run(server: &NatsServer, n: usize, tput: usize) {
     // Throughput: queue everything, then drain with one sidecar at concurrency 16.
     let ns = "tput";
     let t = connect(ns).await.unwrap();
-    asya_host::transport::nats::provision(cfg.clone(), ns, &["a".into()])
+    asya_host::transport::nats::provision(cfg.clone(), ns, &["a".into()], &EndActors::default())
         .await
         .unwrap();
     let mut sink = t
@@ -374,7 +378,7 @@ async fn run(server: &NatsServer, n: usize, tput: usize) {
         .subscribe(format!("asya.{ns}.x-sink"))
         .await
         .unwrap();
-    let queue = format!("asya-{ns}-a");
+    let queue = QueueName::new(ns, "a").unwrap();
     for chunk in (0..tput).collect::<Vec<_>>().chunks(1000) {
         let msgs = chunk
             .iter()

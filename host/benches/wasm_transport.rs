@@ -19,6 +19,7 @@ mod redis_server;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use asya_host::queue::QueueName;
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use asya_host::transport::{OutMessage, Transport};
 use plugins_wasm::plugin;
@@ -59,13 +60,17 @@ fn body(i: usize) -> Vec<u8> {
 
 // --- wasm -------------------------------------------------------------------------------
 
-async fn wasm_batched(t: &Arc<WasmTransport>, queue: &str, n: usize) -> Duration {
+fn bench_queue(actor: &str) -> QueueName {
+    QueueName::new("bench", actor).unwrap()
+}
+
+async fn wasm_batched(t: &Arc<WasmTransport>, queue: &QueueName, n: usize) -> Duration {
     let start = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(BATCH) {
         let msgs = chunk
             .iter()
             .map(|&i| OutMessage {
-                queue: queue.to_owned(),
+                queue: queue.clone(),
                 id: format!("{queue}-{i}"),
                 body: body(i).into(),
             })
@@ -87,12 +92,12 @@ async fn wasm_batched(t: &Arc<WasmTransport>, queue: &str, n: usize) -> Duration
     start.elapsed()
 }
 
-async fn wasm_one_by_one(t: &Arc<WasmTransport>, queue: &str, n: usize) -> Duration {
+async fn wasm_one_by_one(t: &Arc<WasmTransport>, queue: &QueueName, n: usize) -> Duration {
     let mut rx = t.subscribe(queue, 1).await.unwrap();
     let start = Instant::now();
     for i in 0..n {
         t.send(OutMessage {
-            queue: queue.to_owned(),
+            queue: queue.clone(),
             id: format!("{queue}-{i}"),
             body: body(i).into(),
         })
@@ -282,16 +287,16 @@ fn main() {
         let native = Native::new();
         Native::load(&mut c).await;
         // Warm-up: both paths, small.
-        wasm_batched(&t, "warm-w", 500).await;
+        wasm_batched(&t, &bench_queue("warm-w"), 500).await;
         native.batched(&mut c, "warm-n", 500).await;
 
         let (mut wb, mut nb, mut w1, mut n1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in 0..rounds {
-            let d = wasm_batched(&t, &format!("wb{r}"), n).await;
+            let d = wasm_batched(&t, &bench_queue(&format!("wb{r}")), n).await;
             wb.push(n as f64 / d.as_secs_f64());
             let d = native.batched(&mut c, &format!("nb{r}"), n).await;
             nb.push(n as f64 / d.as_secs_f64());
-            let d = wasm_one_by_one(&t, &format!("w1{r}"), ONE_BY_ONE).await;
+            let d = wasm_one_by_one(&t, &bench_queue(&format!("w1{r}")), ONE_BY_ONE).await;
             w1.push(ONE_BY_ONE as f64 / d.as_secs_f64());
             let d = native.one_by_one(&mut c, &format!("n1{r}"), ONE_BY_ONE).await;
             n1.push(ONE_BY_ONE as f64 / d.as_secs_f64());

@@ -1,30 +1,25 @@
-//! `asya-host`: the sidecar that runs next to every actor's runtime, the gateway, the local
-//! mesh and the WebAssembly plugin engine of the Asya actor mesh.
-//!
-//! Module map:
-//! - [`config`]: typed `ASYA_*` configuration
-//! - [`envelope`]: the envelope, route rules, status
-//! - [`runtime`]: the runtime protocol client (HTTP over a Unix socket, SSE)
-//! - [`transport`]: the `Transport` trait and its implementations
-//! - [`sidecar`]: the receive → invoke → route → ack loop
-//! - [`plugin`]: route policies
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/debug/inflight`
-//! - [`metrics`]: every metric
+#![doc = include_str!("../README.md")]
 
 pub mod admin;
+pub mod builder;
 pub mod config;
 pub mod envelope;
 pub mod gateway;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
+pub mod queue;
 pub mod runtime;
+pub mod settings;
 pub mod sidecar;
 pub mod transport;
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+
+pub use builder::{Sidecar, SidecarBuilder};
+pub use settings::SidecarSettings;
 
 /// Why a standalone sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,21 +37,29 @@ pub enum StartError {
     #[error(transparent)]
     Sidecar(#[from] sidecar::SidecarError),
     #[error(transparent)]
-    Plugin(#[from] plugin::LoadError),
+    Plugin(#[from] plugin::PluginError),
 }
 
-/// Run one sidecar as its own process: transport from the config, admin server, loop.
+/// Run one sidecar as its own process from its parsed settings: policies, reporter, admin
+/// server, transport, then the loop.
 pub async fn serve_sidecar(
-    cfg: config::SidecarConfig,
+    settings: SidecarSettings,
     shutdown: CancellationToken,
 ) -> Result<sidecar::Exit, StartError> {
+    let SidecarSettings {
+        sidecar: cfg,
+        transport,
+        policies,
+        reporter,
+    } = settings;
     let metrics = metrics::Metrics::new(&cfg.metrics_namespace);
     // Plugins, the reporter and the admin port first: a bad plugin, URL or port stops
     // start-up before the broker is touched.
-    let policy = plugin::PolicyChain::from_source(&config::ProcessEnv, Some(metrics.clone()))
+    let policy = policies
+        .load(Some(metrics.clone()))
         .await?
         .map(|chain| Arc::new(chain) as Arc<dyn plugin::RoutePolicy>);
-    let reporter = gateway::cli::sidecar_reporter(&config::ProcessEnv, &cfg)?;
+    let reporter = reporter.build(&cfg.actor, &cfg.ends.sump)?;
     let admin_listener = match cfg.metrics_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -65,29 +68,29 @@ pub async fn serve_sidecar(
         ),
         None => None,
     };
-    let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
+    let transport = transport::connect(&transport).await?;
     transport.attach_metrics(metrics.clone());
-    let mut deps = sidecar::Deps::new(transport.clone(), metrics.clone());
-    deps.policy = policy;
-    deps.reporter = reporter;
+    let sidecar = SidecarBuilder::new(cfg, transport.clone())
+        .metrics(metrics.clone())
+        .policy(policy)
+        .reporter(reporter)
+        .build();
     let admin_stop = CancellationToken::new();
     if let Some(listener) = admin_listener {
-        let readiness = deps.readiness.clone();
-        let t = transport.clone();
         let state = admin::AdminState {
             metrics,
-            inflight: deps.inflight.clone(),
+            inflight: sidecar.deps.inflight.clone(),
             checks: vec![
+                sidecar.ready_check(),
                 (
-                    format!("runtime:{}", cfg.actor),
-                    Arc::new(move || readiness.is_ready()),
+                    "transport".into(),
+                    Arc::new(move || transport.is_connected()),
                 ),
-                ("transport".into(), Arc::new(move || t.is_connected())),
             ],
         };
         tokio::spawn(admin::serve(listener, state, admin_stop.clone()));
     }
-    let exit = sidecar::run(cfg, deps, shutdown).await;
+    let exit = sidecar.run(shutdown).await;
     admin_stop.cancel();
     Ok(exit?)
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use asya_host::config::{ProcessEnv, SidecarConfig};
+use asya_host::config::{LogSettings, ProcessEnv};
+use asya_host::settings::{self, GatewaySettings, SidecarSettings, UpSettings};
 use asya_host::sidecar::Exit;
 
 #[derive(Parser)]
@@ -23,6 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar next to one actor's runtime (configured by ASYA_* variables).
+    #[command(after_help = settings::help(&settings::sidecar_vars()))]
     Sidecar,
     /// Create the NATS JetStream stream and consumers of a namespace (idempotent; x-sink
     /// and x-sump included).
@@ -38,6 +40,7 @@ enum Command {
         nats_url: Option<String>,
     },
     /// Serve the task API (ASYA_GATEWAY_* variables; first envelopes go out over NATS).
+    #[command(after_help = settings::help(&settings::gateway_vars()))]
     Gateway,
     /// Print the hop-by-hop timeline of a task (actor, received, runtime, routed to, errors).
     Trace {
@@ -72,6 +75,7 @@ enum Command {
     },
     /// Run a whole flow on this machine: one Python runtime per actor, every sidecar,
     /// x-sink, x-sump and the gateway in this process (examples/README.md).
+    #[command(after_help = settings::help(&settings::up_vars()))]
     Up(UpArgs),
     /// WebAssembly plugin tools.
     Plugin {
@@ -107,16 +111,18 @@ enum PluginCommand {
 /// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
 const EXIT_RUNTIME_TIMEOUT: u8 = 3;
 
-fn init_logging(default_level: &str) {
+fn init_logging(log: &LogSettings, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let level = std::env::var("ASYA_LOG_LEVEL").unwrap_or_else(|_| default_level.into());
-    let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(level.to_ascii_lowercase()));
+    let filter = log
+        .filter
+        .as_deref()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(log.level_or(default_level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if std::env::var("ASYA_LOG_FORMAT").as_deref() == Ok("json") {
+    if log.json {
         builder.json().init();
     } else {
         builder.init();
@@ -125,11 +131,14 @@ fn init_logging(default_level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(match cli.command {
-        // `up` is interactive: the mesh's own lines and warnings, not every sidecar's.
-        Some(Command::Up(_)) => "warn,asya_host::mesh=info",
-        _ => "info",
-    });
+    init_logging(
+        &settings::logging(&ProcessEnv),
+        match cli.command {
+            // `up` is interactive: the mesh's own lines and warnings, not every sidecar's.
+            Some(Command::Up(_)) => "warn,asya_host::mesh=info",
+            _ => "info",
+        },
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -211,10 +220,10 @@ fn error_line(e: &anyhow::Error) -> String {
 }
 
 async fn sidecar() -> anyhow::Result<ExitCode> {
-    let cfg = SidecarConfig::from_source(&ProcessEnv)?;
+    let settings = SidecarSettings::from_source(&ProcessEnv)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let exit = asya_host::serve_sidecar(cfg, shutdown).await?;
+    let exit = asya_host::serve_sidecar(settings, shutdown).await?;
     Ok(match exit {
         Exit::Shutdown => ExitCode::SUCCESS,
         Exit::RuntimeTimeout => ExitCode::from(EXIT_RUNTIME_TIMEOUT),
@@ -226,8 +235,11 @@ async fn provision(
     actors: &[String],
     nats_url: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    let locs = asya_host::transport::nats::provision_from(&ProcessEnv, namespace, actors, nats_url)
-        .await?;
+    let (mut cfg, ends) = settings::provision_settings(&ProcessEnv)?;
+    if let Some(u) = nats_url {
+        cfg.url = u.to_owned();
+    }
+    let locs = asya_host::transport::nats::provision(cfg, namespace, actors, &ends).await?;
     for l in locs {
         println!(
             "stream {} subject {} consumer {}",
@@ -290,12 +302,15 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     opts.gateway_token = args.gateway_token.filter(|t| !t.is_empty());
     opts.metrics_addr = addr("--metrics-addr", args.metrics_addr)?;
     opts.python = args.python;
+    let vars = UpSettings::from_source(&ProcessEnv, args.transport == "nats")?;
+    opts.ends = vars.ends;
+    opts.pythonpath = vars.pythonpath;
+    opts.plugin_cache_dir = vars.plugin_cache_dir;
     opts.task_timeout = parse_duration(&args.timeout)
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| anyhow::anyhow!("--timeout: invalid duration {:?}", args.timeout))?;
-    if args.transport == "nats" {
-        let mut cfg = asya_host::transport::nats::NatsConfig::from_source(&ProcessEnv)?;
+    if let Some(mut cfg) = vars.nats {
         if let Some(u) = args.nats_url {
             cfg.url = u;
         }
@@ -321,16 +336,15 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn gateway() -> anyhow::Result<ExitCode> {
+    let s = GatewaySettings::from_source(&ProcessEnv)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    asya_host::gateway::cli::run_gateway(&ProcessEnv, shutdown).await?;
+    asya_host::gateway::cli::run_gateway(s.gateway, s.nats, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn gateway_token() -> Option<String> {
-    std::env::var("ASYA_GATEWAY_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
+    settings::client_token(&ProcessEnv)
 }
 
 async fn trace(task_id: &str, gateway: &str) -> anyhow::Result<ExitCode> {

@@ -84,3 +84,99 @@ fn an_admin_port_in_use_is_one_line_saying_it_once() {
         "the cause is said once: {err}"
     );
 }
+
+/// `asya-host up` names its end actors after `ASYA_ACTOR_SINK` / `ASYA_ACTOR_SUMP`: the
+/// finished task reaches the renamed sink, and the summary lists the renamed end actors.
+#[test]
+fn up_uses_the_end_actors_named_by_the_variables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("flow");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("flow.toml"),
+        "[actors.a]\nhandler = \"h.work\"\n[flows]\nf = [\"a\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("h.py"), "def work(p):\n    return p\n").unwrap();
+    std::fs::write(dir.join("in.jsonl"), "{\"n\": 1}\n").unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+        .arg("up")
+        .arg(dir.join("flow.toml"))
+        .arg("--input")
+        .arg(dir.join("in.jsonl"))
+        .args(["--flow", "f"])
+        .env("TMPDIR", tmp.path())
+        .env("ASYA_ACTOR_SINK", "done")
+        .env("ASYA_ACTOR_SUMP", "dead")
+        .env_remove("ASYA_LOG_LEVEL")
+        .env_remove("RUST_LOG")
+        .env_remove("ASYA_PYTHONEXECUTABLE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("asya-host starts");
+    let out = wait_output(child, std::time::Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("1 tasks: 1 succeeded"), "{stderr}");
+    for end in ["done", "dead"] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(end)),
+            "{end}: {stderr}"
+        );
+    }
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("x-s")),
+        "no default end actor: {stderr}"
+    );
+}
+
+/// Wait for `child` with a deadline; killed (and the test failed) past it.
+fn wait_output(mut child: std::process::Child, limit: std::time::Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "asya-host did not finish within {limit:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// `--help` of `sidecar`, `gateway` and `up` lists the variables each reads, with their
+/// defaults, from the definitions the parsers use.
+#[test]
+fn help_lists_the_variables_with_their_defaults() {
+    for (cmd, var, default) in [
+        ("sidecar", "ASYA_CONCURRENCY", "[default 1]"),
+        ("sidecar", "ASYA_RUNTIME_READY_TIMEOUT", "[default 300s]"),
+        ("sidecar", "ASYA_NATS_ACK_WAIT", "[default 30s]"),
+        ("sidecar", "ASYA_ACTOR_NAME", "[required]"),
+        ("gateway", "ASYA_GATEWAY_ADDR", "[default :8090]"),
+        (
+            "gateway",
+            "ASYA_GATEWAY_KV_BUCKET",
+            "[default asya-<namespace>-tasks]",
+        ),
+        ("up", "ASYA_ACTOR_SINK", "[default x-sink]"),
+        ("up", "ASYA_NATS_URL", "[default nats://127.0.0.1:4222]"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+            .args([cmd, "--help"])
+            .output()
+            .expect("binary runs");
+        assert!(out.status.success(), "{cmd} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let line = help
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(var))
+            .unwrap_or_else(|| panic!("{cmd} --help does not list {var}:\n{help}"));
+        assert!(line.contains(default), "{cmd} --help: {line}");
+    }
+}

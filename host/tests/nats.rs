@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use asya_host::queue::EndActors;
 use asya_host::transport::conformance::{self, NamespaceFn, Options};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
@@ -56,9 +57,14 @@ async fn conformance_nats() {
 async fn provision_is_idempotent_and_updates() {
     let server = NatsServer::start();
     let actors = vec!["a".to_string(), "b-c".to_string()];
-    let locs = provision(nats_config(&server), "prod-eu", &actors)
-        .await
-        .unwrap();
+    let locs = provision(
+        nats_config(&server),
+        "prod-eu",
+        &actors,
+        &EndActors::default(),
+    )
+    .await
+    .unwrap();
     let subjects: Vec<&str> = locs.iter().map(|l| l.subject.as_str()).collect();
     assert_eq!(
         subjects,
@@ -74,13 +80,10 @@ async fn provision_is_idempotent_and_updates() {
         duplicate_window: Duration::from_secs(300),
         ..nats_config(&server)
     };
-    provision(cfg.clone(), "prod-eu", &actors).await.unwrap();
-    let t = NatsTransport::connect(NatsConfig {
-        namespace: "prod-eu".into(),
-        ..cfg
-    })
-    .await
-    .unwrap();
+    provision(cfg.clone(), "prod-eu", &actors, &EndActors::default())
+        .await
+        .unwrap();
+    let t = NatsTransport::connect(cfg).await.unwrap();
     let js = async_nats::jetstream::new(t.client().clone());
     let mut stream = js.get_stream("asya-prod-eu").await.unwrap();
     let info = stream.info().await.unwrap();
@@ -95,6 +98,31 @@ async fn provision_is_idempotent_and_updates() {
         .unwrap();
     assert_eq!(c.cached_info().config.max_deliver, -1);
     assert_eq!(c.cached_info().config.filter_subject, "asya.prod-eu.b-c");
+}
+
+/// `asya-host provision` creates the consumers of the end actors named by
+/// `ASYA_ACTOR_SINK` / `ASYA_ACTOR_SUMP`, and none for the default names.
+#[test]
+fn provision_creates_the_end_actors_named_by_the_variables() {
+    let server = NatsServer::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_asya-host"))
+        .args(["provision", "--namespace", "ends", "--actors", "a"])
+        .args(["--nats-url", &server.url()])
+        .env("ASYA_ACTOR_SINK", "done")
+        .env("ASYA_ACTOR_SUMP", "dead")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let consumers: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.rsplit_once("consumer ").map(|(_, c)| c.trim()))
+        .collect();
+    assert_eq!(consumers, ["a", "done", "dead"], "{stdout}");
 }
 
 /// The README's NATS command for the local mesh (`bash examples/run.sh --transport nats
@@ -227,7 +255,6 @@ mod e2e {
         // after one (short) ack wait.
         let t = Arc::new(
             NatsTransport::connect(NatsConfig {
-                namespace: ns.into(),
                 ack_wait: Duration::from_secs(2),
                 ..NatsConfig::new(&url)
             })
@@ -238,8 +265,16 @@ mod e2e {
         let sink = Arc::new(Mutex::new(Seen::default()));
         let sump = Arc::new(Mutex::new(Seen::default()));
         let collectors = [
-            collect(t.clone(), format!("asya-{ns}-x-sink"), sink.clone()),
-            collect(t.clone(), format!("asya-{ns}-x-sump"), sump.clone()),
+            collect(
+                t.clone(),
+                asya_host::queue::QueueName::new(ns, "x-sink").unwrap(),
+                sink.clone(),
+            ),
+            collect(
+                t.clone(),
+                asya_host::queue::QueueName::new(ns, "x-sump").unwrap(),
+                sump.clone(),
+            ),
         ];
 
         let env = Arc::new(vec![

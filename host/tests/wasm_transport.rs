@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use asya_host::queue::QueueName;
 use asya_host::transport::conformance::{self, NamespaceFn, Options};
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use asya_host::transport::{OutMessage, Transport};
@@ -119,7 +120,7 @@ async fn test_transport_loop_runaway_and_trap_are_cut_off_and_replaced() {
         let started = Instant::now();
         let err = t
             .send(OutMessage {
-                queue: "q".into(),
+                queue: QueueName::new("t", "q").unwrap(),
                 id: "m".into(),
                 body: "x".into(),
             })
@@ -133,7 +134,10 @@ async fn test_transport_loop_runaway_and_trap_are_cut_off_and_replaced() {
 
     // A runaway receive: cut off at wait + margin, re-instantiated, cut off again; the
     // host keeps running and recv stays cancel-safe.
-    let mut rx = t.subscribe("q", 4).await.unwrap();
+    let mut rx = t
+        .subscribe(&QueueName::new("t", "q").unwrap(), 4)
+        .await
+        .unwrap();
     let started = Instant::now();
     let before = t.restarts();
     while t.restarts() < before + 2 {
@@ -270,8 +274,16 @@ mod e2e {
         let sink = Arc::new(Mutex::new(Seen::default()));
         let sump = Arc::new(Mutex::new(Seen::default()));
         let collectors = [
-            collect(t.clone(), format!("asya-{ns}-x-sink"), sink.clone()),
-            collect(t.clone(), format!("asya-{ns}-x-sump"), sump.clone()),
+            collect(
+                t.clone(),
+                asya_host::queue::QueueName::new(&ns, "x-sink").unwrap(),
+                sink.clone(),
+            ),
+            collect(
+                t.clone(),
+                asya_host::queue::QueueName::new(&ns, "x-sump").unwrap(),
+                sump.clone(),
+            ),
         ];
 
         let mut actors: Vec<Actor> = ["a", "b", "c"]

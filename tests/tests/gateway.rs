@@ -17,6 +17,7 @@ use asya_host::gateway::{
     self, Flows, Gateway, HttpReporter, KvStore, MemoryStore, SubmitRequest, TaskStatus, TaskStore,
     TaskView,
 };
+use asya_host::queue::EndActors;
 use asya_host::sidecar::Reporter;
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
@@ -461,12 +462,13 @@ async fn nats_kv_gateway_restart_mid_task_tracks_to_the_end() {
     let server = nats_server::NatsServer::start();
     let ns = format!("gwn{}", std::process::id());
     let cfg = NatsConfig {
-        namespace: ns.clone(),
         ack_wait: Duration::from_secs(10),
         ..NatsConfig::new(&server.url())
     };
     let actors: Vec<String> = ACTORS.iter().map(|(a, _)| a.to_string()).collect();
-    provision(cfg.clone(), &ns, &actors).await.unwrap();
+    provision(cfg.clone(), &ns, &actors, &EndActors::default())
+        .await
+        .unwrap();
     let nats = Arc::new(NatsTransport::connect(cfg.clone()).await.unwrap());
     let client = nats.client().clone();
     let transport: Arc<dyn Transport> = nats;
@@ -497,7 +499,7 @@ async fn nats_kv_gateway_restart_mid_task_tracks_to_the_end() {
     ));
     // Sidecars report over HTTP, as standalone sidecars do.
     let reporter: Arc<dyn Reporter> =
-        Arc::new(HttpReporter::new(&url, Some("tok".into()), &ns, "x-sump").unwrap());
+        Arc::new(HttpReporter::new(&url, Some("tok".into()), "x-sump").unwrap());
     let mesh = Mesh::start(transport.clone(), &ns, ACTORS, reporter, |c| {
         c.transport = asya_host::transport::TransportKind::Nats;
     });

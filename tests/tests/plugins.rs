@@ -21,9 +21,11 @@ use asya_host::plugin::{
     self, Decision, PluginEngine, PluginError, PolicyChain, PolicyOptions, PolicySpec, RoutePolicy,
     World,
 };
-use asya_host::sidecar::{self, Deps, Exit, SidecarError};
+use asya_host::queue::QueueName;
+use asya_host::sidecar::{Exit, SidecarError};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Receiver, Transport};
+use asya_host::SidecarBuilder;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -126,10 +128,12 @@ impl Mesh {
         let chain = PolicyChain::load(&engine(), specs, opts(), Some(metrics.clone()))
             .await
             .expect("policies load");
-        let mut deps = Deps::new(Arc::new(transport.clone()), metrics.clone());
-        deps.policy = Some(Arc::new(chain));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(sidecar::run(cfg.clone(), deps, shutdown.clone()));
+        let task = SidecarBuilder::new(cfg.clone(), Arc::new(transport.clone()))
+            .metrics(metrics.clone())
+            .policy(Some(Arc::new(chain)))
+            .build()
+            .spawn(shutdown.clone());
         Mesh {
             _runtime: runtime,
             transport,
@@ -150,7 +154,7 @@ impl Mesh {
         });
         self.transport
             .send(OutMessage {
-                queue: self.cfg.queue(),
+                queue: self.cfg.queue().expect("valid test actor"),
                 id: String::new(),
                 body: serde_json::to_vec(&env).unwrap().into(),
             })
@@ -161,7 +165,7 @@ impl Mesh {
     async fn consumer(&self, actor: &str) -> Consumer {
         Consumer(
             self.transport
-                .subscribe(&format!("asya-{NS}-{actor}"), 100)
+                .subscribe(&QueueName::new(NS, actor).unwrap(), 100)
                 .await
                 .expect("subscribe"),
         )

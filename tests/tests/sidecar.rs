@@ -353,7 +353,7 @@ async fn hanging_runtime_times_out_sumps_acks_and_crashes_without_redelivery() {
     assert_eq!(status(&out)["reason"], "Timeout");
     assert_eq!(h.join().await, Exit::RuntimeTimeout);
     // Acked: nothing waits in the queue for redelivery.
-    assert_eq!(h.transport.depth(&h.cfg.queue()), 0);
+    assert_eq!(h.transport.depth(h.cfg.queue().unwrap()), 0);
     assert_eq!(
         metric_value(
             &h.scrape().await,
@@ -498,7 +498,11 @@ async fn shutdown_drains_in_flight_work_and_acks_it() {
     assert!(eventually(WAIT, || inflight.len() == 1).await);
     assert_eq!(h.stop().await, Exit::Shutdown);
     assert_eq!(b.next().await["id"], "slow");
-    assert_eq!(h.transport.depth(&h.cfg.queue()), 0, "acked, not requeued");
+    assert_eq!(
+        h.transport.depth(h.cfg.queue().unwrap()),
+        0,
+        "acked, not requeued"
+    );
     assert!(
         metric_value(
             &h.scrape().await,
@@ -714,12 +718,10 @@ async fn each_hop_sends_its_own_span_as_the_traceparent_parent() {
     let rt_b = common::RuntimeProcess::scripted();
     let mut cfg_b = asya_host::config::SidecarConfig::new("b", common::NS, rt_b.dir.path());
     cfg_b.ready_timeout = Duration::from_secs(20);
-    let deps_b = asya_host::sidecar::Deps::new(
-        std::sync::Arc::new(h.transport.clone()),
-        asya_host::metrics::Metrics::new("asya_actor"),
-    );
     let stop_b = tokio_util::sync::CancellationToken::new();
-    let task_b = tokio::spawn(asya_host::sidecar::run(cfg_b, deps_b, stop_b.clone()));
+    let task_b = asya_host::SidecarBuilder::new(cfg_b, std::sync::Arc::new(h.transport.clone()))
+        .build()
+        .spawn(stop_b.clone());
     let mut c = h.consumer("c").await;
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

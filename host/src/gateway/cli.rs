@@ -17,19 +17,56 @@ use super::otlp::OtlpReporter;
 use super::reporter::Tee;
 use super::{Gateway, HopEntry, KvStore, MemoryStore, TaskStore, TaskView};
 use crate::config::{parse_listen_addr, vars, ConfigError, Reader, Source};
+use crate::queue::EndActors;
 use crate::sidecar::Reporter;
+use crate::transport::nats::NatsConfig;
 
-/// Variables of the gateway.
+/// Variables of the gateway (and of the sidecar's reporting).
 pub mod gvars {
-    pub const ADDR: &str = "ASYA_GATEWAY_ADDR";
-    pub const FLOWS: &str = "ASYA_GATEWAY_FLOWS";
-    pub const STORE: &str = "ASYA_GATEWAY_STORE";
-    pub const TOKEN: &str = "ASYA_GATEWAY_TOKEN";
-    pub const MAX_PAYLOAD_BYTES: &str = "ASYA_GATEWAY_MAX_PAYLOAD_BYTES";
-    /// KV bucket of the nats store (default `asya-<namespace>-tasks`).
-    pub const KV_BUCKET: &str = "ASYA_GATEWAY_KV_BUCKET";
-    /// Where sidecars report (`http://gateway:8090`).
-    pub const URL: &str = "ASYA_GATEWAY_URL";
+    use crate::config::Var;
+
+    pub const ADDR: Var = Var::new("ASYA_GATEWAY_ADDR", ":8090", "listen address");
+    pub const FLOWS: Var = Var::optional(
+        "ASYA_GATEWAY_FLOWS",
+        "TOML file whose [flows] table names routes",
+    );
+    pub const STORE: Var = Var::new(
+        "ASYA_GATEWAY_STORE",
+        "memory",
+        "task store: memory, or nats (JetStream key-value; survives a restart)",
+    );
+    pub const TOKEN: Var = Var::optional(
+        "ASYA_GATEWAY_TOKEN",
+        "bearer token the task API requires (sent by sidecars, trace and send)",
+    );
+    pub const MAX_PAYLOAD_BYTES: Var = Var::new(
+        "ASYA_GATEWAY_MAX_PAYLOAD_BYTES",
+        "1048576",
+        "larger task payloads get 413",
+    );
+    pub const KV_BUCKET: Var = Var::derived(
+        "ASYA_GATEWAY_KV_BUCKET",
+        "asya-<namespace>-tasks",
+        "KV bucket of the nats store",
+    );
+    pub const URL: Var = Var::optional(
+        "ASYA_GATEWAY_URL",
+        "gateway the sidecar reports to (http://host:8090); never blocks routing",
+    );
+    pub const OTLP_ENDPOINT: Var = Var::optional(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "export one span per hop over OTLP/HTTP (JSON)",
+    );
+    pub const OTLP_SERVICE_NAME: Var = Var::derived(
+        "OTEL_SERVICE_NAME",
+        "asya-<actor>",
+        "service name of the exported spans",
+    );
+
+    /// The gateway's own variables, in `--help` order.
+    pub const GATEWAY: &[Var] = &[ADDR, FLOWS, STORE, TOKEN, MAX_PAYLOAD_BYTES, KV_BUCKET];
+    /// Where a sidecar reports.
+    pub const REPORTING: &[Var] = &[URL, TOKEN, OTLP_ENDPOINT, OTLP_SERVICE_NAME];
 }
 
 /// Which task store.
@@ -48,41 +85,33 @@ pub struct GatewayConfig {
     pub token: Option<String>,
     pub max_payload_bytes: usize,
     pub namespace: String,
-    pub sink: String,
-    pub sump: String,
+    pub ends: EndActors,
     pub kv_bucket: String,
 }
 
 impl GatewayConfig {
     pub fn from_source(src: &dyn Source) -> Result<GatewayConfig, ConfigError> {
         let r = Reader(src);
-        let addr_text = r.string(gvars::ADDR, ":8090");
-        let addr = parse_listen_addr(&addr_text).map_err(|message| ConfigError {
-            var: gvars::ADDR,
-            message,
-        })?;
-        let store = match r.string(gvars::STORE, "memory").as_str() {
+        let addr = parse_listen_addr(&r.string(gvars::ADDR)).map_err(|m| gvars::ADDR.error(m))?;
+        let store = match r.string(gvars::STORE).as_str() {
             "memory" => StoreKind::Memory,
             "nats" => StoreKind::Nats,
             other => {
-                return Err(ConfigError {
-                    var: gvars::STORE,
-                    message: format!("unknown store {other:?} (memory or nats)"),
-                })
+                return Err(gvars::STORE.error(format!("unknown store {other:?} (memory or nats)")))
             }
         };
-        let namespace = r.string(vars::NAMESPACE, "default");
-        crate::config::validate_actor_name(vars::NAMESPACE, &namespace)?;
+        let namespace = r.string(vars::NAMESPACE);
+        crate::config::validate_actor_name(vars::NAMESPACE.name, &namespace)?;
         Ok(GatewayConfig {
             addr,
             flows: r.raw(gvars::FLOWS).map(PathBuf::from),
             store,
             token: r.raw(gvars::TOKEN),
-            max_payload_bytes: r
-                .parse(gvars::MAX_PAYLOAD_BYTES, super::DEFAULT_MAX_PAYLOAD_BYTES)?,
-            kv_bucket: r.string(gvars::KV_BUCKET, &format!("asya-{namespace}-tasks")),
-            sink: r.string(vars::ACTOR_SINK, "x-sink"),
-            sump: r.string(vars::ACTOR_SUMP, "x-sump"),
+            max_payload_bytes: r.parse(gvars::MAX_PAYLOAD_BYTES)?,
+            kv_bucket: r
+                .raw(gvars::KV_BUCKET)
+                .unwrap_or_else(|| format!("asya-{namespace}-tasks")),
+            ends: crate::config::end_actors(src)?,
             namespace,
         })
     }
@@ -107,18 +136,18 @@ pub enum GatewayStartError {
     },
 }
 
-/// `asya-host gateway`: NATS transport (or `ASYA_TRANSPORT`), the configured store, serve
-/// until `shutdown`.
+/// `asya-host gateway`: the NATS transport configured by `nats`, the configured store;
+/// serve until `shutdown`.
 pub async fn run_gateway(
-    src: &dyn Source,
+    cfg: GatewayConfig,
+    nats: NatsConfig,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayStartError> {
-    let cfg = GatewayConfig::from_source(src)?;
     let flows = match &cfg.flows {
         Some(p) => super::load_flows(p)?,
         None => super::Flows::new(),
     };
-    let nats = crate::transport::nats::NatsTransport::from_source(src).await?;
+    let nats = crate::transport::nats::NatsTransport::connect(nats).await?;
     let store: Arc<dyn TaskStore> = match cfg.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
         StoreKind::Nats => Arc::new(KvStore::open(nats.client().clone(), &cfg.kv_bucket).await?),
@@ -128,8 +157,8 @@ pub async fn run_gateway(
         Arc::new(nats),
         cfg.namespace.clone(),
         flows,
-        cfg.sink.clone(),
-        cfg.sump.clone(),
+        cfg.ends.sink.clone(),
+        cfg.ends.sump.clone(),
     );
     gw.set_max_payload_bytes(cfg.max_payload_bytes);
     let listener = tokio::net::TcpListener::bind(cfg.addr)
@@ -142,37 +171,52 @@ pub async fn run_gateway(
     Ok(())
 }
 
-/// The reporter of a standalone sidecar: HTTP to `ASYA_GATEWAY_URL` and/or OTLP spans to
-/// `OTEL_EXPORTER_OTLP_ENDPOINT`; `None` when neither is set.
-pub fn sidecar_reporter(
-    src: &dyn Source,
-    cfg: &crate::config::SidecarConfig,
-) -> Result<Option<Arc<dyn Reporter>>, ConfigError> {
-    let r = Reader(src);
-    let mut out: Vec<Arc<dyn Reporter>> = Vec::new();
-    if let Some(url) = r.raw(gvars::URL) {
-        let rep = super::HttpReporter::new(&url, r.raw(gvars::TOKEN), &cfg.namespace, &cfg.sump)
-            .map_err(|e| ConfigError {
-                var: gvars::URL,
-                message: e.to_string(),
-            })?;
-        out.push(Arc::new(rep));
+/// Where a standalone sidecar reports: HTTP to `ASYA_GATEWAY_URL` and/or OTLP spans to
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReporterSettings {
+    pub gateway_url: Option<String>,
+    pub token: Option<String>,
+    pub otlp_endpoint: Option<String>,
+    /// `None`: `asya-<actor>`.
+    pub otlp_service: Option<String>,
+}
+
+impl ReporterSettings {
+    pub fn from_source(src: &dyn Source) -> ReporterSettings {
+        let r = Reader(src);
+        ReporterSettings {
+            gateway_url: r.raw(gvars::URL),
+            token: r.raw(gvars::TOKEN),
+            otlp_endpoint: r.raw(gvars::OTLP_ENDPOINT),
+            otlp_service: r.raw(gvars::OTLP_SERVICE_NAME),
+        }
     }
-    if let Some(ep) = r.raw(super::otlp::ENDPOINT_VAR) {
-        let service =
-            r.0.get(super::otlp::SERVICE_NAME_VAR)
-                .unwrap_or_else(|| format!("asya-{}", cfg.actor));
-        let rep = OtlpReporter::new(&ep, &service).map_err(|e| ConfigError {
-            var: super::otlp::ENDPOINT_VAR,
-            message: e.to_string(),
-        })?;
-        out.push(Arc::new(rep));
+
+    /// The reporter of `actor` (whose sump is `sump`); `None` when nothing is configured.
+    /// Must be called inside a tokio runtime.
+    pub fn build(&self, actor: &str, sump: &str) -> Result<Option<Arc<dyn Reporter>>, ConfigError> {
+        let mut out: Vec<Arc<dyn Reporter>> = Vec::new();
+        if let Some(url) = &self.gateway_url {
+            let rep = super::HttpReporter::new(url, self.token.clone(), sump)
+                .map_err(|e| gvars::URL.error(e.to_string()))?;
+            out.push(Arc::new(rep));
+        }
+        if let Some(ep) = &self.otlp_endpoint {
+            let service = self
+                .otlp_service
+                .clone()
+                .unwrap_or_else(|| format!("asya-{actor}"));
+            let rep = OtlpReporter::new(ep, &service)
+                .map_err(|e| gvars::OTLP_ENDPOINT.error(e.to_string()))?;
+            out.push(Arc::new(rep));
+        }
+        Ok(match out.len() {
+            0 => None,
+            1 => out.pop(),
+            _ => Some(Arc::new(Tee(out))),
+        })
     }
-    Ok(match out.len() {
-        0 => None,
-        1 => out.pop(),
-        _ => Some(Arc::new(Tee(out))),
-    })
 }
 
 /// A CLI call failed.
@@ -324,4 +368,17 @@ pub async fn send(
         view = serde_json::from_value(get_json(&ep, &format!("/tasks/{}", view.id), token).await?)?;
     }
     Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_payload_cap_default_is_the_gateways() {
+        assert_eq!(
+            gvars::MAX_PAYLOAD_BYTES.default_value(),
+            Some(super::super::DEFAULT_MAX_PAYLOAD_BYTES.to_string().as_str())
+        );
+    }
 }

@@ -141,12 +141,7 @@ pub struct HttpReporter {
 
 impl HttpReporter {
     /// Must be called inside a tokio runtime.
-    pub fn new(
-        url: &str,
-        token: Option<String>,
-        namespace: &str,
-        sump: &str,
-    ) -> Result<HttpReporter, ClientError> {
+    pub fn new(url: &str, token: Option<String>, sump: &str) -> Result<HttpReporter, ClientError> {
         let ep = Endpoint::parse(url)?;
         let (tx, rx) = mpsc::channel(REPORTER_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -154,7 +149,6 @@ impl HttpReporter {
         Ok(HttpReporter {
             tx,
             naming: Naming {
-                namespace: namespace.to_owned(),
                 sump: sump.to_owned(),
             },
             dropped,

@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, warn};
 
 use crate::envelope::{now_rfc3339, Envelope, Phase, Route, HEADER_TRACEPARENT, HEADER_TRACE_ID};
-use crate::transport::{queue_name, OutMessage, Transport, TransportError};
+use crate::transport::{OutMessage, QueueName, Transport, TransportError};
 
 pub use client::HttpReporter;
 pub use http::serve;
@@ -328,12 +328,21 @@ impl Gateway {
             let _g = self.update.lock().await;
             self.store.put(&task).await?;
         }
-        let msg = OutMessage {
-            queue: queue_name(&self.namespace, &route[0]),
-            id: format!("{id}:submit"),
-            body: Bytes::from(env.to_vec()),
+        let sent = match QueueName::new(&self.namespace, &route[0]) {
+            Ok(queue) => {
+                let msg = OutMessage {
+                    queue,
+                    id: format!("{id}:submit"),
+                    body: Bytes::from(env.to_vec()),
+                };
+                self.transport.send(msg).await
+            }
+            Err(e) => Err(TransportError::Queue {
+                queue: route[0].clone(),
+                message: e.to_string(),
+            }),
         };
-        if let Err(e) = self.transport.send(msg).await {
+        if let Err(e) = sent {
             let _g = self.update.lock().await;
             let mut t = task;
             t.status = TaskStatus::Failed;

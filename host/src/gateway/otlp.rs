@@ -18,10 +18,8 @@ use tracing::{debug, warn};
 use super::client::{call, ClientError, Endpoint};
 use crate::sidecar::{Report, Reporter};
 
-/// `OTEL_EXPORTER_OTLP_ENDPOINT`.
-pub const ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
-/// `OTEL_SERVICE_NAME` (default `asya-<actor>`).
-pub const SERVICE_NAME_VAR: &str = "OTEL_SERVICE_NAME";
+// Its variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`) are
+// `super::cli::gvars::OTLP_*`.
 
 const QUEUE: usize = 4096;
 const BATCH: usize = 512;

@@ -10,6 +10,7 @@ use super::task::{FinalUpdate, HopEntry, HopUpdate};
 use super::Gateway;
 use crate::envelope::{now_rfc3339, Phase};
 use crate::metrics::MessageType;
+use crate::queue::QueueName;
 use crate::sidecar::{Report, Reporter};
 
 /// One report, as sent to `POST /reports` (a JSON array of these).
@@ -32,18 +33,10 @@ pub enum WireReport {
     },
 }
 
-/// Names needed to turn queue names back into actors.
+/// Names a report needs: which end actor is the sump.
 #[derive(Debug, Clone)]
 pub struct Naming {
-    pub namespace: String,
     pub sump: String,
-}
-
-impl Naming {
-    fn actor_of(&self, queue: &str) -> String {
-        let prefix = format!("asya-{}-", self.namespace);
-        queue.strip_prefix(&prefix).unwrap_or(queue).to_owned()
-    }
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -55,7 +48,7 @@ impl WireReport {
     pub fn from_report(r: Report, naming: &Naming) -> WireReport {
         match r {
             Report::Hop(h) => {
-                let sent: Vec<&(String, MessageType)> = h
+                let sent: Vec<&(QueueName, MessageType)> = h
                     .sent
                     .iter()
                     .filter(|(_, t)| *t != MessageType::Retry)
@@ -63,8 +56,8 @@ impl WireReport {
                 let next_actor = sent
                     .iter()
                     .find(|(_, t)| *t == MessageType::Routing)
-                    .map(|(q, _)| naming.actor_of(q));
-                let routed_to = sent.iter().map(|(q, _)| naming.actor_of(q)).collect();
+                    .map(|(q, _)| q.actor().to_owned());
+                let routed_to = sent.iter().map(|(q, _)| q.actor().to_owned()).collect();
                 WireReport::Hop {
                     trace_id: h.trace_id,
                     hop: HopUpdate {
@@ -137,7 +130,6 @@ impl Reporter for InProcess {
     fn report(&self, report: Report) {
         if let Some(gw) = self.gw.upgrade() {
             let naming = Naming {
-                namespace: gw.namespace.clone(),
                 sump: gw.sump().to_owned(),
             };
             gw.enqueue(WireReport::from_report(report, &naming));

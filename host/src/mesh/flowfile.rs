@@ -136,7 +136,7 @@ struct RawPolicy {
 }
 
 /// Names an actor cannot take (the end actors).
-pub const RESERVED_ACTORS: [&str; 2] = ["x-sink", "x-sump"];
+pub const RESERVED_ACTORS: [&str; 2] = [crate::queue::DEFAULT_SINK, crate::queue::DEFAULT_SUMP];
 
 impl FlowFile {
     /// Read and validate `path`.

@@ -30,11 +30,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::builder::{Sidecar, SidecarBuilder};
 use crate::config::SidecarConfig;
 use crate::gateway::{self, Gateway, MemoryStore, SubmitRequest, TaskStatus, TaskView};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginEngine, PolicyChain, PolicyOptions};
-use crate::sidecar::{self, Deps, Exit, Inflight, Reporter};
+use crate::queue::EndActors;
+use crate::sidecar::{self, Exit, Inflight, Reporter};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::nats::{NatsConfig, NatsTransport};
 use crate::transport::{Transport, TransportError, TransportKind};
@@ -89,6 +91,12 @@ pub struct UpOptions {
     pub ready_timeout: Duration,
     /// Show an interactive progress bar (`None`: when stderr is a terminal).
     pub progress_bar: Option<bool>,
+    /// The end actors (`ASYA_ACTOR_SINK`, `ASYA_ACTOR_SUMP`).
+    pub ends: EndActors,
+    /// `PYTHONPATH` to keep after the flow file's folder on the runtimes' import path.
+    pub pythonpath: Option<String>,
+    /// Compiled-code cache of the route policies (`ASYA_PLUGIN_CACHE_DIR`).
+    pub plugin_cache_dir: Option<PathBuf>,
 }
 
 impl UpOptions {
@@ -106,6 +114,9 @@ impl UpOptions {
             task_timeout: Duration::from_secs(300),
             ready_timeout: Duration::from_secs(60),
             progress_bar: None,
+            ends: EndActors::default(),
+            pythonpath: None,
+            plugin_cache_dir: None,
         }
     }
 }
@@ -215,6 +226,8 @@ pub enum MeshError {
     Runtime(#[from] RuntimeStartError),
     #[error("nats: {0}")]
     Transport(#[from] TransportError),
+    #[error("nats: {0}")]
+    Provision(#[from] crate::transport::nats::ProvisionError),
     #[error("interrupted")]
     Interrupted,
     #[error("actor {actor}: {source}")]
@@ -328,7 +341,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         None => None,
     };
     let metrics = Metrics::new("asya_actor");
-    let policies = load_policies(&flow, &metrics).await?;
+    let policies = load_policies(&flow, &metrics, opts.plugin_cache_dir.clone()).await?;
 
     // Bind listeners before starting anything, so a busy port fails fast.
     let gateway_addr = match (&opts.gateway_addr, &inputs) {
@@ -368,7 +381,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let script = tmp.path().join("asya_runtime.py");
     std::fs::write(&script, RUNTIME_PY)
         .map_err(io_err(format!("cannot write {}", script.display())))?;
-    let pythonpath = match std::env::var_os("PYTHONPATH") {
+    let pythonpath = match &opts.pythonpath {
         Some(p) if !p.is_empty() => {
             let mut v = absolute(&flow.dir).into_os_string();
             v.push(":");
@@ -438,14 +451,11 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let (transport, kind): (Arc<dyn Transport>, TransportKind) = match &opts.transport {
         MeshTransport::Memory => (Arc::new(MemoryTransport::new()), TransportKind::Memory),
         MeshTransport::Nats(cfg) => {
-            let cfg = NatsConfig {
-                namespace: flow.namespace.clone(),
-                ..(**cfg).clone()
-            };
             let names: Vec<String> = flow.actors.iter().map(|a| a.name.clone()).collect();
-            crate::transport::nats::provision(cfg.clone(), &flow.namespace, &names).await?;
+            crate::transport::nats::provision((**cfg).clone(), &flow.namespace, &names, &opts.ends)
+                .await?;
             (
-                Arc::new(NatsTransport::connect(cfg).await?),
+                Arc::new(NatsTransport::connect((**cfg).clone()).await?),
                 TransportKind::Nats,
             )
         }
@@ -455,8 +465,8 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         transport.clone(),
         flow.namespace.clone(),
         flow.flows.clone(),
-        "x-sink".into(),
-        "x-sump".into(),
+        opts.ends.sink.clone(),
+        opts.ends.sump.clone(),
     );
     let stats = summary::StatsReporter::new(Some(gw.reporter()));
     let reporter: Arc<dyn Reporter> = stats.clone();
@@ -476,6 +486,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let mut checks: Vec<crate::admin::ReadyCheck> = Vec::new();
     for ((a, rc), proc) in flow.actors.iter().zip(runtime_cfgs).zip(procs) {
         let mut cfg = SidecarConfig::new(&a.name, &flow.namespace, &rc.socket_dir);
+        cfg.ends = opts.ends.clone();
         cfg.transport = kind;
         cfg.concurrency = a.concurrency;
         cfg.ready_timeout = opts.ready_timeout;
@@ -488,15 +499,13 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         if let Some(m) = a.max_attempts {
             cfg.resiliency.max_attempts = m;
         }
-        let mut deps = Deps::new(transport.clone(), metrics.clone());
-        deps.inflight = inflight.clone();
-        deps.reporter = Some(reporter.clone());
-        deps.policy = policies.get(&a.name).cloned();
-        let readiness = deps.readiness.clone();
-        checks.push((
-            format!("runtime:{}", a.name),
-            Arc::new(move || readiness.is_ready()),
-        ));
+        let sidecar = SidecarBuilder::new(cfg, transport.clone())
+            .metrics(metrics.clone())
+            .inflight(inflight.clone())
+            .reporter(Some(reporter.clone()))
+            .policy(policies.get(&a.name).cloned())
+            .build();
+        checks.push(sidecar.ready_check());
         let (restart_tx, restart_rx) = mpsc::channel(1);
         let restarts = Arc::new(AtomicU64::new(0));
         supervisors.spawn(supervisor::supervise(
@@ -507,8 +516,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             restarts.clone(),
         ));
         sidecars.spawn(run_sidecar(
-            cfg,
-            deps,
+            sidecar,
             sidecar_stop.clone(),
             restart_tx,
             failed.clone(),
@@ -519,19 +527,21 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             restarts,
         });
     }
-    for end in ["x-sink", "x-sump"] {
+    for end in opts.ends.names() {
         let mut cfg = SidecarConfig::new(end, &flow.namespace, tmp.path());
+        cfg.ends = opts.ends.clone();
         cfg.transport = kind;
         cfg.is_end_actor = true;
         cfg.concurrency = 16;
         cfg.shutdown_grace = DRAIN_GRACE;
-        let mut deps = Deps::new(transport.clone(), metrics.clone());
-        deps.inflight = inflight.clone();
-        deps.reporter = Some(reporter.clone());
+        let sidecar = SidecarBuilder::new(cfg, transport.clone())
+            .metrics(metrics.clone())
+            .inflight(inflight.clone())
+            .reporter(Some(reporter.clone()))
+            .build();
         let (restart_tx, _) = mpsc::channel(1);
         ends.spawn(run_sidecar(
-            cfg,
-            deps,
+            sidecar,
             end_stop.clone(),
             restart_tx,
             failed.clone(),
@@ -609,8 +619,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     }
     run_result?;
     let mut names: Vec<String> = actors.iter().map(|a| a.name.clone()).collect();
-    names.push("x-sink".into());
-    names.push("x-sump".into());
+    names.extend(opts.ends.names().map(String::from));
     report.actors = stats.snapshot(&names);
     report.restarts = actors
         .iter()
@@ -623,15 +632,14 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
 
 /// One sidecar, run again after a runtime timeout once its runtime was restarted.
 async fn run_sidecar(
-    cfg: SidecarConfig,
-    deps: Deps,
+    sidecar: Sidecar,
     stop: CancellationToken,
     restart: mpsc::Sender<supervisor::RestartRequest>,
     failed: CancellationToken,
     first_failure: Arc<std::sync::Mutex<Option<MeshError>>>,
 ) {
     loop {
-        match sidecar::run(cfg.clone(), deps.clone(), stop.clone()).await {
+        match sidecar.clone().run(stop.clone()).await {
             Ok(Exit::Shutdown) => return,
             Ok(Exit::RuntimeTimeout) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -644,11 +652,11 @@ async fn run_sidecar(
                 }
             }
             Err(source) => {
-                error!(actor = %cfg.actor, error = %source, "sidecar failed; stopping the mesh");
+                error!(actor = %sidecar.cfg.actor, error = %source, "sidecar failed; stopping the mesh");
                 let mut f = first_failure.lock().expect("failure lock");
                 if f.is_none() {
                     *f = Some(MeshError::Sidecar {
-                        actor: cfg.actor.clone(),
+                        actor: sidecar.cfg.actor.clone(),
                         source,
                     });
                 }
@@ -663,6 +671,7 @@ async fn run_sidecar(
 async fn load_policies(
     flow: &FlowFile,
     metrics: &Arc<Metrics>,
+    cache_dir: Option<PathBuf>,
 ) -> Result<BTreeMap<String, Arc<dyn crate::plugin::RoutePolicy>>, MeshError> {
     let mut out: BTreeMap<String, Arc<dyn crate::plugin::RoutePolicy>> = BTreeMap::new();
     for a in &flow.actors {
@@ -678,11 +687,10 @@ async fn load_policies(
     if flow.actors.iter().all(|a| a.policies.is_empty()) {
         return Ok(out);
     }
-    let engine = PluginEngine::new(crate::plugin::engine::cache_dir(&crate::config::ProcessEnv))
-        .map_err(|source| MeshError::Policy {
-            actor: flow.actors[0].name.clone(),
-            source,
-        })?;
+    let engine = PluginEngine::new(cache_dir).map_err(|source| MeshError::Policy {
+        actor: flow.actors[0].name.clone(),
+        source,
+    })?;
     for a in flow.actors.iter().filter(|a| !a.policies.is_empty()) {
         let chain = PolicyChain::load(
             &engine,

@@ -22,20 +22,39 @@ pub mod policy;
 
 pub use check::{check, CheckReport, World};
 pub use engine::PluginEngine;
-pub use policy::{PolicyChain, PolicyOptions, PolicyPlugin, PolicySpec};
+pub use policy::{PolicyChain, PolicyOptions, PolicyPlugin, PolicySettings, PolicySpec};
 
 /// Variables read by the plugin engine.
 pub mod vars {
-    /// Ordered route policies: a JSON array `[{"path": ..., "config": ...}]` or
-    /// comma-separated `.wasm` paths.
-    pub const ROUTE_POLICIES: &str = "ASYA_ROUTE_POLICIES";
-    /// Where compiled components are cached (default `$XDG_CACHE_HOME/asya` or
-    /// `~/.cache/asya`).
-    pub const PLUGIN_CACHE_DIR: &str = "ASYA_PLUGIN_CACHE_DIR";
-    /// CPU deadline per plugin call (default 50ms).
-    pub const PLUGIN_DEADLINE: &str = "ASYA_PLUGIN_DEADLINE";
-    /// Memory limit per plugin instance (default 32MiB).
-    pub const PLUGIN_MEMORY_LIMIT: &str = "ASYA_PLUGIN_MEMORY_LIMIT";
+    use crate::config::Var;
+
+    pub const ROUTE_POLICIES: Var = Var::optional(
+        "ASYA_ROUTE_POLICIES",
+        "ordered route policies: JSON [{\"path\": ..., \"config\": ...}] or comma-separated .wasm paths",
+    );
+    pub const PLUGIN_CACHE_DIR: Var = Var::derived(
+        "ASYA_PLUGIN_CACHE_DIR",
+        "$XDG_CACHE_HOME/asya or ~/.cache/asya",
+        "where compiled components are cached",
+    );
+    pub const PLUGIN_DEADLINE: Var = Var::new(
+        "ASYA_PLUGIN_DEADLINE",
+        "50ms",
+        "CPU deadline per policy call",
+    );
+    pub const PLUGIN_MEMORY_LIMIT: Var = Var::new(
+        "ASYA_PLUGIN_MEMORY_LIMIT",
+        "32MiB",
+        "memory limit per policy instance (bytes or KiB/MiB/GiB)",
+    );
+
+    /// Every variable of the plugin engine, in `--help` order.
+    pub const ALL: &[Var] = &[
+        ROUTE_POLICIES,
+        PLUGIN_DEADLINE,
+        PLUGIN_MEMORY_LIMIT,
+        PLUGIN_CACHE_DIR,
+    ];
 }
 
 /// Longest reason text kept from a guest.

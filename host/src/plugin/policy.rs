@@ -10,7 +10,7 @@ use wasmtime::Store;
 
 use super::bindings::{self, RoutePolicyPlugin, RoutePolicyPluginPre, Slot};
 use super::engine::{self, PluginEngine, StoreState};
-use super::{vars, Decision, LoadError, PluginError, PolicyError, RoutePolicy};
+use super::{vars, Decision, PluginError, PolicyError, RoutePolicy};
 use crate::config::{ConfigError, Reader, Source};
 use crate::envelope::{Envelope, Route};
 use crate::metrics::Metrics;
@@ -18,10 +18,6 @@ use crate::metrics::Metrics;
 /// `kind` label of plugin metrics for route policies.
 pub const KIND: &str = "route-policy";
 
-/// Default per-call CPU deadline.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(50);
-/// Default memory limit per instance.
-pub const DEFAULT_MEMORY_LIMIT: usize = 32 << 20;
 /// Deadline for instantiation plus `configure`.
 const INIT_DEADLINE: Duration = Duration::from_secs(2);
 /// Idle instances kept per plugin.
@@ -52,10 +48,7 @@ impl PolicySpec {
     pub fn from_source(src: &dyn Source) -> Result<Vec<PolicySpec>, ConfigError> {
         match Reader(src).raw(vars::ROUTE_POLICIES) {
             None => Ok(Vec::new()),
-            Some(text) => PolicySpec::parse(&text).map_err(|message| ConfigError {
-                var: vars::ROUTE_POLICIES,
-                message,
-            }),
+            Some(text) => PolicySpec::parse(&text).map_err(|m| vars::ROUTE_POLICIES.error(m)),
         }
     }
 
@@ -90,6 +83,39 @@ impl PolicySpec {
     }
 }
 
+/// A sidecar's route policies as configured: `ASYA_ROUTE_POLICIES`, the `ASYA_PLUGIN_*`
+/// limits and the compiled-code cache. Parsing reads no file; [`PolicySettings::load`] does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySettings {
+    pub specs: Vec<PolicySpec>,
+    pub options: PolicyOptions,
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl PolicySettings {
+    pub fn from_source(src: &dyn Source) -> Result<PolicySettings, ConfigError> {
+        Ok(PolicySettings {
+            specs: PolicySpec::from_source(src)?,
+            options: PolicyOptions::from_source(src)?,
+            cache_dir: engine::cache_dir(src),
+        })
+    }
+
+    /// Load the chain (reads and compiles the files); `None` when no policy is configured.
+    pub async fn load(
+        &self,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Option<PolicyChain>, PluginError> {
+        if self.specs.is_empty() {
+            return Ok(None);
+        }
+        let engine = PluginEngine::new(self.cache_dir.clone())?;
+        Ok(Some(
+            PolicyChain::load(&engine, &self.specs, self.options, metrics).await?,
+        ))
+    }
+}
+
 /// Limits applied to every policy call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyOptions {
@@ -100,31 +126,26 @@ pub struct PolicyOptions {
 }
 
 impl Default for PolicyOptions {
+    /// The variables' defaults.
     fn default() -> Self {
-        PolicyOptions {
-            deadline: DEFAULT_DEADLINE,
-            memory_limit: DEFAULT_MEMORY_LIMIT,
-        }
+        let unset: [(&str, &str); 0] = [];
+        PolicyOptions::from_source(&unset).expect("the defaults of ASYA_PLUGIN_* are valid")
     }
 }
 
 impl PolicyOptions {
     pub fn from_source(src: &dyn Source) -> Result<PolicyOptions, ConfigError> {
         let r = Reader(src);
-        let deadline = r.duration(vars::PLUGIN_DEADLINE, DEFAULT_DEADLINE)?;
+        let deadline = r.duration(vars::PLUGIN_DEADLINE)?;
         if deadline.is_zero() {
-            return Err(ConfigError {
-                var: vars::PLUGIN_DEADLINE,
-                message: "must be greater than zero".into(),
-            });
+            return Err(vars::PLUGIN_DEADLINE.error("must be greater than zero"));
         }
-        let memory_limit = match r.raw(vars::PLUGIN_MEMORY_LIMIT) {
-            None => DEFAULT_MEMORY_LIMIT,
-            Some(v) => parse_bytes(&v).ok_or_else(|| ConfigError {
-                var: vars::PLUGIN_MEMORY_LIMIT,
-                message: format!("invalid size {v:?} (use bytes or a KiB/MiB/GiB suffix)"),
-            })?,
-        };
+        let v = r.string(vars::PLUGIN_MEMORY_LIMIT);
+        let memory_limit = parse_bytes(&v).ok_or_else(|| {
+            vars::PLUGIN_MEMORY_LIMIT.error(format!(
+                "invalid size {v:?} (use bytes or a KiB/MiB/GiB suffix)"
+            ))
+        })?;
         Ok(PolicyOptions {
             deadline,
             memory_limit,
@@ -427,23 +448,6 @@ impl PolicyChain {
         Ok(PolicyChain { policies })
     }
 
-    /// The chain configured by `ASYA_ROUTE_POLICIES` (and the `ASYA_PLUGIN_*` limits), or
-    /// `None` when no policy is configured.
-    pub async fn from_source(
-        src: &dyn Source,
-        metrics: Option<Arc<Metrics>>,
-    ) -> Result<Option<PolicyChain>, LoadError> {
-        let specs = PolicySpec::from_source(src)?;
-        if specs.is_empty() {
-            return Ok(None);
-        }
-        let opts = PolicyOptions::from_source(src)?;
-        let engine = PluginEngine::new(engine::cache_dir(src))?;
-        Ok(Some(
-            PolicyChain::load(&engine, &specs, opts, metrics).await?,
-        ))
-    }
-
     /// Names of the policies, in order.
     pub fn names(&self) -> Vec<&str> {
         self.policies.iter().map(PolicyPlugin::name).collect()
@@ -491,7 +495,8 @@ mod tests {
             s.iter().map(|s| s.path.clone()).collect::<Vec<_>>(),
             vec![PathBuf::from("/a.wasm"), PathBuf::from("b.wasm")]
         );
-        let e = PolicySpec::from_source(&[(vars::ROUTE_POLICIES, "[{\"pth\": 1}]")]).unwrap_err();
+        let e =
+            PolicySpec::from_source(&[(vars::ROUTE_POLICIES.name, "[{\"pth\": 1}]")]).unwrap_err();
         assert_eq!(e.var, vars::ROUTE_POLICIES);
         assert!(PolicySpec::from_source(&[("X", "")]).unwrap().is_empty());
     }
@@ -499,8 +504,8 @@ mod tests {
     #[test]
     fn options_parse_sizes_and_durations() {
         let o = PolicyOptions::from_source(&[
-            (vars::PLUGIN_DEADLINE, "20ms"),
-            (vars::PLUGIN_MEMORY_LIMIT, "8MiB"),
+            (vars::PLUGIN_DEADLINE.name, "20ms"),
+            (vars::PLUGIN_MEMORY_LIMIT.name, "8MiB"),
         ])
         .unwrap();
         assert_eq!(o.deadline, Duration::from_millis(20));
@@ -509,7 +514,8 @@ mod tests {
             PolicyOptions::from_source(&[("X", "")]).unwrap(),
             PolicyOptions::default()
         );
-        let e = PolicyOptions::from_source(&[(vars::PLUGIN_MEMORY_LIMIT, "lots")]).unwrap_err();
+        let e =
+            PolicyOptions::from_source(&[(vars::PLUGIN_MEMORY_LIMIT.name, "lots")]).unwrap_err();
         assert_eq!(e.var, vars::PLUGIN_MEMORY_LIMIT);
     }
 

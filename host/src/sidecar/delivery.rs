@@ -342,7 +342,7 @@ async fn publish(s: &Shared, log: &mut HopLog, outputs: Vec<Output>) -> Result<(
         Ok(()) => {
             let took = t.elapsed();
             for (queue, kind, len) in sent {
-                s.metrics.sent(&queue, kind, took, len);
+                s.metrics.sent(queue.as_str(), kind, took, len);
                 log.sent.push((queue, kind));
             }
             Ok(())

@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 use crate::config::SidecarConfig;
 use crate::metrics::{ActorMetrics, Metrics};
 use crate::plugin::RoutePolicy;
+use crate::queue::QueueName;
 use crate::runtime::{Runtime, RuntimeClient, RuntimeError};
 use crate::transport::{Receiver, Transport, TransportError};
 
@@ -50,6 +51,8 @@ pub enum Exit {
 pub enum SidecarError {
     #[error("runtime is not ready: {0}")]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::InvalidName),
     #[error("cannot consume queue {queue}: {source}")]
     Subscribe {
         queue: String,
@@ -104,7 +107,7 @@ struct Shared {
     cfg: SidecarConfig,
     rules: plan::Rules,
     actor: Arc<str>,
-    queue: String,
+    queue: QueueName,
     transport: Arc<dyn Transport>,
     runtime: Arc<dyn Runtime>,
     metrics: ActorMetrics,
@@ -120,7 +123,8 @@ pub async fn run(
     deps: Deps,
     shutdown: CancellationToken,
 ) -> Result<Exit, SidecarError> {
-    let queue = cfg.queue();
+    let rules = plan::Rules::new(&cfg)?;
+    let queue = rules.queue.clone();
     let runtime: Arc<dyn Runtime> = match &deps.runtime {
         Some(r) => r.clone(),
         None => Arc::new(RuntimeClient::new(&cfg.socket_path, cfg.max_message_bytes)),
@@ -138,16 +142,20 @@ pub async fn run(
         .subscribe(&queue, cfg.concurrency)
         .await
         .map_err(|source| SidecarError::Subscribe {
-            queue: queue.clone(),
+            queue: queue.to_string(),
             source,
         })?;
     deps.readiness.consuming.store(true, Ordering::Relaxed);
     info!(actor = %cfg.actor, %queue, concurrency = cfg.concurrency, transport = cfg.transport.as_str(), "consuming");
 
     let shared = Arc::new(Shared {
-        rules: plan::Rules::new(&cfg),
+        rules,
         actor: Arc::from(cfg.actor.as_str()),
-        metrics: ActorMetrics::new(deps.metrics.clone(), &queue, deps.transport.kind().as_str()),
+        metrics: ActorMetrics::new(
+            deps.metrics.clone(),
+            queue.as_str(),
+            deps.transport.kind().as_str(),
+        ),
         queue,
         transport: deps.transport.clone(),
         runtime,

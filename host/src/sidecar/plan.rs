@@ -20,31 +20,30 @@ use crate::envelope::{
 };
 use crate::metrics::{FailReason, MessageType};
 use crate::plugin::Decision;
+use crate::queue::{InvalidName, QueueName};
 use crate::runtime::RuntimeError;
 
 /// What the decisions need from the sidecar's configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Rules {
     pub actor: Arc<str>,
-    pub namespace: String,
-    pub sink_queue: String,
-    pub sump_queue: String,
+    /// This actor's queue; the others are its siblings.
+    pub queue: QueueName,
+    pub sink_queue: QueueName,
+    pub sump_queue: QueueName,
     pub resiliency: Resiliency,
 }
 
 impl Rules {
-    pub fn new(cfg: &SidecarConfig) -> Self {
-        Rules {
+    pub fn new(cfg: &SidecarConfig) -> Result<Self, InvalidName> {
+        let queue = cfg.queue()?;
+        Ok(Rules {
             actor: Arc::from(cfg.actor.as_str()),
-            namespace: cfg.namespace.clone(),
-            sink_queue: cfg.queue_of(&cfg.sink),
-            sump_queue: cfg.queue_of(&cfg.sump),
+            sink_queue: queue.sibling(&cfg.ends.sink)?,
+            sump_queue: queue.sibling(&cfg.ends.sump)?,
+            queue,
             resiliency: cfg.resiliency.clone(),
-        }
-    }
-
-    fn queue_of(&self, actor: &str) -> String {
-        crate::transport::queue_name(&self.namespace, actor)
+        })
     }
 }
 
@@ -68,7 +67,7 @@ pub(crate) struct Hop<'a> {
 #[derive(Debug, Clone)]
 pub(crate) struct Output {
     pub kind: MessageType,
-    pub queue: String,
+    pub queue: QueueName,
     /// Deduplication id ([`MsgId`]).
     pub id: String,
     pub envelope: Envelope,
@@ -369,7 +368,23 @@ pub(crate) fn route_frame(
         stamp(h, &mut out, Phase::Succeeded, Reason::Completed);
         (MessageType::Sink, h.rules.sink_queue.clone())
     } else {
-        (MessageType::Routing, h.rules.queue_of(&out.route.curr))
+        match h.rules.queue.sibling(&out.route.curr) {
+            Ok(queue) => (MessageType::Routing, queue),
+            Err(e) => {
+                // No queue can carry it: this frame (only) goes to x-sump.
+                routed.failures.push(Failed {
+                    reason: FailReason::RouteMismatch,
+                    message: format!("frame routed to an invalid actor: {e}"),
+                });
+                let why = Why {
+                    reason: Reason::RouteMismatch,
+                    error: Some(ErrorInfo::new("RouteMismatch", e.to_string())),
+                    with_attempt: false,
+                };
+                routed.outputs.push(to_sump(h, out, sump_id, why));
+                return;
+            }
+        }
     };
     routed.outputs.push(emit(h, dest, id, out));
 }
@@ -543,7 +558,7 @@ fn stamp<'e>(h: &Hop, env: &'e mut Envelope, phase: Phase, reason: Reason) -> &'
 }
 
 /// An output of this hop: carries the hop's `traceparent`.
-fn emit(h: &Hop, (kind, queue): (MessageType, String), id: String, mut env: Envelope) -> Output {
+fn emit(h: &Hop, (kind, queue): (MessageType, QueueName), id: String, mut env: Envelope) -> Output {
     if let Some(tp) = &h.traceparent {
         env.headers.insert(
             HEADER_TRACEPARENT.to_owned(),

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::envelope::{Envelope, ErrorInfo};
 use crate::metrics::MessageType;
+use crate::queue::QueueName;
 
 /// Receives reports from the sidecar loop. Must not block.
 pub trait Reporter: Send + Sync {
@@ -42,7 +43,7 @@ pub struct HopReport {
     /// The runtime call alone, when one was made.
     pub runtime: Option<Duration>,
     /// Destination queues and why each message was sent.
-    pub sent: Vec<(String, MessageType)>,
+    pub sent: Vec<(QueueName, MessageType)>,
     /// The delivery was handed back for a retry.
     pub retried: bool,
     /// Delivery count of the input.
@@ -57,7 +58,7 @@ pub struct HopReport {
 /// What one delivery did, collected as it goes.
 #[derive(Debug, Default)]
 pub(super) struct HopLog {
-    pub sent: Vec<(String, MessageType)>,
+    pub sent: Vec<(QueueName, MessageType)>,
     pub runtime: Option<Duration>,
     pub error: Option<ErrorInfo>,
 }

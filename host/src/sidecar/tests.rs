@@ -16,6 +16,10 @@ use crate::runtime::{EventStream, Reply, SseEvent};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::{OutMessage, Receiver};
 
+fn q(actor: &str) -> QueueName {
+    QueueName::new("ns", actor).unwrap()
+}
+
 /// Answers every call with what `answer` makes of the envelope bytes.
 struct Scripted<F>(F);
 
@@ -68,7 +72,11 @@ impl Transport for Recording {
     fn kind(&self) -> crate::transport::TransportKind {
         self.inner.kind()
     }
-    async fn subscribe(&self, q: &str, n: usize) -> Result<Box<dyn Receiver>, TransportError> {
+    async fn subscribe(
+        &self,
+        q: &QueueName,
+        n: usize,
+    ) -> Result<Box<dyn Receiver>, TransportError> {
         self.inner.subscribe(q, n).await
     }
     async fn send(&self, msg: OutMessage) -> Result<(), TransportError> {
@@ -112,7 +120,7 @@ impl Loop {
         self.t
             .inner
             .send(OutMessage {
-                queue: "asya-ns-a".into(),
+                queue: q("a"),
                 id: String::new(),
                 body,
             })
@@ -121,8 +129,8 @@ impl Loop {
     }
 
     /// `n` messages of `queue` (acked), or panic after 5 s.
-    async fn take(&self, queue: &str, n: usize) -> Vec<serde_json::Value> {
-        let mut rx = self.t.inner.subscribe(queue, n.max(1)).await.unwrap();
+    async fn take(&self, actor: &str, n: usize) -> Vec<serde_json::Value> {
+        let mut rx = self.t.inner.subscribe(&q(actor), n.max(1)).await.unwrap();
         let mut out = Vec::new();
         for _ in 0..n {
             let d = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -145,7 +153,7 @@ async fn the_ten_outputs_of_a_fan_out_are_published_in_one_batch_then_acked() {
     let rt = Scripted(|_: &Bytes| Ok(Reply::Frames((0..10).map(|_| frame_to_sink()).collect())));
     let l = start(Arc::new(rt), |_| {});
     l.send(input("e1")).await;
-    let out = l.take("asya-ns-x-sink", 10).await;
+    let out = l.take("x-sink", 10).await;
     assert_eq!(out.len(), 10);
     assert_eq!(l.batches(), [10], "one send_all for all ten");
     l.stop.cancel();
@@ -168,7 +176,7 @@ async fn streamed_frames_go_out_in_batches_of_what_has_arrived() {
     });
     let l = start(Arc::new(rt), |_| {});
     l.send(input("e1")).await;
-    let out = l.take("asya-ns-x-sink", 5).await;
+    let out = l.take("x-sink", 5).await;
     let ids: std::collections::HashSet<_> = out.iter().map(|v| v["id"].clone()).collect();
     assert_eq!(ids.len(), 5, "fan-out children have distinct ids");
     assert_eq!(l.batches(), [3, 1, 1]);
@@ -208,7 +216,7 @@ async fn a_handler_error_is_retried_by_redelivery_then_sumped() {
         c.resiliency.backoff_max = Duration::from_millis(5);
     });
     l.send(input("e1")).await;
-    let out = l.take("asya-ns-x-sump", 1).await;
+    let out = l.take("x-sump", 1).await;
     assert_eq!(out[0]["status"]["reason"], "MaxRetriesExhausted");
     assert_eq!(out[0]["status"]["attempt"], 3);
     assert_eq!(*calls.lock().unwrap(), 3);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{queue_name, Delivery, OutMessage, Receiver, Transport};
+use super::{Delivery, OutMessage, QueueName, Receiver, Transport};
 
 /// Produces a namespace no other case used (letters, digits and `_` only).
 pub type NamespaceFn = Arc<dyn Fn() -> String + Send + Sync>;
@@ -177,16 +177,16 @@ pub async fn run_only(
     report
 }
 
-fn msg(queue: &str, id: impl Into<String>, body: impl Into<Bytes>) -> OutMessage {
+fn msg(queue: &QueueName, id: impl Into<String>, body: impl Into<Bytes>) -> OutMessage {
     OutMessage {
-        queue: queue.to_owned(),
+        queue: queue.clone(),
         id: id.into(),
         body: body.into(),
     }
 }
 
-async fn setup(t: &Arc<dyn Transport>, ns: &str, actor: &str) -> Result<String, String> {
-    let q = queue_name(ns, actor);
+async fn setup(t: &Arc<dyn Transport>, ns: &str, actor: &str) -> Result<QueueName, String> {
+    let q = QueueName::new(ns, actor).map_err(|e| e.to_string())?;
     t.ensure_queues(std::slice::from_ref(&q))
         .await
         .map_err(|e| format!("ensure_queues({q}): {e}"))?;
@@ -200,7 +200,7 @@ async fn send(t: &Arc<dyn Transport>, m: OutMessage) -> CaseResultInner {
 
 async fn subscribe(
     t: &Arc<dyn Transport>,
-    q: &str,
+    q: &QueueName,
     prefetch: usize,
 ) -> Result<Box<dyn Receiver>, String> {
     t.subscribe(q, prefetch)
@@ -382,13 +382,13 @@ async fn send_all(t: Arc<dyn Transport>, ns: String, o: Options) -> CaseResultIn
         let mut rx = subscribe(&t, q, 8).await?;
         let mut got = BTreeSet::new();
         for _ in 0..25 {
-            let d = recv(&mut rx, wait(&o), q).await?;
+            let d = recv(&mut rx, wait(&o), q.as_str()).await?;
             got.insert(preview(&d.body).parse::<usize>().unwrap_or(usize::MAX));
-            ack(d, q).await?;
+            ack(d, q.as_str()).await?;
         }
         let want: BTreeSet<usize> = (0..50).filter(|i| i % 2 == parity).collect();
         expect(&format!("messages on {q}"), got, want)?;
-        quiet(&mut rx, o.quiet_period, q).await?;
+        quiet(&mut rx, o.quiet_period, q.as_str()).await?;
     }
     Ok(())
 }

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
+use super::{
+    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+};
 
 /// How many recent message ids a queue remembers for deduplication.
 const DEDUP_WINDOW: usize = 65_536;
@@ -97,8 +99,8 @@ impl MemoryTransport {
     }
 
     /// Messages waiting in `queue` (not counting unacked deliveries).
-    pub fn depth(&self, queue: &str) -> usize {
-        self.queue(queue).len()
+    pub fn depth(&self, queue: impl AsRef<str>) -> usize {
+        self.queue(queue.as_ref()).len()
     }
 }
 
@@ -110,17 +112,17 @@ impl Transport for MemoryTransport {
 
     async fn subscribe(
         &self,
-        queue: &str,
+        queue: &QueueName,
         prefetch: usize,
     ) -> Result<Box<dyn Receiver>, TransportError> {
         Ok(Box::new(MemoryReceiver {
-            queue: self.queue(queue),
+            queue: self.queue(queue.as_str()),
             permits: Arc::new(Semaphore::new(prefetch.max(1))),
         }))
     }
 
     async fn send(&self, msg: OutMessage) -> Result<(), TransportError> {
-        self.queue(&msg.queue).publish(msg.id, msg.body);
+        self.queue(msg.queue.as_str()).publish(msg.id, msg.body);
         Ok(())
     }
 }

@@ -12,28 +12,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use crate::queue::QueueName;
+
 pub mod conformance;
 pub mod memory;
 pub mod nats;
 pub mod wasm;
 
-/// Which transport a sidecar uses (`ASYA_TRANSPORT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportKind {
-    Memory,
-    Nats,
-    Wasm,
-}
-
-impl TransportKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TransportKind::Memory => "memory",
-            TransportKind::Nats => "nats",
-            TransportKind::Wasm => "wasm",
-        }
-    }
-}
+pub use crate::config::TransportKind;
 
 /// A failure of the broker or of the transport plugin.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +54,8 @@ impl TransportError {
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct OutMessage {
-    /// Destination queue name (`asya-<ns>-<actor>`).
-    pub queue: String,
+    /// Destination queue.
+    pub queue: QueueName,
     /// Deterministic message id, used for deduplication where the transport supports it.
     pub id: String,
     pub body: Bytes,
@@ -87,7 +73,7 @@ pub trait Transport: Send + Sync + 'static {
     /// worker in the background.
     async fn subscribe(
         &self,
-        queue: &str,
+        queue: &QueueName,
         prefetch: usize,
     ) -> Result<Box<dyn Receiver>, TransportError>;
 
@@ -104,7 +90,7 @@ pub trait Transport: Send + Sync + 'static {
     }
 
     /// Make sure `queues` exist (idempotent).
-    async fn ensure_queues(&self, _queues: &[String]) -> Result<(), TransportError> {
+    async fn ensure_queues(&self, _queues: &[QueueName]) -> Result<(), TransportError> {
         Ok(())
     }
 
@@ -160,25 +146,46 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-/// Queue name of `actor` in `namespace` (SPEC §5).
-pub fn queue_name(namespace: &str, actor: &str) -> String {
-    format!("asya-{namespace}-{actor}")
+/// A standalone sidecar's transport as configured (`ASYA_TRANSPORT` and its variables).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransportSettings {
+    /// Only inside one process (`asya-host up`); refused by [`connect`].
+    Memory,
+    Nats(nats::NatsConfig),
+    Wasm(wasm::WasmSettings),
 }
 
-/// The transport a standalone sidecar uses, from `ASYA_TRANSPORT` and its variables.
+impl TransportSettings {
+    /// The variables of `kind`'s transport from `src`.
+    pub fn from_source(
+        kind: TransportKind,
+        src: &dyn crate::config::Source,
+    ) -> Result<TransportSettings, crate::config::ConfigError> {
+        Ok(match kind {
+            TransportKind::Memory => TransportSettings::Memory,
+            TransportKind::Nats => TransportSettings::Nats(nats::NatsConfig::from_source(src)?),
+            TransportKind::Wasm => TransportSettings::Wasm(wasm::WasmSettings::from_source(src)?),
+        })
+    }
+}
+
+/// Connect the transport of a standalone sidecar.
 pub async fn connect(
-    kind: TransportKind,
-    src: &dyn crate::config::Source,
+    settings: &TransportSettings,
 ) -> Result<std::sync::Arc<dyn Transport>, TransportError> {
-    match kind {
-        TransportKind::Memory => Err(TransportError::Unavailable(
+    match settings {
+        TransportSettings::Memory => Err(TransportError::Unavailable(
             "ASYA_TRANSPORT=memory only works inside one process (`asya-host up`); use nats or wasm for a standalone sidecar".into(),
         )),
-        TransportKind::Nats => Ok(std::sync::Arc::new(
-            nats::NatsTransport::from_source(src).await?,
+        TransportSettings::Nats(cfg) => Ok(std::sync::Arc::new(
+            nats::NatsTransport::connect(cfg.clone()).await?,
         )),
-        TransportKind::Wasm => Ok(std::sync::Arc::new(
-            wasm::WasmTransport::from_source(src).await?,
-        )),
+        TransportSettings::Wasm(settings) => {
+            let cfg = settings
+                .resolve()
+                .await
+                .map_err(|e| TransportError::Unavailable(e.to_string()))?;
+            Ok(std::sync::Arc::new(wasm::WasmTransport::connect(cfg).await?))
+        }
     }
 }

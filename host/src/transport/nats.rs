@@ -25,40 +25,99 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
-use crate::config::{ConfigError, Reader, Source};
+use super::{
+    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+};
+use crate::config::{ConfigError, Reader, Source, Var};
+use crate::queue::EndActors;
 
 /// Variables of the NATS transport.
 pub mod vars {
-    /// Server URL(s), comma-separated for a cluster (`nats://host:4222,nats://host2:4222`).
-    pub const URL: &str = "ASYA_NATS_URL";
-    /// A `.creds` file (JWT + nkey seed).
-    pub const CREDS: &str = "ASYA_NATS_CREDS";
-    /// An nkey seed (`SU...`).
-    pub const NKEY: &str = "ASYA_NATS_NKEY";
-    pub const USER: &str = "ASYA_NATS_USER";
-    pub const PASSWORD: &str = "ASYA_NATS_PASSWORD";
-    pub const TOKEN: &str = "ASYA_NATS_TOKEN";
-    /// PEM file of CA certificates to trust (implies TLS).
-    pub const TLS_CA: &str = "ASYA_NATS_TLS_CA";
-    /// PEM client certificate and key for mutual TLS (both or neither).
-    pub const TLS_CERT: &str = "ASYA_NATS_TLS_CERT";
-    pub const TLS_KEY: &str = "ASYA_NATS_TLS_KEY";
-    /// Refuse to connect without TLS.
-    pub const TLS_REQUIRED: &str = "ASYA_NATS_TLS_REQUIRED";
-    pub const CONNECT_TIMEOUT: &str = "ASYA_NATS_CONNECT_TIMEOUT";
-    /// Stream duplicate window (dedup of `Nats-Msg-Id`).
-    pub const DUPLICATE_WINDOW: &str = "ASYA_NATS_DUPLICATE_WINDOW";
-    /// Consumer ack wait: an unacked delivery is redelivered after this long.
-    pub const ACK_WAIT: &str = "ASYA_NATS_ACK_WAIT";
-    /// Consumer max deliveries; `-1` (default) = unlimited, the host decides.
-    pub const MAX_DELIVER: &str = "ASYA_NATS_MAX_DELIVER";
-    /// Consumer-wide cap on unacked deliveries (all replicas of an actor together).
-    pub const MAX_ACK_PENDING: &str = "ASYA_NATS_MAX_ACK_PENDING";
-    /// Stream replicas (1, or 3/5 in a cluster).
-    pub const REPLICAS: &str = "ASYA_NATS_REPLICAS";
-    /// `file` (default) or `memory`.
-    pub const STORAGE: &str = "ASYA_NATS_STORAGE";
+    use crate::config::Var;
+
+    pub const URL: Var = Var::new(
+        "ASYA_NATS_URL",
+        "nats://127.0.0.1:4222",
+        "server URL(s), comma-separated for a cluster",
+    );
+    pub const CREDS: Var = Var::optional("ASYA_NATS_CREDS", "a .creds file (JWT + nkey seed)");
+    pub const NKEY: Var = Var::optional("ASYA_NATS_NKEY", "an nkey seed (SU...)");
+    pub const USER: Var = Var::optional("ASYA_NATS_USER", "user name (with ASYA_NATS_PASSWORD)");
+    pub const PASSWORD: Var = Var::optional("ASYA_NATS_PASSWORD", "password (with ASYA_NATS_USER)");
+    pub const TOKEN: Var = Var::optional("ASYA_NATS_TOKEN", "authentication token");
+    pub const TLS_CA: Var = Var::optional(
+        "ASYA_NATS_TLS_CA",
+        "PEM file of CA certificates to trust (implies TLS)",
+    );
+    pub const TLS_CERT: Var = Var::optional(
+        "ASYA_NATS_TLS_CERT",
+        "PEM client certificate for mutual TLS (with ASYA_NATS_TLS_KEY)",
+    );
+    pub const TLS_KEY: Var = Var::optional(
+        "ASYA_NATS_TLS_KEY",
+        "PEM client key for mutual TLS (with ASYA_NATS_TLS_CERT)",
+    );
+    pub const TLS_REQUIRED: Var = Var::new(
+        "ASYA_NATS_TLS_REQUIRED",
+        "false",
+        "refuse to connect without TLS",
+    );
+    pub const CONNECT_TIMEOUT: Var = Var::new(
+        "ASYA_NATS_CONNECT_TIMEOUT",
+        "5s",
+        "timeout of one connection attempt",
+    );
+    pub const DUPLICATE_WINDOW: Var = Var::new(
+        "ASYA_NATS_DUPLICATE_WINDOW",
+        "2m",
+        "stream duplicate window (dedup of Nats-Msg-Id); longer than the ack wait",
+    );
+    pub const ACK_WAIT: Var = Var::new(
+        "ASYA_NATS_ACK_WAIT",
+        "30s",
+        "an unacked delivery is redelivered after this long",
+    );
+    pub const MAX_DELIVER: Var = Var::new(
+        "ASYA_NATS_MAX_DELIVER",
+        "-1",
+        "consumer max deliveries; -1 = unlimited, the host decides",
+    );
+    pub const MAX_ACK_PENDING: Var = Var::new(
+        "ASYA_NATS_MAX_ACK_PENDING",
+        "1024",
+        "consumer-wide cap on unacked deliveries (all replicas of an actor)",
+    );
+    pub const REPLICAS: Var = Var::new(
+        "ASYA_NATS_REPLICAS",
+        "1",
+        "stream replicas (1, or 3/5 in a cluster)",
+    );
+    pub const STORAGE: Var = Var::new(
+        "ASYA_NATS_STORAGE",
+        "file",
+        "stream storage: file or memory",
+    );
+
+    /// Every variable of the NATS transport, in `--help` order.
+    pub const ALL: &[Var] = &[
+        URL,
+        CREDS,
+        NKEY,
+        USER,
+        PASSWORD,
+        TOKEN,
+        TLS_CA,
+        TLS_CERT,
+        TLS_KEY,
+        TLS_REQUIRED,
+        CONNECT_TIMEOUT,
+        DUPLICATE_WINDOW,
+        ACK_WAIT,
+        MAX_DELIVER,
+        MAX_ACK_PENDING,
+        REPLICAS,
+        STORAGE,
+    ];
 }
 
 /// How long one pull request waits on the server for messages. No idle heartbeat: in
@@ -74,9 +133,6 @@ const PULL_RETRY: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, PartialEq)]
 pub struct NatsConfig {
     pub url: String,
-    /// The sidecar's namespace (`ASYA_NAMESPACE`): queue names of this namespace are split
-    /// at it, so namespaces may contain `-`.
-    pub namespace: String,
     pub creds: Option<PathBuf>,
     pub nkey: Option<String>,
     pub user_password: Option<(String, String)>,
@@ -95,34 +151,20 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
-    /// Defaults for a server at `url`.
+    /// The variables' defaults, for a server at `url`.
     pub fn new(url: &str) -> Self {
+        let unset: [(&str, &str); 0] = [];
         NatsConfig {
             url: url.to_owned(),
-            namespace: "default".into(),
-            creds: None,
-            nkey: None,
-            user_password: None,
-            token: None,
-            tls_ca: None,
-            tls_client: None,
-            tls_required: false,
-            connect_timeout: Duration::from_secs(5),
-            duplicate_window: Duration::from_secs(120),
-            ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            max_ack_pending: 1024,
-            replicas: 1,
-            storage: stream::StorageType::File,
+            ..NatsConfig::from_source(&unset).expect("the defaults of ASYA_NATS_* are valid")
         }
     }
 
-    /// Read every `ASYA_NATS_*` variable (and `ASYA_NAMESPACE`) from `src`.
+    /// Read every `ASYA_NATS_*` variable from `src`.
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         let r = Reader(src);
-        let d = NatsConfig::new("nats://127.0.0.1:4222");
-        let err = |var: &'static str, message: String| ConfigError { var, message };
-        let url = r.string(vars::URL, &d.url);
+        let err = |var: Var, message: String| var.error(message);
+        let url = r.string(vars::URL);
         for part in url.split(',') {
             let p = part.trim();
             if p.is_empty() || p.contains(char::is_whitespace) {
@@ -183,11 +225,7 @@ impl NatsConfig {
                 ),
             ));
         }
-        let storage = match r
-            .string(vars::STORAGE, "file")
-            .to_ascii_lowercase()
-            .as_str()
-        {
+        let storage = match r.string(vars::STORAGE).to_ascii_lowercase().as_str() {
             "file" => stream::StorageType::File,
             "memory" => stream::StorageType::Memory,
             other => {
@@ -199,20 +237,19 @@ impl NatsConfig {
         };
         let cfg = NatsConfig {
             url,
-            namespace: r.string(crate::config::vars::NAMESPACE, "default"),
             creds: r.raw(vars::CREDS).map(PathBuf::from),
             nkey: r.raw(vars::NKEY),
             user_password,
             token: r.raw(vars::TOKEN),
             tls_ca: r.raw(vars::TLS_CA).map(PathBuf::from),
             tls_client,
-            tls_required: r.bool(vars::TLS_REQUIRED, false)?,
-            connect_timeout: r.duration(vars::CONNECT_TIMEOUT, d.connect_timeout)?,
-            duplicate_window: r.duration(vars::DUPLICATE_WINDOW, d.duplicate_window)?,
-            ack_wait: r.duration(vars::ACK_WAIT, d.ack_wait)?,
-            max_deliver: r.parse(vars::MAX_DELIVER, d.max_deliver)?,
-            max_ack_pending: r.parse(vars::MAX_ACK_PENDING, d.max_ack_pending)?,
-            replicas: r.parse(vars::REPLICAS, d.replicas)?,
+            tls_required: r.bool(vars::TLS_REQUIRED)?,
+            connect_timeout: r.duration(vars::CONNECT_TIMEOUT)?,
+            duplicate_window: r.duration(vars::DUPLICATE_WINDOW)?,
+            ack_wait: r.duration(vars::ACK_WAIT)?,
+            max_deliver: r.parse(vars::MAX_DELIVER)?,
+            max_ack_pending: r.parse(vars::MAX_ACK_PENDING)?,
+            replicas: r.parse(vars::REPLICAS)?,
             storage,
         };
         cfg.validate()?;
@@ -221,7 +258,7 @@ impl NatsConfig {
 
     /// Cross-field checks, one-line errors naming the variable.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |var: &'static str, message: String| Err(ConfigError { var, message });
+        let err = |var: Var, message: String| Err(var.error(message));
         if self.ack_wait < Duration::from_millis(100) {
             return err(vars::ACK_WAIT, "must be at least 100ms".into());
         }
@@ -266,40 +303,17 @@ pub struct Location {
     pub consumer: String,
 }
 
-/// The JetStream layout of `queue` (`asya-<ns>-<actor>`). Queues of `namespace` are split
-/// at it; any other queue at its first `-` after `asya-`.
-pub fn locate(namespace: &str, queue: &str) -> Result<Location, TransportError> {
-    let bad = |why: &str| TransportError::Queue {
-        queue: queue.to_owned(),
-        message: why.to_owned(),
-    };
-    let rest = queue
-        .strip_prefix("asya-")
-        .ok_or_else(|| bad("queue names start with `asya-`"))?;
-    let (ns, actor) = match rest
-        .strip_prefix(namespace)
-        .and_then(|r| r.strip_prefix('-'))
-    {
-        Some(actor) if !namespace.is_empty() => (namespace, actor),
-        _ => rest
-            .split_once('-')
-            .ok_or_else(|| bad("queue names are `asya-<namespace>-<actor>`"))?,
-    };
-    let token_ok = |t: &str| {
-        !t.is_empty()
-            && t.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if !token_ok(ns) || !token_ok(actor) {
-        return Err(bad(
-            "namespace and actor may only use letters, digits, '-' and '_'",
-        ));
+impl Location {
+    /// The JetStream layout of `queue`: stream `asya-<ns>`, subject `asya.<ns>.<actor>`,
+    /// consumer `<actor>` (the name's parts are valid subject tokens by construction).
+    pub fn of(queue: &QueueName) -> Location {
+        let (ns, actor) = (queue.namespace(), queue.actor());
+        Location {
+            stream: format!("asya-{ns}"),
+            subject: format!("asya.{ns}.{actor}"),
+            consumer: actor.to_owned(),
+        }
     }
-    Ok(Location {
-        stream: format!("asya-{ns}"),
-        subject: format!("asya.{ns}.{actor}"),
-        consumer: actor.to_owned(),
-    })
 }
 
 fn broker(
@@ -392,13 +406,6 @@ impl NatsTransport {
         })
     }
 
-    /// From `ASYA_NATS_*` variables.
-    pub async fn from_source(src: &dyn Source) -> Result<Self, TransportError> {
-        let cfg =
-            NatsConfig::from_source(src).map_err(|e| broker("invalid NATS configuration", e))?;
-        Self::connect(cfg).await
-    }
-
     pub fn config(&self) -> &NatsConfig {
         &self.inner.cfg
     }
@@ -406,10 +413,6 @@ impl NatsTransport {
     /// The underlying client (tests, benchmarks).
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.client
-    }
-
-    pub fn locate(&self, queue: &str) -> Result<Location, TransportError> {
-        locate(&self.inner.cfg.namespace, queue)
     }
 
     fn stream_config(&self, loc: &Location) -> stream::Config {
@@ -477,9 +480,9 @@ impl NatsTransport {
     /// Create or update the stream and the durable consumer of `queue` (idempotent).
     async fn ensure_queue(
         &self,
-        queue: &str,
+        queue: &QueueName,
     ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
-        let loc = self.locate(queue)?;
+        let loc = Location::of(queue);
         self.ensure_stream(&loc, false).await?;
         let stream = self
             .inner
@@ -491,7 +494,7 @@ impl NatsTransport {
             .create_consumer(self.consumer_config(&loc))
             .await
             .map_err(|e| TransportError::Queue {
-                queue: queue.to_owned(),
+                queue: queue.to_string(),
                 message: format!("cannot create or update consumer {}: {e}", loc.consumer),
             })
     }
@@ -500,7 +503,7 @@ impl NatsTransport {
         &self,
         msg: &OutMessage,
     ) -> Result<jetstream::context::PublishAckFuture, TransportError> {
-        let loc = self.locate(&msg.queue)?;
+        let loc = Location::of(&msg.queue);
         let publish = jetstream::message::PublishMessage::build()
             .payload(msg.body.clone())
             .message_id(&msg.id);
@@ -528,7 +531,7 @@ impl NatsTransport {
                 }
                 Err(e) => {
                     first_err.get_or_insert(TransportError::Queue {
-                        queue: msgs[i].queue.clone(),
+                        queue: msgs[i].queue.to_string(),
                         message: format!("publish not acknowledged: {e}"),
                     });
                 }
@@ -541,31 +544,20 @@ impl NatsTransport {
     }
 }
 
-/// Create the stream and consumers of `actors` (plus `sink` and `sump`) in `namespace`.
-/// Idempotent; existing streams and consumers are updated to the configuration.
+/// Create the stream and the durable consumers of `actors` of `namespace` and of its end
+/// actors `ends` (`asya-host provision`, `asya-host up --transport nats`). Idempotent;
+/// existing streams and consumers are updated to the configuration.
 pub async fn provision(
     cfg: NatsConfig,
     namespace: &str,
     actors: &[String],
-) -> Result<Vec<Location>, TransportError> {
-    let t = NatsTransport::connect(NatsConfig {
-        namespace: namespace.to_owned(),
-        ..cfg
-    })
-    .await?;
-    let mut queues: Vec<String> = actors
-        .iter()
-        .map(|a| super::queue_name(namespace, a))
-        .collect();
-    for end in ["x-sink", "x-sump"] {
-        let q = super::queue_name(namespace, end);
-        if !queues.contains(&q) {
-            queues.push(q);
-        }
-    }
+    ends: &EndActors,
+) -> Result<Vec<Location>, ProvisionError> {
+    let queues = provision_queues(namespace, actors, ends)?;
+    let t = NatsTransport::connect(cfg).await?;
     let mut out = Vec::new();
     for (i, q) in queues.iter().enumerate() {
-        let loc = t.locate(q)?;
+        let loc = Location::of(q);
         // Update the stream once per run so changed settings (duplicate window) apply.
         t.ensure_stream(&loc, i == 0).await?;
         t.ensure_queue(q).await?;
@@ -574,39 +566,23 @@ pub async fn provision(
     Ok(out)
 }
 
-/// `asya-host provision`: configuration from `src` (`ASYA_NATS_*`, `ASYA_ACTOR_SINK`,
-/// `ASYA_ACTOR_SUMP`), `url` overriding `ASYA_NATS_URL`.
-pub async fn provision_from(
-    src: &dyn Source,
+/// The queues [`provision`] creates: the actors', then the end actors'.
+fn provision_queues(
     namespace: &str,
     actors: &[String],
-    url: Option<&str>,
-) -> Result<Vec<Location>, ProvisionError> {
-    use crate::config::{validate_actor_name, vars as cv};
-    let mut cfg = NatsConfig::from_source(src)?;
-    if let Some(u) = url {
-        cfg.url = u.to_owned();
-    }
-    validate_actor_name(cv::NAMESPACE, namespace)?;
-    let r = Reader(src);
-    let mut all: Vec<String> = Vec::new();
-    for a in actors.iter().cloned().chain([
-        r.string(cv::ACTOR_SINK, "x-sink"),
-        r.string(cv::ACTOR_SUMP, "x-sump"),
-    ]) {
-        validate_actor_name(cv::ACTOR_NAME, &a)?;
-        if !all.contains(&a) {
-            all.push(a);
-        }
-    }
-    Ok(provision(cfg, namespace, &all).await?)
+    ends: &EndActors,
+) -> Result<Vec<QueueName>, crate::queue::InvalidName> {
+    ends.with_actors(actors.iter().map(String::as_str))
+        .iter()
+        .map(|a| QueueName::new(namespace, a))
+        .collect()
 }
 
 /// Why `provision` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Name(#[from] crate::queue::InvalidName),
     #[error(transparent)]
     Transport(#[from] TransportError),
 }
@@ -619,7 +595,7 @@ impl Transport for NatsTransport {
 
     async fn subscribe(
         &self,
-        queue: &str,
+        queue: &QueueName,
         prefetch: usize,
     ) -> Result<Box<dyn Receiver>, TransportError> {
         let consumer = self.ensure_queue(queue).await?;
@@ -631,7 +607,7 @@ impl Transport for NatsTransport {
             permits,
             tx,
             self.inner.reconnected.clone(),
-            queue.to_owned(),
+            queue.to_string(),
         ));
         Ok(Box::new(NatsReceiver {
             rx,
@@ -653,20 +629,20 @@ impl Transport for NatsTransport {
         // The namespace stream does not exist yet: create it and publish those again.
         let retry: Vec<OutMessage> = missing.into_iter().map(|i| msgs[i].clone()).collect();
         for m in &retry {
-            let loc = self.locate(&m.queue)?;
+            let loc = Location::of(&m.queue);
             self.ensure_stream(&loc, true).await?;
         }
         let still = self.publish_all(&retry).await?;
         match still.first() {
             None => Ok(()),
             Some(&i) => Err(TransportError::Queue {
-                queue: retry[i].queue.clone(),
+                queue: retry[i].queue.to_string(),
                 message: "no stream accepts this subject".into(),
             }),
         }
     }
 
-    async fn ensure_queues(&self, queues: &[String]) -> Result<(), TransportError> {
+    async fn ensure_queues(&self, queues: &[QueueName]) -> Result<(), TransportError> {
         for q in queues {
             self.ensure_queue(q).await?;
         }
@@ -904,20 +880,30 @@ mod tests {
 
     #[test]
     fn layout() {
-        let l = locate("prod-eu", "asya-prod-eu-text-clean").unwrap();
+        let l = Location::of(&QueueName::new("prod-eu", "text-clean").unwrap());
         assert_eq!(l.stream, "asya-prod-eu");
         assert_eq!(l.subject, "asya.prod-eu.text-clean");
         assert_eq!(l.consumer, "text-clean");
-        let l = locate("default", "asya-other-x-sink").unwrap();
+        let l = Location::of(&QueueName::new("other", "x-sink").unwrap());
         assert_eq!(l.subject, "asya.other.x-sink");
-        assert!(locate("default", "queue").is_err());
-        assert!(locate("default", "asya-nodash").is_err());
-        assert!(locate("default", "asya-a-b.c").is_err());
+    }
+
+    #[test]
+    fn provision_queues_end_with_the_configured_end_actors() {
+        let ends = EndActors {
+            sink: "done".into(),
+            sump: "x-sump".into(),
+        };
+        let qs = provision_queues("n", &["a".into(), "x-sump".into()], &ends).unwrap();
+        let names: Vec<String> = qs.iter().map(|q| q.to_string()).collect();
+        assert_eq!(names, ["asya-n-a", "asya-n-x-sump", "asya-n-done"]);
+        assert!(provision_queues("n", &["a.b".into()], &ends).is_err());
     }
 
     #[test]
     fn config_errors_name_the_variable() {
         let c = NatsConfig::from_source(&[("ASYA_NAMESPACE", "n")]).unwrap();
+        assert_eq!(c, NatsConfig::new("nats://127.0.0.1:4222"));
         assert_eq!(c.url, "nats://127.0.0.1:4222");
         assert_eq!(c.duplicate_window, Duration::from_secs(120));
         assert_eq!(c.max_deliver, -1);
@@ -930,11 +916,12 @@ mod tests {
             (vars::TLS_CERT, "c.pem", vars::TLS_KEY),
             (vars::REPLICAS, "7", vars::REPLICAS),
         ] {
-            let e = NatsConfig::from_source(&[(var, val)]).unwrap_err();
+            let e = NatsConfig::from_source(&[(var.name, val)]).unwrap_err();
             assert_eq!(e.var, named, "{e}");
             assert!(!e.to_string().contains('\n'));
         }
-        let e = NatsConfig::from_source(&[(vars::TOKEN, "t"), (vars::CREDS, "/x")]).unwrap_err();
+        let e = NatsConfig::from_source(&[(vars::TOKEN.name, "t"), (vars::CREDS.name, "/x")])
+            .unwrap_err();
         assert_eq!(e.var, vars::CREDS);
     }
 }

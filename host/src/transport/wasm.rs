@@ -36,7 +36,9 @@ use wasmtime::Store;
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
-use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
+use super::{
+    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+};
 use crate::config::{ConfigError, Reader, Source};
 use crate::metrics::Metrics;
 use crate::plugin::bindings::{
@@ -47,12 +49,24 @@ use crate::plugin::PluginError;
 
 /// Variables of `ASYA_TRANSPORT=wasm`.
 pub mod vars {
-    /// Path of the transport component (`.wasm`).
-    pub const PLUGIN: &str = "ASYA_TRANSPORT_PLUGIN";
-    /// JSON configuration passed to the component's `connect` (default `{}`).
-    pub const CONFIG: &str = "ASYA_TRANSPORT_CONFIG";
-    /// Addresses the component may connect to (see the module documentation).
-    pub const ALLOW: &str = "ASYA_TRANSPORT_ALLOW";
+    use crate::config::Var;
+
+    pub const PLUGIN: Var = Var::optional(
+        "ASYA_TRANSPORT_PLUGIN",
+        "the transport component (.wasm); required with ASYA_TRANSPORT=wasm",
+    );
+    pub const CONFIG: Var = Var::new(
+        "ASYA_TRANSPORT_CONFIG",
+        "{}",
+        "JSON configuration passed to the component's connect",
+    );
+    pub const ALLOW: Var = Var::optional(
+        "ASYA_TRANSPORT_ALLOW",
+        "host:port list the component may connect to (nothing when unset)",
+    );
+
+    /// Every variable of the WebAssembly transport, in `--help` order.
+    pub const ALL: &[Var] = &[PLUGIN, CONFIG, ALLOW];
 }
 
 /// How long `receive` waits for a first message while nothing is unsettled.
@@ -258,30 +272,49 @@ impl WasmConfig {
             cache_dir: None,
         }
     }
+}
 
-    /// From `ASYA_TRANSPORT_PLUGIN`, `ASYA_TRANSPORT_CONFIG`, `ASYA_TRANSPORT_ALLOW` (and the
-    /// plugin cache directory).
-    pub async fn from_source(src: &dyn Source) -> Result<WasmConfig, ConfigError> {
+/// `ASYA_TRANSPORT=wasm` as parsed from the variables; [`WasmSettings::resolve`] then
+/// resolves the allow-list's host names (parsing does no I/O).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WasmSettings {
+    pub plugin: PathBuf,
+    /// JSON text for `connect` (checked to be JSON).
+    pub config: String,
+    /// `ASYA_TRANSPORT_ALLOW` as written.
+    pub allow: Option<String>,
+    /// Compiled-code cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl WasmSettings {
+    /// From `ASYA_TRANSPORT_PLUGIN`, `ASYA_TRANSPORT_CONFIG`, `ASYA_TRANSPORT_ALLOW` and the
+    /// plugin cache directory.
+    pub fn from_source(src: &dyn Source) -> Result<WasmSettings, ConfigError> {
         let r = Reader(src);
         let plugin = PathBuf::from(r.required(vars::PLUGIN)?);
-        let config = r.raw(vars::CONFIG).unwrap_or_else(|| "{}".to_owned());
+        let config = r.string(vars::CONFIG);
         if let Err(e) = serde_json::from_str::<serde_json::Value>(&config) {
-            return Err(ConfigError {
-                var: vars::CONFIG,
-                message: format!("not JSON: {e}"),
-            });
+            return Err(vars::CONFIG.error(format!("not JSON: {e}")));
         }
-        let allow = match r.raw(vars::ALLOW) {
+        Ok(WasmSettings {
+            plugin,
+            config,
+            allow: r.raw(vars::ALLOW),
+            cache_dir: engine::cache_dir(src),
+        })
+    }
+
+    /// The transport's configuration, with the allow-list's names resolved.
+    pub async fn resolve(&self) -> Result<WasmConfig, ConfigError> {
+        let allow = match &self.allow {
             None => AllowList::none(),
-            Some(text) => AllowList::parse(&text)
+            Some(text) => AllowList::parse(text)
                 .await
-                .map_err(|message| ConfigError {
-                    var: vars::ALLOW,
-                    message,
-                })?,
+                .map_err(|message| vars::ALLOW.error(message))?,
         };
-        let mut cfg = WasmConfig::new(plugin, &config, allow);
-        cfg.cache_dir = engine::cache_dir(src);
+        let mut cfg = WasmConfig::new(&self.plugin, &self.config, allow);
+        cfg.cache_dir = self.cache_dir.clone();
         Ok(cfg)
     }
 }
@@ -610,14 +643,6 @@ pub struct WasmTransport {
 }
 
 impl WasmTransport {
-    /// From `ASYA_TRANSPORT_PLUGIN` / `_CONFIG` / `_ALLOW`.
-    pub async fn from_source(src: &dyn Source) -> Result<WasmTransport, TransportError> {
-        let cfg = WasmConfig::from_source(src)
-            .await
-            .map_err(|e| TransportError::Unavailable(e.to_string()))?;
-        WasmTransport::connect(cfg).await
-    }
-
     /// Load the component and open the publishing connections (a component that cannot
     /// be loaded or connect fails here).
     pub async fn connect(cfg: WasmConfig) -> Result<WasmTransport, TransportError> {
@@ -662,7 +687,7 @@ impl Transport for WasmTransport {
 
     async fn subscribe(
         &self,
-        queue: &str,
+        queue: &QueueName,
         prefetch: usize,
     ) -> Result<Box<dyn Receiver>, TransportError> {
         let prefetch = prefetch.clamp(1, 4096);
@@ -674,7 +699,7 @@ impl Transport for WasmTransport {
         let drained = Arc::new(Notify::new());
         tokio::spawn(receive_loop(
             conn,
-            queue.to_owned(),
+            queue.to_string(),
             prefetch,
             sem,
             tx,

@@ -168,7 +168,7 @@ impl Seen {
 /// Consume `queue` with `t` into `seen`, acking each message.
 pub fn collect(
     t: Arc<dyn Transport>,
-    queue: String,
+    queue: asya_host::queue::QueueName,
     seen: Arc<Mutex<Seen>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -205,7 +205,7 @@ pub fn envelope(i: usize) -> Vec<u8> {
 
 /// Publish the run's envelopes to `asya-<ns>-a`, 500 per batch.
 pub async fn publish(t: &dyn Transport, ns: &str) {
-    let queue = format!("asya-{ns}-a");
+    let queue = asya_host::queue::QueueName::new(ns, "a").unwrap();
     for chunk in (0..ENVELOPES).collect::<Vec<_>>().chunks(500) {
         let msgs = chunk
             .iter()

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use asya_host::config::SidecarConfig;
 use asya_host::metrics::Metrics;
-use asya_host::sidecar::{self, Deps, Exit, Reporter, SidecarError};
+use asya_host::sidecar::{Exit, Reporter, SidecarError};
 use asya_host::transport::Transport;
+use asya_host::SidecarBuilder;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -66,9 +67,11 @@ impl Mesh {
         let mut runtimes = Vec::new();
         let mut tasks = Vec::new();
         let spawn = |cfg: SidecarConfig, tasks: &mut Vec<_>| {
-            let mut deps = Deps::new(transport.clone(), metrics.clone());
-            deps.reporter = Some(reporter.clone());
-            tasks.push(tokio::spawn(sidecar::run(cfg, deps, shutdown.clone())));
+            let sidecar = SidecarBuilder::new(cfg, transport.clone())
+                .metrics(metrics.clone())
+                .reporter(Some(reporter.clone()))
+                .build();
+            tasks.push(sidecar.spawn(shutdown.clone()));
         };
         for (name, handler) in actors {
             let rt = StockRuntime::start(handler);

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use asya_host::config::SidecarConfig;
 use asya_host::metrics::Metrics;
-use asya_host::sidecar::{self, Deps, Exit, SidecarError};
+use asya_host::queue::QueueName;
+use asya_host::sidecar::{Deps, Exit, SidecarError};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Receiver, Transport};
+use asya_host::SidecarBuilder;
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -92,9 +94,12 @@ impl Harness {
         tweak(&mut cfg);
         let transport = MemoryTransport::new();
         let metrics = Metrics::new("asya_actor");
-        let deps = Deps::new(Arc::new(transport.clone()), metrics.clone());
+        let sidecar = SidecarBuilder::new(cfg.clone(), Arc::new(transport.clone()))
+            .metrics(metrics.clone())
+            .build();
+        let deps = sidecar.deps.clone();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(sidecar::run(cfg.clone(), deps.clone(), shutdown.clone()));
+        let task = sidecar.spawn(shutdown.clone());
         Harness {
             runtime,
             transport,
@@ -106,15 +111,15 @@ impl Harness {
         }
     }
 
-    pub fn queue(actor: &str) -> String {
-        format!("asya-{NS}-{actor}")
+    pub fn queue(actor: &str) -> QueueName {
+        QueueName::new(NS, actor).expect("valid test actor")
     }
 
     /// Publish raw bytes to this actor's queue.
     pub async fn send_raw(&self, body: impl Into<Bytes>) {
         self.transport
             .send(OutMessage {
-                queue: self.cfg.queue(),
+                queue: self.cfg.queue().expect("valid test actor"),
                 id: String::new(),
                 body: body.into(),
             })

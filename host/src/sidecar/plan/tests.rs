@@ -14,7 +14,7 @@ fn rules() -> Rules {
     cfg.resiliency.backoff_multiplier = 2.0;
     cfg.resiliency.actor_timeout = Duration::from_secs(10);
     cfg.resiliency.crash_on_timeout = false;
-    Rules::new(&cfg)
+    Rules::new(&cfg).unwrap()
 }
 
 fn now() -> DateTime<Utc> {
@@ -130,7 +130,7 @@ fn an_envelope_for_another_actor_goes_to_sump_as_route_mismatch() {
     assert_eq!(p.processed, Some(Processed::Error));
     let [o] = &p.outputs[..] else { panic!() };
     assert_eq!(o.kind, MessageType::Sump);
-    assert_eq!(o.queue, "asya-ns-x-sump");
+    assert_eq!(o.queue.as_str(), "asya-ns-x-sump");
     assert_eq!(o.id, "e1:0:sump");
     let st = status(o);
     assert_eq!(st.phase, Some(Phase::Failed));
@@ -299,6 +299,22 @@ fn one_bad_frame_costs_one_frame() {
 }
 
 #[test]
+fn a_frame_for_an_actor_no_queue_can_name_goes_to_sump() {
+    let (r, i) = (rules(), input());
+    let h = hop(&r, &i, 1);
+    let bad = frame(r#"{"route":{"prev":["p","a"],"curr":"no such/actor"},"payload":2}"#);
+    let p = after_invoke(
+        &h,
+        call(Answer::Frames(routed(&h, vec![to_b(), bad], None))),
+    );
+    assert_eq!(reasons(&p), [FailReason::RouteMismatch]);
+    assert_eq!(p.outputs[0].kind, MessageType::Routing);
+    let o = &p.outputs[1];
+    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, "e1:1:1:sump"));
+    assert_eq!(status(o).reason, Some(Reason::RouteMismatch));
+}
+
+#[test]
 fn policy_keep_routes_as_the_handler_said() {
     let (r, i) = (rules(), input());
     let h = hop(&r, &i, 1);
@@ -310,7 +326,7 @@ fn policy_keep_routes_as_the_handler_said() {
             Some(Ok(Decision::Keep)),
         ))),
     );
-    assert_eq!(p.outputs[0].queue, "asya-ns-b");
+    assert_eq!(p.outputs[0].queue.as_str(), "asya-ns-b");
 }
 
 #[test]
@@ -330,7 +346,7 @@ fn policy_replace_route_is_checked_and_applied() {
             Some(Ok(Decision::ReplaceRoute(ok))),
         ))),
     );
-    assert_eq!(p.outputs[0].queue, "asya-ns-c");
+    assert_eq!(p.outputs[0].queue.as_str(), "asya-ns-c");
     let finished = Route {
         prev: vec!["p".into(), "a".into()],
         curr: String::new(),

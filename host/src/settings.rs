@@ -1,0 +1,211 @@
+//! Each command's settings, parsed once from a [`Source`] (the process environment in
+//! `main`, a map in tests) before anything starts, and the variable lists `--help` shows.
+//! Nothing here does I/O: resolving host names and loading files happen when the parts are
+//! built ([`crate::serve_sidecar`], [`crate::gateway::cli::run_gateway`], [`crate::mesh::up`]).
+
+use std::path::PathBuf;
+
+use crate::config::{self, help_table, vars, ConfigError, LogSettings, Source, Var};
+use crate::gateway::cli::{gvars, GatewayConfig, ReporterSettings};
+use crate::plugin::PolicySettings;
+use crate::queue::EndActors;
+use crate::transport::nats::{self, NatsConfig};
+use crate::transport::{wasm, TransportSettings};
+
+/// `PYTHONPATH` of `up`'s runtimes: after the flow file's folder.
+pub const PYTHONPATH: Var = Var::optional(
+    "PYTHONPATH",
+    "appended to the runtimes' import path after the flow file's folder",
+);
+
+/// `asya-host sidecar`.
+#[derive(Debug, Clone)]
+pub struct SidecarSettings {
+    pub sidecar: config::SidecarConfig,
+    pub transport: TransportSettings,
+    pub policies: PolicySettings,
+    pub reporter: ReporterSettings,
+}
+
+impl SidecarSettings {
+    pub fn from_source(src: &dyn Source) -> Result<SidecarSettings, ConfigError> {
+        let sidecar = config::SidecarConfig::from_source(src)?;
+        Ok(SidecarSettings {
+            transport: TransportSettings::from_source(sidecar.transport, src)?,
+            policies: PolicySettings::from_source(src)?,
+            reporter: ReporterSettings::from_source(src),
+            sidecar,
+        })
+    }
+}
+
+/// `asya-host gateway`.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub gateway: GatewayConfig,
+    pub nats: NatsConfig,
+}
+
+impl GatewaySettings {
+    pub fn from_source(src: &dyn Source) -> Result<GatewaySettings, ConfigError> {
+        Ok(GatewaySettings {
+            gateway: GatewayConfig::from_source(src)?,
+            nats: NatsConfig::from_source(src)?,
+        })
+    }
+}
+
+/// What `asya-host up` reads from variables (its flags are parsed by `main`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpSettings {
+    pub ends: EndActors,
+    /// `PYTHONPATH` as set.
+    pub pythonpath: Option<String>,
+    /// Compiled-code cache of the route policies.
+    pub plugin_cache_dir: Option<PathBuf>,
+    /// `ASYA_NATS_*`, read only for `--transport nats`.
+    pub nats: Option<NatsConfig>,
+}
+
+impl UpSettings {
+    pub fn from_source(src: &dyn Source, with_nats: bool) -> Result<UpSettings, ConfigError> {
+        Ok(UpSettings {
+            ends: config::end_actors(src)?,
+            pythonpath: src.get(PYTHONPATH.name).filter(|p| !p.is_empty()),
+            plugin_cache_dir: crate::plugin::engine::cache_dir(src),
+            nats: if with_nats {
+                Some(NatsConfig::from_source(src)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// `provision`: the NATS settings and the end actors.
+pub fn provision_settings(src: &dyn Source) -> Result<(NatsConfig, EndActors), ConfigError> {
+    Ok((NatsConfig::from_source(src)?, config::end_actors(src)?))
+}
+
+/// The bearer token `trace` and `send` present (`ASYA_GATEWAY_TOKEN`).
+pub fn client_token(src: &dyn Source) -> Option<String> {
+    config::Reader(src).raw(gvars::TOKEN)
+}
+
+/// Logging, for every command.
+pub fn logging(src: &dyn Source) -> LogSettings {
+    LogSettings::from_source(src)
+}
+
+const NAMES: &[Var] = &[vars::NAMESPACE, vars::ACTOR_SINK, vars::ACTOR_SUMP];
+
+/// The variables of `asya-host sidecar`, grouped for `--help`.
+pub fn sidecar_vars() -> Vec<(&'static str, &'static [Var])> {
+    vec![
+        ("Sidecar variables", vars::SIDECAR),
+        ("NATS transport (ASYA_TRANSPORT=nats)", nats::vars::ALL),
+        (
+            "WebAssembly transport (ASYA_TRANSPORT=wasm)",
+            wasm::vars::ALL,
+        ),
+        ("Route policies", crate::plugin::vars::ALL),
+        ("Reporting", gvars::REPORTING),
+        ("Logging", vars::LOGGING),
+    ]
+}
+
+/// The variables of `asya-host gateway`, grouped for `--help`.
+pub fn gateway_vars() -> Vec<(&'static str, &'static [Var])> {
+    vec![
+        ("Gateway variables", gvars::GATEWAY),
+        ("Names", NAMES),
+        ("NATS", nats::vars::ALL),
+        ("Logging", vars::LOGGING),
+    ]
+}
+
+/// The variables of `asya-host up`, grouped for `--help`.
+pub fn up_vars() -> Vec<(&'static str, &'static [Var])> {
+    const RUNTIMES: &[Var] = &[PYTHONPATH, crate::plugin::vars::PLUGIN_CACHE_DIR];
+    vec![
+        ("End actors", vars::END_ACTORS),
+        ("Runtimes and plugins", RUNTIMES),
+        ("NATS (--transport nats)", nats::vars::ALL),
+        ("Logging", vars::LOGGING),
+    ]
+}
+
+/// `--help` text listing `groups` (see [`config::help_table`]).
+pub fn help(groups: &[(&'static str, &'static [Var])]) -> String {
+    help_table(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every fixed default parses with the code that parses a set value.
+    #[test]
+    fn every_default_is_valid() {
+        let unset: [(&str, &str); 0] = [];
+        SidecarSettings::from_source(&[("ASYA_ACTOR_NAME", "a")]).unwrap();
+        GatewaySettings::from_source(&unset).unwrap();
+        UpSettings::from_source(&unset, true).unwrap();
+        let wasm = SidecarSettings::from_source(&[
+            ("ASYA_ACTOR_NAME", "a"),
+            ("ASYA_TRANSPORT", "wasm"),
+            ("ASYA_TRANSPORT_PLUGIN", "/t.wasm"),
+        ])
+        .unwrap();
+        assert!(matches!(wasm.transport, TransportSettings::Wasm(_)));
+    }
+
+    /// No variable is listed twice under one command, and every one has a doc line.
+    #[test]
+    fn variable_lists_are_sound() {
+        for list in [sidecar_vars(), gateway_vars(), up_vars()] {
+            let mut names: Vec<&str> = list
+                .iter()
+                .flat_map(|(_, vs)| vs.iter().map(|v| v.name))
+                .collect();
+            let n = names.len();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), n, "{names:?}");
+            for (_, vs) in &list {
+                for v in *vs {
+                    assert!(!v.doc.is_empty() && !v.doc.contains('\n'), "{}", v.name);
+                }
+            }
+        }
+    }
+
+    /// The README lists every variable of the sidecar and the gateway with its default.
+    #[test]
+    fn readme_lists_every_variable_with_its_default() {
+        let readme = include_str!("../../README.md");
+        let nats_md = include_str!("transport/NATS.md");
+        for (_, vs) in sidecar_vars().into_iter().chain(gateway_vars()) {
+            for v in vs {
+                let doc = if v.name.starts_with("ASYA_NATS_") {
+                    nats_md
+                } else {
+                    readme
+                };
+                assert!(doc.contains(v.name), "{} is not documented", v.name);
+                let Some(d) = v.default_value() else { continue };
+                let cell = format!("`{}`", v.name);
+                if let Some(row) = doc
+                    .lines()
+                    .find(|l| l.starts_with('|') && l.contains(&cell))
+                {
+                    assert!(
+                        row.contains(&format!("`{d}`")),
+                        "{}: the docs say {row}",
+                        v.name
+                    );
+                }
+            }
+        }
+    }
+}
