@@ -150,7 +150,7 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
     let s = cx.s;
     let invoke = match plan::before_invoke(&cx.hop) {
         Ok(invoke) => invoke,
-        Err(plan) => return apply(s, log, plan).await,
+        Err(plan) => return apply(s, log, *plan).await,
     };
     cx.guard.stage(Stage::Invoking);
     let call_start = Instant::now();
@@ -382,7 +382,7 @@ async fn settle_in(s: &Shared, h: Handled) {
         Settlement::Retry(delay) => {
             debug!(attempt, ?delay, "retrying");
             m.sent(
-                &s.queue,
+                s.queue.as_str(),
                 MessageType::Retry,
                 std::time::Duration::ZERO,
                 body_len,

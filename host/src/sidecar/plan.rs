@@ -256,8 +256,9 @@ pub(crate) fn end_of_route(rules: &Rules) -> Plan {
 }
 
 /// Steps 2–4 before the runtime is called: the input may be done with already (wrong actor,
-/// past its deadline, delivered too often); else how to call the runtime.
-pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Plan> {
+/// past its deadline, delivered too often: `Err` with its plan); else how to call the
+/// runtime.
+pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
     let input = h.input;
     let res = &h.rules.resiliency;
     if input.route.curr != *h.rules.actor {
@@ -272,13 +273,15 @@ pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Plan> {
     }
     let deadline = input.deadline();
     if deadline.is_some_and(|d| d <= h.now) {
-        return Err(expired(h));
+        return Err(Box::new(expired(h)));
     }
     if h.attempt > res.max_attempts {
         let msg = format!("delivered {} times, limit {}", h.attempt, res.max_attempts);
         let err = ErrorInfo::new("MaxRetriesExhausted", msg.clone());
-        return Err(sump_input(h, Reason::MaxRetriesExhausted, Some(err))
-            .failed(FailReason::MaxRetriesExhausted, msg));
+        return Err(Box::new(
+            sump_input(h, Reason::MaxRetriesExhausted, Some(err))
+                .failed(FailReason::MaxRetriesExhausted, msg),
+        ));
     }
     let left = deadline.map(|d| (d - h.now).to_std().unwrap_or_default());
     Ok(match left {
