@@ -1145,12 +1145,18 @@ class Server(object):
             if path == b"/invoke" and method == b"POST":
                 state.busy = True
                 try:
-                    close = self.invoke(conn, decode, body, request_id, http11, close, keep_alive_10)
+                    close = self.invoke(
+                        conn, state, decode, body, request_id, http11, close, keep_alive_10
+                    )
                 finally:
                     state.busy = False
             elif path == b"/healthz" and method == b"GET":
+                if state.reserved:
+                    self.release(state)
                 sendall(_response(200, _HEALTH_BODY, request_id, close, keep_alive_10))
             else:
+                if state.reserved:
+                    self.release(state)
                 message = "no endpoint %s %s (expected GET /healthz or POST /invoke)" % (
                     method.decode("latin-1"),
                     path.decode("latin-1"),
@@ -1158,18 +1164,22 @@ class Server(object):
                 body = dumps({"error": "not_found", "details": {"message": message}})
                 sendall(_response(404, body, request_id, close, keep_alive_10))
             body = None
-            if state.reserved:
+            if state.reserved:  # released before the response in every path above
                 self.release(state)
             if close or self.draining:
                 return
 
-    def invoke(self, conn, decode, body, request_id, http11, close, keep_alive_10):
-        # type: (socket.socket, Callable[[Any], Any], Any, Optional[bytes], bool, bool, bool) -> bool
-        """Serve one POST /invoke; returns whether the connection must be closed."""
+    def invoke(self, conn, state, decode, body, request_id, http11, close, keep_alive_10):
+        # type: (socket.socket, _Connection, Callable[[Any], Any], Any, Optional[bytes], bool, bool, bool) -> bool
+        """Serve one POST /invoke; returns whether the connection must be closed.  The body's
+        bytes stay counted until the handler returns, and are released before the response
+        is sent (a client may send its next request as soon as it has the answer)."""
         invoker = self.invoker
         try:
             env = parse_envelope(body, invoker.validate, decode)
         except ValueError as exc:
+            if state.reserved:
+                self.release(state)
             if self.debug:
                 LOG.debug("rejecting malformed envelope: %s", exc)
             conn.sendall(_response(400, parsing_error_body(str(exc)), request_id, close, keep_alive_10))
@@ -1179,7 +1189,11 @@ class Server(object):
             if self.debug:
                 LOG.debug("invoke: curr=%r", env["route"]["curr"])
             try:
-                result, snapshot = invoker.call(env)
+                try:
+                    result, snapshot = invoker.call(env)
+                finally:
+                    if state.reserved:
+                        self.release(state)
                 rtype = type(result)
                 if rtype is dict or (rtype is list and result):
                     out = dumps({"frames": invoker.frames(env, result, snapshot)})
