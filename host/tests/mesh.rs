@@ -500,7 +500,10 @@ fn runtime_timeout_restarts_the_runtime_and_the_run_completes() {
 fn running(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
             !matches!(state, Some("Z") | Some("X") | None)
         }
         Err(_) => false,
@@ -536,7 +539,10 @@ def work(p):
     // The gateway line comes after every runtime is ready.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l.contains("gateway on http://")) {
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("gateway on http://"))
+    {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => seen.push(l),
@@ -655,8 +661,16 @@ def work(p):
     assert_eq!(res[1]["error"]["type"], "ValueError", "{}", res[1]);
     let calls = std::fs::read_to_string(tmp.path().join("flow/calls")).unwrap();
     let count = |n: &str| calls.lines().filter(|l| *l == n).count();
-    assert_eq!(count("1"), 1, "the non-retryable error was retried: {calls}");
-    assert_eq!(count("2"), 3, "the retryable error: max_attempts deliveries: {calls}");
+    assert_eq!(
+        count("1"),
+        1,
+        "the non-retryable error was retried: {calls}"
+    );
+    assert_eq!(
+        count("2"),
+        3,
+        "the retryable error: max_attempts deliveries: {calls}"
+    );
     // The variable `up` does not read is named, not silently ignored.
     assert!(
         stderr.contains("ASYA_RESILIENCY_NON_RETRYABLE_ERRORS is not read by `up`"),

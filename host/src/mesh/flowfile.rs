@@ -317,7 +317,11 @@ impl FlowFile {
                     initial_span,
                     format!(
                         "actor {name}: backoff_initial {initial:?} is above backoff_max {max:?}{}",
-                        if backoff_max.is_none() { " (the default)" } else { "" }
+                        if backoff_max.is_none() {
+                            " (the default)"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }
@@ -615,9 +619,13 @@ summarize = ["tokenize", "store"]
     #[test]
     fn resiliency_variables_are_named() {
         let v = ignored_resiliency_vars(
-            ["PATH", "ASYA_RESILIENCY_NON_RETRYABLE_ERRORS", "ASYA_HANDLER"]
-                .into_iter()
-                .map(String::from),
+            [
+                "PATH",
+                "ASYA_RESILIENCY_NON_RETRYABLE_ERRORS",
+                "ASYA_HANDLER",
+            ]
+            .into_iter()
+            .map(String::from),
         );
         assert_eq!(v, vec!["ASYA_RESILIENCY_NON_RETRYABLE_ERRORS"]);
     }
