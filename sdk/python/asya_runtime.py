@@ -789,9 +789,36 @@ class AbiState(object):
         segments = parse_abi_path(path)
         self._check_writable("SET", segments, path)
         value = _deepcopy_json(value)
+        route = self.meta["route"]
         if segments == ["route", "next"]:
-            self.meta["route"]["next"] = _route_next(value, path)
+            route["next"] = _route_next(value, path)
             return
+        if segments[0] == "route":  # an edit inside route.next: all or nothing
+            saved = route["next"]
+            route["next"] = list(saved)
+            try:
+                self._set_in(segments, path, value)
+                route["next"] = _route_next(route["next"], path)
+            except Exception:
+                route["next"] = saved
+                raise
+            return
+        key = segments[0]
+        had, saved = key in self.meta, _deepcopy_json(self.meta.get(key))
+        owned = key in self.owned
+        try:
+            self._set_in(segments, path, value)
+        except Exception:  # all or nothing: no half-created objects after a failed SET
+            if had:
+                self.meta[key] = saved
+            else:
+                self.meta.pop(key, None)
+            if owned or had:
+                self.owned.add(key)  # `saved` is a private copy
+            raise
+
+    def _set_in(self, segments, path, value):
+        # type: (List[Any], str, Any) -> None
         if len(segments) == 1:  # .headers / .status as a whole
             if type(value) is not dict:
                 raise TypeError("SET %s: the value must be an object, got %s"
@@ -814,14 +841,14 @@ class AbiState(object):
             if type(parent) is not list:
                 raise TypeError("SET %s: an index needs a list, found %s"
                                 % (path, _json_type(parent)))
-            parent[last] = value  # IndexError when out of range
+            if not -len(parent) <= last < len(parent):
+                raise IndexError("SET %s: index %d out of range (length %d)" % (path, last, len(parent)))
+            parent[last] = value
         else:
             if type(parent) is not dict:
                 raise TypeError("SET %s: a key needs an object, found %s"
                                 % (path, _json_type(parent)))
             parent[last] = value
-        if segments[:2] == ["route", "next"]:
-            self.meta["route"]["next"] = _route_next(self.meta["route"]["next"], path)
 
     def delete(self, path):
         # type: (Any) -> None
@@ -852,11 +879,18 @@ class AbiState(object):
             if isinstance(seg, _Slice):
                 raise ValueError("ABI path %r: a slice must be the last segment" % path)
             if type(seg) is int:
-                if type(node) is not list:
-                    raise TypeError("%s: an index needs a list, found %s" % (path, _json_type(node)))
-                node = node[seg]  # IndexError when out of range
+                if type(node) is not list or not -len(node) <= seg < len(node):
+                    if not create:
+                        return None
+                    if type(node) is not list:
+                        raise TypeError("%s: an index needs a list, found %s"
+                                        % (path, _json_type(node)))
+                    raise IndexError("%s: index %d out of range (length %d)" % (path, seg, len(node)))
+                node = node[seg]
                 continue
             if type(node) is not dict:
+                if not create:
+                    return None
                 raise TypeError("%s: key %r needs an object, found %s" % (path, seg, _json_type(node)))
             if seg not in node or node[seg] is None:
                 if not create:

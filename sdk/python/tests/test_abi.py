@@ -297,3 +297,19 @@ def test_envelope_mode_set_is_refused(start_runtime):
     assert details["type"] == "TypeError"
     assert details["message"] == ("envelope mode: SET .route.next is not available, the handler "
                                   "edits the envelope it yields instead")
+
+
+def test_failed_set_changes_nothing(start_runtime):
+    rt = start_runtime("abi.ops_catching")
+    frame = _only_frame(_apply(rt, [
+        ["SET", ".route.next[0]", 5],            # not a name: route.next kept as it was
+        ["SET", ".route.next[1:2]", [None]],
+        ["SET", ".headers.new[0]", "x"],         # no half-created headers.new
+        ["SET", ".status.nested.k[7]", 1],
+        ["DEL", ".status.nested.k[7].x"],        # DEL through a missing index: nothing to do
+        ["DEL", ".headers.trace_id[0]"],         # DEL through a string: nothing to do
+    ]))
+    assert frame["payload"] == {"errors": ["TypeError", "TypeError", "TypeError", "IndexError"]}
+    assert frame["route"] == {"prev": ["p0", "a"], "curr": "b", "next": ["c", "d"]}
+    assert frame["headers"] == {"trace_id": "trace-1", "model.version": "v1"}
+    assert frame["status"] == {"phase": "processing", "nested": {"k": [1, 2]}}

@@ -127,3 +127,14 @@ def envelope_mode_get(env):
 def envelope_mode_set(env):
     yield "SET", ".route.next", ["z"]
     yield env
+
+
+def ops_catching(payload):
+    """Apply payload["ops"], catching each failure; emit the error types and the result."""
+    errors = []
+    for op in payload["ops"]:
+        try:
+            yield tuple(op)
+        except Exception as exc:
+            errors.append(type(exc).__name__)
+    yield {"errors": errors}
