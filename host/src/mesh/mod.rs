@@ -507,9 +507,10 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         cfg.shutdown_grace = DRAIN_GRACE;
         cfg.resiliency = a.resiliency();
         // The configured chain, then the check that the next actor is in this mesh.
-        let policy: Arc<dyn crate::plugin::RoutePolicy> = Arc::new(
-            known_actors::KnownActors::new(policies.get(&a.name).cloned(), known.clone()),
-        );
+        let policy: Arc<dyn crate::plugin::RoutePolicy> = Arc::new(known_actors::KnownActors::new(
+            policies.get(&a.name).cloned(),
+            known.clone(),
+        ));
         let sidecar = SidecarBuilder::new(cfg, transport.clone())
             .metrics(metrics.clone())
             .inflight(inflight.clone())

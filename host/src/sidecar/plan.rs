@@ -267,9 +267,9 @@ pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
             input.route.curr, h.rules.actor
         );
         let err = ErrorInfo::new("RouteMismatch", msg.clone());
-        return Err(
-            sump_input(h, Reason::RouteMismatch, Some(err)).failed(FailReason::RouteMismatch, msg)
-        );
+        let plan =
+            sump_input(h, Reason::RouteMismatch, Some(err)).failed(FailReason::RouteMismatch, msg);
+        return Err(Box::new(plan));
     }
     let deadline = input.deadline();
     if deadline.is_some_and(|d| d <= h.now) {
