@@ -181,7 +181,7 @@ async fn run(n: usize, runs: usize) {
             .map(|i| Bytes::from(envelope(&format!("{phase}{i}"), &payload)))
             .collect()
     };
-    let send = |b: Bytes, i: usize| {
+    let send = |b: Bytes, _: usize| {
         let t = &transport;
         async move {
             t.send(OutMessage {
