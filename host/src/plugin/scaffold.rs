@@ -247,7 +247,7 @@ strip = true
 [workspace]
 "#;
 
-const POLICY_LIB: &str = r#"//! `{{name}}`: a route policy. When the frame's payload number at `field` is at least
+const POLICY_LIB: &str = r##"//! `{{name}}`: a route policy. When the frame's payload number at `field` is at least
 //! `min`, the `actor` runs next (the actor that was next moves to the front of `next`).
 //! Change `decide` to your rule; the configuration keys are in README.md.
 
@@ -333,7 +333,7 @@ mod tests {
         assert!(policy("null").is_ok());
     }
 }
-"#;
+"##;
 
 const POLICY_README: &str = r#"# {{name}}
 
@@ -370,7 +370,7 @@ ASYA_ROUTE_POLICIES='[{"path": "/plugins/{{snake}}.wasm", "config": {"actor": "p
 The API of `asya-sdk`: `cargo doc --open` (documents the SDK with this crate).
 "#;
 
-const TRANSPORT_LIB: &str = r#"//! `{{name}}`: a queue transport — a SKELETON. It builds and passes `asya-host plugin
+const TRANSPORT_LIB: &str = r##"//! `{{name}}`: a queue transport — a SKELETON. It builds and passes `asya-host plugin
 //! check`, but every broker operation returns an error starting with `TODO:`, so
 //! `asya-host plugin test` fails each case with that text until the operations are written.
 //! What each operation must do: docs/writing-a-transport.md in the asya-host repository.
@@ -512,7 +512,7 @@ mod tests {
         assert!(err.message.starts_with("TODO: receive"), "{}", err.message);
     }
 }
-"#;
+"##;
 
 const TRANSPORT_README: &str = r#"# {{name}}
 
