@@ -174,7 +174,13 @@ fn send_wait_says_why_it_stopped_waiting() {
     // The namespace's stream exists, but no sidecar consumes it.
     let mut provision = Command::new(host);
     clean(&mut provision)
-        .args(["provision", "--namespace", "idle", "--actors", "upper,count"])
+        .args([
+            "provision",
+            "--namespace",
+            "idle",
+            "--actors",
+            "upper,count",
+        ])
         .env("ASYA_NATS_URL", server.url());
     let out = output_within(provision, Duration::from_secs(30));
     assert!(out.status.success(), "{out:?}");
@@ -201,7 +207,14 @@ fn send_wait_says_why_it_stopped_waiting() {
 
     let mut send = Command::new(host);
     clean(&mut send)
-        .args(["send", "shout", r#"{"text": "hi"}"#, "--wait", "--timeout", "2s"])
+        .args([
+            "send",
+            "shout",
+            r#"{"text": "hi"}"#,
+            "--wait",
+            "--timeout",
+            "2s",
+        ])
         .env("ASYA_GATEWAY_URL", format!("http://127.0.0.1:{port}"));
     let out = output_within(send, Duration::from_secs(30));
     let _ = gateway.kill();

@@ -73,16 +73,20 @@ fn generate_and_build(dir: &Path, kind: &str, name: &str) -> PathBuf {
         assert!(krate.join(f).is_file(), "{f} generated");
     }
     let readme = std::fs::read_to_string(krate.join("README.md")).unwrap();
-    assert!(readme.contains("| key | default | meaning |"), "config table");
+    assert!(
+        readme.contains("| key | default | meaning |"),
+        "config table"
+    );
     let manifest = std::fs::read_to_string(krate.join("Cargo.toml")).unwrap();
-    for line in ["opt-level = \"s\"", "lto = true", "strip = true", "[workspace]"] {
+    for line in [
+        "opt-level = \"s\"",
+        "lto = true",
+        "strip = true",
+        "[workspace]",
+    ] {
         assert!(manifest.contains(line), "{line} in Cargo.toml");
     }
-    std::fs::copy(
-        repo().join("plugins/Cargo.lock"),
-        krate.join("Cargo.lock"),
-    )
-    .unwrap();
+    std::fs::copy(repo().join("plugins/Cargo.lock"), krate.join("Cargo.lock")).unwrap();
     cargo(&krate, &["test", "--quiet"]);
     cargo(
         &krate,
@@ -136,7 +140,10 @@ fn generated_policy_and_transport_build_test_and_check() {
     let failed: Vec<&str> = stdout.lines().filter(|l| l.contains("FAIL")).collect();
     assert_eq!(failed.len(), 12, "{stdout}");
     for l in failed {
-        assert!(l.contains("TODO: "), "each failure says what is missing: {l}");
+        assert!(
+            l.contains("TODO: "),
+            "each failure says what is missing: {l}"
+        );
     }
     assert!(
         started.elapsed() < Duration::from_secs(60),

@@ -199,8 +199,9 @@ impl Config {
     ) -> Result<T, Error> {
         match self.0.get(key) {
             None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => get(v)
-                .ok_or_else(|| Error::new(format!("config {key:?} must be {what}, got {v}"))),
+            Some(v) => {
+                get(v).ok_or_else(|| Error::new(format!("config {key:?} must be {what}, got {v}")))
+            }
         }
     }
 
@@ -543,7 +544,10 @@ mod tests {
         assert_eq!(v.payload_bool("ok"), Some(true));
         assert_eq!(v.payload_bool("nested.flag"), Some(false));
         assert_eq!(v.payload_bool("count"), None);
-        assert_eq!(v.payload_value("nested"), Some(json!({"n": 2.5, "flag": false})));
+        assert_eq!(
+            v.payload_value("nested"),
+            Some(json!({"n": 2.5, "flag": false}))
+        );
     }
 
     #[test]

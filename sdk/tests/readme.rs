@@ -83,7 +83,10 @@ fn readme_examples_build_as_files() {
         match (b.lang.as_str(), &b.file) {
             ("toml", _) => {
                 if let Err(e) = b.code.parse::<toml::Table>() {
-                    panic!("a toml block of sdk/README.md does not parse: {e}\n{}", b.code);
+                    panic!(
+                        "a toml block of sdk/README.md does not parse: {e}\n{}",
+                        b.code
+                    );
                 }
             }
             ("rust", None) => panic!(
@@ -117,7 +120,10 @@ fn readme_examples_build_as_files() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    assert!(files.contains_key("src/lib.rs"), "the README shows src/lib.rs");
+    assert!(
+        files.contains_key("src/lib.rs"),
+        "the README shows src/lib.rs"
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     // Each crate: the root (`src/...`) and every `DIR/src/...` (it gets the README's

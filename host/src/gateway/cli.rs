@@ -391,7 +391,10 @@ mod send_tests {
             Duration::from_secs(300),
             false,
         );
-        assert!(line.contains("5m (the default wait; set --timeout)"), "{line}");
+        assert!(
+            line.contains("5m (the default wait; set --timeout)"),
+            "{line}"
+        );
         assert!(line.contains("no actor has reported it yet"), "{line}");
         let line = stopped_waiting(
             &view(TaskStatus::Paused, Some("review")),

@@ -101,11 +101,22 @@ pub struct Created {
 impl fmt::Display for Created {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = self.dir.display();
-        writeln!(f, "created {} crate {d}: {}", self.kind, self.files.join(", "))?;
+        writeln!(
+            f,
+            "created {} crate {d}: {}",
+            self.kind,
+            self.files.join(", ")
+        )?;
         writeln!(f, "next:")?;
         writeln!(f, "  cd {d}")?;
-        writeln!(f, "  cargo test                                         # native tests")?;
-        writeln!(f, "  cargo build --target wasm32-wasip2 --release      # the component")?;
+        writeln!(
+            f,
+            "  cargo test                                         # native tests"
+        )?;
+        writeln!(
+            f,
+            "  cargo build --target wasm32-wasip2 --release      # the component"
+        )?;
         writeln!(f, "  asya-host plugin check {}", self.wasm)?;
         if self.kind == Kind::Transport {
             writeln!(
@@ -562,15 +573,7 @@ mod tests {
             validate_name(ok).unwrap();
         }
         for bad in [
-            "",
-            "My",
-            "1st",
-            "a_b",
-            "a-",
-            "a--b",
-            "a b",
-            "asya-sdk",
-            "../x",
+            "", "My", "1st", "a_b", "a-", "a--b", "a b", "asya-sdk", "../x",
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
@@ -591,9 +594,8 @@ mod tests {
         };
         let created = create(&req).unwrap();
         let manifest = std::fs::read_to_string(created.dir.join("Cargo.toml")).unwrap();
-        assert!(manifest.contains(
-            r#"asya-sdk = { git = "https://example.com/asya.git", rev = "abc123" }"#
-        ));
+        assert!(manifest
+            .contains(r#"asya-sdk = { git = "https://example.com/asya.git", rev = "abc123" }"#));
         let lib = std::fs::read_to_string(created.dir.join("src/lib.rs")).unwrap();
         assert!(lib.contains("export_transport!(MyBroker)"));
         assert!(!lib.contains("{{"), "every placeholder filled");
