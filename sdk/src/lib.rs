@@ -1,4 +1,8 @@
 #![doc = include_str!("../README.md")]
+// The README's examples are whole files (`src/lib.rs` with its `#[cfg(test)]` module):
+// rustdoc compiles them, and `sdk/tests/readme.rs` builds them as a crate and runs their
+// tests.
+#![allow(clippy::test_attr_in_doctest)]
 
 use std::fmt;
 
