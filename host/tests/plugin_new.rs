@@ -1,7 +1,8 @@
 //! `asya-host plugin new`: the generated crates, created in a temp dir outside the
 //! repository, build for `wasm32-wasip2`, pass their native tests and `plugin check`; the
 //! transport skeleton fails `plugin test` case by case with its TODO text (it is documented
-//! as a skeleton). Wrong arguments are one-line errors.
+//! as a skeleton). The documented git dependency on this repository builds. Wrong
+//! arguments are one-line errors.
 //!
 //! Build cost: both crates use `plugins/target` and a copy of `plugins/Cargo.lock`, so the
 //! SDK's dependencies built for the shipped plugins are reused (only the SDK and the two
@@ -222,4 +223,52 @@ fn wrong_arguments_are_one_line_errors() {
     ]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
+/// The dependency form for authors outside this repository: a git dependency on it. Cargo
+/// finds `asya-sdk` in the repository (with its workspace-inherited fields) and the crate
+/// builds. The URL is this checkout (`file://`), pinned to its HEAD commit: no network.
+#[test]
+fn git_dependency_on_this_repository_builds() {
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(repo())
+        .output()
+        .expect("git runs");
+    assert!(head.status.success(), "{}", text(&head));
+    let rev = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", repo().display());
+    let out = host(&[
+        "plugin",
+        "new",
+        "policy",
+        "scaffold-git-policy",
+        "--dir",
+        tmp.path().to_str().unwrap(),
+        "--sdk-git",
+        &url,
+        "--sdk-rev",
+        &rev,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let krate = tmp.path().join("scaffold-git-policy");
+    let manifest = std::fs::read_to_string(krate.join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains(&format!("asya-sdk = {{ git = {url:?}, rev = {rev:?} }}")),
+        "{manifest}"
+    );
+    std::fs::copy(repo().join("plugins/Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+    cargo(
+        &krate,
+        &["build", "--quiet", "--release", "--target", "wasm32-wasip2"],
+    );
+    let lock = std::fs::read_to_string(krate.join("Cargo.lock")).unwrap();
+    assert!(
+        lock.contains(&format!("source = \"git+{url}?rev={rev}#")),
+        "asya-sdk comes from git: {lock}"
+    );
+    assert!(repo()
+        .join("plugins/target/wasm32-wasip2/release/scaffold_git_policy.wasm")
+        .is_file());
 }
