@@ -5,11 +5,13 @@
 //! - [`flowfile`]: the TOML flow file
 //! - [`supervisor`]: runtime processes (own process group, SIGTERM then SIGKILL, restarts)
 //! - [`summary`]: per-actor numbers and the table printed at the end
+//! - [`known_actors`]: a frame routed to an actor outside the mesh goes to x-sump at once
 //!
 //! Shutdown order: stop taking work (gateway, inputs) → drain every sidecar → stop the
 //! runtimes → stop x-sink / x-sump → remove the temporary directory.
 
 pub mod flowfile;
+pub mod known_actors;
 pub mod summary;
 pub mod supervisor;
 
@@ -97,6 +99,8 @@ pub struct UpOptions {
     pub pythonpath: Option<String>,
     /// Compiled-code cache of the route policies (`ASYA_PLUGIN_CACHE_DIR`).
     pub plugin_cache_dir: Option<PathBuf>,
+    /// Names of the variables set in `up`'s environment (to warn about those it ignores).
+    pub set_vars: Vec<String>,
 }
 
 impl UpOptions {
@@ -117,6 +121,7 @@ impl UpOptions {
             ends: EndActors::default(),
             pythonpath: None,
             plugin_cache_dir: None,
+            set_vars: Vec::new(),
         }
     }
 }
@@ -342,6 +347,9 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     };
     let metrics = Metrics::new("asya_actor");
     let policies = load_policies(&flow, &metrics, opts.plugin_cache_dir.clone()).await?;
+    for var in flowfile::ignored_resiliency_vars(opts.set_vars.iter().cloned()) {
+        warn!("{var} is not read by `up`: set the actor's retry policy in the flow file (timeout, max_attempts, non_retryable_errors, backoff_initial, backoff_max, backoff_multiplier under [actors.NAME])");
+    }
 
     // Bind listeners before starting anything, so a busy port fails fast.
     let gateway_addr = match (&opts.gateway_addr, &inputs) {
@@ -484,6 +492,13 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let mut ends = JoinSet::new();
     let mut actors = Vec::new();
     let mut checks: Vec<crate::admin::ReadyCheck> = Vec::new();
+    let known: Arc<std::collections::BTreeSet<String>> = Arc::new(
+        flow.actors
+            .iter()
+            .map(|a| a.name.clone())
+            .chain(opts.ends.names().map(String::from))
+            .collect(),
+    );
     for ((a, rc), proc) in flow.actors.iter().zip(runtime_cfgs).zip(procs) {
         let mut cfg = SidecarConfig::new(&a.name, &flow.namespace, &rc.socket_dir);
         cfg.ends = opts.ends.clone();
@@ -491,19 +506,17 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         cfg.concurrency = a.concurrency;
         cfg.ready_timeout = opts.ready_timeout;
         cfg.shutdown_grace = DRAIN_GRACE;
-        cfg.resiliency.backoff_initial = Duration::from_millis(500);
-        cfg.resiliency.backoff_max = Duration::from_secs(10);
-        if let Some(t) = a.timeout {
-            cfg.resiliency.actor_timeout = t;
-        }
-        if let Some(m) = a.max_attempts {
-            cfg.resiliency.max_attempts = m;
-        }
+        cfg.resiliency = a.resiliency();
+        // The configured chain, then the check that the next actor is in this mesh.
+        let policy: Arc<dyn crate::plugin::RoutePolicy> = Arc::new(known_actors::KnownActors::new(
+            policies.get(&a.name).cloned(),
+            known.clone(),
+        ));
         let sidecar = SidecarBuilder::new(cfg, transport.clone())
             .metrics(metrics.clone())
             .inflight(inflight.clone())
             .reporter(Some(reporter.clone()))
-            .policy(policies.get(&a.name).cloned())
+            .policy(Some(policy))
             .build();
         checks.push(sidecar.ready_check());
         let (restart_tx, restart_rx) = mpsc::channel(1);
