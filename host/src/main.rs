@@ -369,6 +369,9 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     opts.ends = vars.ends;
     opts.pythonpath = vars.pythonpath;
     opts.plugin_cache_dir = vars.plugin_cache_dir;
+    opts.set_vars = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .collect();
     opts.task_timeout = parse_duration(&args.timeout)
         .ok()
         .filter(|d| !d.is_zero())

@@ -195,10 +195,10 @@ mod tests {
                 assert!(doc.contains(v.name), "{} is not documented", v.name);
                 let Some(d) = v.default_value() else { continue };
                 let cell = format!("`{}`", v.name);
-                if let Some(row) = doc
-                    .lines()
-                    .find(|l| l.starts_with('|') && l.contains(&cell))
-                {
+                // The row whose first cell names the variable.
+                if let Some(row) = doc.lines().find(|l| {
+                    l.starts_with('|') && l.split('|').nth(1).is_some_and(|c| c.contains(&cell))
+                }) {
                     assert!(
                         row.contains(&format!("`{d}`")),
                         "{}: the docs say {row}",

@@ -99,6 +99,8 @@ pub struct UpOptions {
     pub pythonpath: Option<String>,
     /// Compiled-code cache of the route policies (`ASYA_PLUGIN_CACHE_DIR`).
     pub plugin_cache_dir: Option<PathBuf>,
+    /// Names of the variables set in `up`'s environment (to warn about those it ignores).
+    pub set_vars: Vec<String>,
 }
 
 impl UpOptions {
@@ -119,6 +121,7 @@ impl UpOptions {
             ends: EndActors::default(),
             pythonpath: None,
             plugin_cache_dir: None,
+            set_vars: Vec::new(),
         }
     }
 }
@@ -344,9 +347,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     };
     let metrics = Metrics::new("asya_actor");
     let policies = load_policies(&flow, &metrics, opts.plugin_cache_dir.clone()).await?;
-    for var in flowfile::ignored_resiliency_vars(
-        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
-    ) {
+    for var in flowfile::ignored_resiliency_vars(opts.set_vars.iter().cloned()) {
         warn!("{var} is not read by `up`: set the actor's retry policy in the flow file (timeout, max_attempts, non_retryable_errors, backoff_initial, backoff_max, backoff_multiplier under [actors.NAME])");
     }
 
@@ -495,7 +496,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         flow.actors
             .iter()
             .map(|a| a.name.clone())
-            .chain(opts.ends.names().map(str::to_owned))
+            .chain(opts.ends.names().map(String::from))
             .collect(),
     );
     for ((a, rc), proc) in flow.actors.iter().zip(runtime_cfgs).zip(procs) {
