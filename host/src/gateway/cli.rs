@@ -24,7 +24,20 @@ pub mod gvars {
     pub const ADDR: &str = "ASYA_GATEWAY_ADDR";
     pub const FLOWS: &str = "ASYA_GATEWAY_FLOWS";
     pub const STORE: &str = "ASYA_GATEWAY_STORE";
+    /// Bearer token of the task API (clients).
     pub const TOKEN: &str = "ASYA_GATEWAY_TOKEN";
+    /// Bearer token of `POST /reports` (sidecars); default: `ASYA_GATEWAY_TOKEN`.
+    pub const REPORT_TOKEN: &str = "ASYA_GATEWAY_REPORT_TOKEN";
+    /// `none`: serve without authentication on any address (the explicit opt-out).
+    pub const AUTH: &str = "ASYA_GATEWAY_AUTH";
+    /// Bound on reading a request's head, and separately its body (default 10s).
+    pub const READ_TIMEOUT: &str = "ASYA_GATEWAY_READ_TIMEOUT";
+    /// Connections served at once (default 1024); more are answered 503.
+    pub const MAX_CONNECTIONS: &str = "ASYA_GATEWAY_MAX_CONNECTIONS";
+    /// How long a finished task is kept (default 24h; the nats store's bucket `max_age`).
+    pub const RETENTION: &str = "ASYA_GATEWAY_RETENTION";
+    /// Tasks the memory store holds at most (default 100000; oldest finished dropped first).
+    pub const MAX_TASKS: &str = "ASYA_GATEWAY_MAX_TASKS";
     pub const MAX_PAYLOAD_BYTES: &str = "ASYA_GATEWAY_MAX_PAYLOAD_BYTES";
     /// KV bucket of the nats store (default `asya-<namespace>-tasks`).
     pub const KV_BUCKET: &str = "ASYA_GATEWAY_KV_BUCKET";
@@ -45,7 +58,16 @@ pub struct GatewayConfig {
     pub addr: SocketAddr,
     pub flows: Option<PathBuf>,
     pub store: StoreKind,
+    /// `ASYA_GATEWAY_TOKEN`: required by the task API.
     pub token: Option<String>,
+    /// `ASYA_GATEWAY_REPORT_TOKEN` (else `token`): required by `POST /reports`.
+    pub report_token: Option<String>,
+    /// `ASYA_GATEWAY_AUTH=none`: the operator chose to serve without tokens.
+    pub auth_none: bool,
+    pub read_timeout: Duration,
+    pub max_connections: usize,
+    pub retention: Duration,
+    pub max_tasks: usize,
     pub max_payload_bytes: usize,
     pub namespace: String,
     pub sink: String,
@@ -73,11 +95,64 @@ impl GatewayConfig {
         };
         let namespace = r.string(vars::NAMESPACE, "default");
         crate::config::validate_actor_name(vars::NAMESPACE, &namespace)?;
+        let token = r.raw(gvars::TOKEN);
+        let report_token = r.raw(gvars::REPORT_TOKEN).or_else(|| token.clone());
+        let auth_none = match r.raw(gvars::AUTH).map(|v| v.trim().to_ascii_lowercase()) {
+            None => false,
+            Some(v) if v == "token" => false,
+            Some(v) if v == "none" => true,
+            Some(v) => {
+                return Err(ConfigError {
+                    var: gvars::AUTH,
+                    message: format!("unknown value {v:?} (token or none)"),
+                })
+            }
+        };
+        if auth_none && report_token.is_some() {
+            return Err(ConfigError {
+                var: gvars::AUTH,
+                message: format!(
+                    "is none but {} or {} is set: unset one or the other",
+                    gvars::TOKEN,
+                    gvars::REPORT_TOKEN
+                ),
+            });
+        }
+        check_exposure(addr, token.as_deref(), auth_none)?;
+        let read_timeout = r.duration(gvars::READ_TIMEOUT, super::http::DEFAULT_READ_TIMEOUT)?;
+        if read_timeout.is_zero() {
+            return Err(ConfigError {
+                var: gvars::READ_TIMEOUT,
+                message: "must be greater than zero".into(),
+            });
+        }
+        let max_connections =
+            r.parse(gvars::MAX_CONNECTIONS, super::http::DEFAULT_MAX_CONNECTIONS)?;
+        let retention = r.duration(gvars::RETENTION, super::store::DEFAULT_RETENTION)?;
+        let max_tasks = r.parse(gvars::MAX_TASKS, super::store::DEFAULT_MAX_TASKS)?;
+        for (var, zero) in [
+            (gvars::MAX_CONNECTIONS, max_connections == 0),
+            (gvars::RETENTION, retention.is_zero()),
+            (gvars::MAX_TASKS, max_tasks == 0),
+        ] {
+            if zero {
+                return Err(ConfigError {
+                    var,
+                    message: "must be greater than zero".into(),
+                });
+            }
+        }
         Ok(GatewayConfig {
             addr,
             flows: r.raw(gvars::FLOWS).map(PathBuf::from),
             store,
-            token: r.raw(gvars::TOKEN),
+            token,
+            report_token,
+            auth_none,
+            read_timeout,
+            max_connections,
+            retention,
+            max_tasks,
             max_payload_bytes: r
                 .parse(gvars::MAX_PAYLOAD_BYTES, super::DEFAULT_MAX_PAYLOAD_BYTES)?,
             kv_bucket: r.string(gvars::KV_BUCKET, &format!("asya-{namespace}-tasks")),
@@ -86,6 +161,28 @@ impl GatewayConfig {
             namespace,
         })
     }
+}
+
+/// The secure default: a gateway reachable from other hosts needs a client token, unless
+/// the operator opted out with `ASYA_GATEWAY_AUTH=none`. Loopback addresses are exempt.
+pub fn check_exposure(
+    addr: SocketAddr,
+    token: Option<&str>,
+    auth_none: bool,
+) -> Result<(), ConfigError> {
+    if addr.ip().is_loopback() || auth_none || token.is_some_and(|t| !t.is_empty()) {
+        return Ok(());
+    }
+    Err(ConfigError {
+        var: gvars::TOKEN,
+        message: format!(
+            "the gateway would listen on {addr} (not loopback) without authentication: set {} \
+             (and {} for sidecars' reports), or {}=none to serve it open",
+            gvars::TOKEN,
+            gvars::REPORT_TOKEN,
+            gvars::AUTH
+        ),
+    })
 }
 
 /// Why the gateway could not start.
@@ -120,8 +217,11 @@ pub async fn run_gateway(
     };
     let nats = crate::transport::nats::NatsTransport::from_source(src).await?;
     let store: Arc<dyn TaskStore> = match cfg.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Nats => Arc::new(KvStore::open(nats.client().clone(), &cfg.kv_bucket).await?),
+        StoreKind::Memory => Arc::new(MemoryStore::with_limits(cfg.retention, cfg.max_tasks)),
+        StoreKind::Nats => Arc::new(
+            KvStore::open_with_retention(nats.client().clone(), &cfg.kv_bucket, cfg.retention)
+                .await?,
+        ),
     };
     let gw = Gateway::new(
         store,
@@ -132,13 +232,20 @@ pub async fn run_gateway(
         cfg.sump.clone(),
     );
     gw.set_max_payload_bytes(cfg.max_payload_bytes);
+    gw.set_retention(cfg.retention);
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .map_err(|source| GatewayStartError::Bind {
             addr: cfg.addr,
             source,
         })?;
-    super::serve(listener, gw, cfg.token, shutdown).await;
+    let opts = super::ServeOptions {
+        client_token: cfg.token,
+        report_token: cfg.report_token,
+        read_timeout: cfg.read_timeout,
+        max_connections: cfg.max_connections,
+    };
+    super::serve_with(listener, gw, opts, shutdown).await;
     Ok(())
 }
 
@@ -151,7 +258,10 @@ pub fn sidecar_reporter(
     let r = Reader(src);
     let mut out: Vec<Arc<dyn Reporter>> = Vec::new();
     if let Some(url) = r.raw(gvars::URL) {
-        let rep = super::HttpReporter::new(&url, r.raw(gvars::TOKEN), &cfg.namespace, &cfg.sump)
+        // Sidecars hold the report credential; the client token is the fallback (as on
+        // the gateway's side).
+        let token = r.raw(gvars::REPORT_TOKEN).or_else(|| r.raw(gvars::TOKEN));
+        let rep = super::HttpReporter::new(&url, token, &cfg.namespace, &cfg.sump)
             .map_err(|e| ConfigError {
                 var: gvars::URL,
                 message: e.to_string(),
@@ -324,4 +434,57 @@ pub async fn send(
         view = serde_json::from_value(get_json(&ep, &format!("/tasks/{}", view.id), token).await?)?;
     }
     Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_needs_a_token_or_the_opt_out() {
+        let e = GatewayConfig::from_source(&[("X", "")]).unwrap_err();
+        assert_eq!(e.var, gvars::TOKEN);
+        assert!(e.message.contains("ASYA_GATEWAY_AUTH=none"), "{e}");
+        let c = GatewayConfig::from_source(&[(gvars::ADDR, "127.0.0.1:8090")]).unwrap();
+        assert_eq!((c.token, c.report_token), (None, None));
+        let c = GatewayConfig::from_source(&[(gvars::ADDR, "[::1]:0")]).unwrap();
+        assert!(!c.auth_none);
+        let c = GatewayConfig::from_source(&[(gvars::AUTH, "none")]).unwrap();
+        assert!(c.auth_none);
+        let e = GatewayConfig::from_source(&[(gvars::AUTH, "none"), (gvars::TOKEN, "t")])
+            .unwrap_err();
+        assert_eq!(e.var, gvars::AUTH);
+        let e = GatewayConfig::from_source(&[(gvars::AUTH, "maybe")]).unwrap_err();
+        assert_eq!(e.var, gvars::AUTH);
+    }
+
+    #[test]
+    fn report_token_falls_back_to_the_client_token() {
+        let c = GatewayConfig::from_source(&[(gvars::TOKEN, "c")]).unwrap();
+        assert_eq!(c.report_token.as_deref(), Some("c"));
+        let c = GatewayConfig::from_source(&[(gvars::TOKEN, "c"), (gvars::REPORT_TOKEN, "r")])
+            .unwrap();
+        assert_eq!(
+            (c.token.as_deref(), c.report_token.as_deref()),
+            (Some("c"), Some("r"))
+        );
+    }
+
+    #[test]
+    fn bounds_parse_and_refuse_zero() {
+        let c = GatewayConfig::from_source(&[(gvars::TOKEN, "t")]).unwrap();
+        assert_eq!(c.read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.retention, Duration::from_secs(86400));
+        assert_eq!(c.max_tasks, 100_000);
+        for var in [
+            gvars::READ_TIMEOUT,
+            gvars::MAX_CONNECTIONS,
+            gvars::RETENTION,
+            gvars::MAX_TASKS,
+        ] {
+            let e = GatewayConfig::from_source(&[(gvars::TOKEN, "t"), (var, "0")]).unwrap_err();
+            assert_eq!(e.var, var);
+        }
+    }
 }
