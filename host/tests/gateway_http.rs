@@ -320,9 +320,9 @@ fn gateway_report_token_falls_back_to_the_client_token() {
 
 // ------------------------------------------------------------------ slow clients
 
-/// Seconds until the server closes `s` (reads until EOF), or `None` within `limit`.
-fn closed_after(mut s: TcpStream, limit: Duration) -> (Option<Duration>, String) {
-    let start = Instant::now();
+/// Time from `start` until the server closes `s` (reads until EOF), or `None` when still
+/// open `limit` after `start`; and what it answered.
+fn closed_after(mut s: TcpStream, start: Instant, limit: Duration) -> (Option<Duration>, String) {
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -346,6 +346,7 @@ fn gateway_closes_half_sent_requests_after_the_read_timeout() {
     let gw = Gateway::start(&[("ASYA_GATEWAY_READ_TIMEOUT", "1s")]);
     let limit = Duration::from_secs(6);
     let open = || TcpStream::connect(&gw.addr).unwrap();
+    let start = Instant::now();
 
     // Half a request head.
     let mut head = open();
@@ -361,7 +362,7 @@ fn gateway_closes_half_sent_requests_after_the_read_timeout() {
     let idle = open();
 
     for (what, s) in [("half head", head), ("half body", body), ("idle", idle)] {
-        let (after, got) = closed_after(s, limit);
+        let (after, got) = closed_after(s, start, limit);
         let after = after.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
         println!("{what}: closed after {after:?}: {got:?}");
         assert!(after >= Duration::from_millis(700), "{what}: {after:?}");

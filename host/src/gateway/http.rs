@@ -474,6 +474,7 @@ pub async fn serve_with(
     }
     let read_timeout = opts.read_timeout;
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -486,9 +487,8 @@ pub async fn serve_with(
             },
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            // Never waits: the answer fits the fresh socket's send buffer.
-            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
             debug!(%peer, "gateway connection refused: too many connections (ASYA_GATEWAY_MAX_CONNECTIONS)");
+            refuse(stream, &refusals);
             continue;
         };
         let gw = gw.clone();
@@ -514,6 +514,33 @@ pub async fn serve_with(
             }
         });
     }
+}
+
+/// Connections past the bound being answered 503 at once; past this they are just closed.
+const REFUSALS: usize = 64;
+/// How long a refused connection is kept to let the client read the 503.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Answer 503 and close. Closing a socket with unread request bytes resets it (the client
+/// may lose the answer), so the request is read and discarded first, for at most
+/// `REFUSAL_LINGER`, by at most `REFUSALS` connections at a time.
+fn refuse(stream: tokio::net::TcpStream, refusals: &Arc<tokio::sync::Semaphore>) {
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(TOO_MANY_CONNECTIONS).await?;
+            stream.shutdown().await?;
+            let mut buf = [0u8; 4096];
+            while stream.read(&mut buf).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
 }
 
 /// The answer to a connection past `max_connections`.

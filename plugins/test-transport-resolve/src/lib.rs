@@ -14,10 +14,12 @@ pub struct Resolve;
 impl Transport for Resolve {
     fn connect(config: &Config) -> Result<Self, Error> {
         for name in config.str_list("names")?.unwrap_or_default() {
-            match (name.as_str(), 1).to_socket_addrs() {
-                Ok(mut addrs) if addrs.next().is_some() => {}
-                Ok(_) => return Err(Error::new(format!("lookup of {name} found no address"))),
-                Err(e) => return Err(Error::new(format!("lookup of {name} failed: {e}"))),
+            let found = (name.as_str(), 1)
+                .to_socket_addrs()
+                .map_err(|e| Error::new(format!("lookup of {name} failed: {e}")))?
+                .count();
+            if found == 0 {
+                return Err(Error::new(format!("lookup of {name} found no address")));
             }
         }
         Ok(Resolve)
