@@ -241,7 +241,7 @@ fn gateway_refuses_a_non_loopback_address_without_a_token() {
     let nats = ("ASYA_NATS_URL", "nats://127.0.0.1:1");
     let port = format!("0.0.0.0:{}", free_port());
     for env in [
-        vec![nats],                              // the default address :8090
+        vec![nats],                               // the default address :8090
         vec![nats, ("ASYA_GATEWAY_ADDR", &port)], // explicit
         vec![
             nats,
@@ -257,10 +257,7 @@ fn gateway_refuses_a_non_loopback_address_without_a_token() {
         assert!(err.contains("not loopback"), "{err}");
     }
     // A token, or the explicit opt-out, passes the check (and fails later on the broker).
-    for extra in [
-        ("ASYA_GATEWAY_TOKEN", "t"),
-        ("ASYA_GATEWAY_AUTH", "none"),
-    ] {
+    for extra in [("ASYA_GATEWAY_TOKEN", "t"), ("ASYA_GATEWAY_AUTH", "none")] {
         let (code, err) = gateway_exit(&[nats, ("ASYA_GATEWAY_ADDR", &port), extra]);
         assert_eq!(code, 1, "{err}");
         assert!(!err.contains("not loopback"), "{extra:?}: {err}");
@@ -297,7 +294,10 @@ fn gateway_client_token_cannot_forge_reports() {
     assert_eq!(s, 401);
     let (s, b) = gw.call("GET", &format!("/tasks/{id}"), Some("client-secret"), None);
     assert_eq!(s, 200);
-    assert!(b.contains("\"pending\""), "the forged report was not applied: {b}");
+    assert!(
+        b.contains("\"pending\""),
+        "the forged report was not applied: {b}"
+    );
     // The report credential is accepted on its route and the report is applied.
     let (s, b) = gw.call("POST", "/reports", Some("report-secret"), Some(&report));
     assert_eq!(s, 202, "{b}");
@@ -315,7 +315,9 @@ fn gateway_report_token_falls_back_to_the_client_token() {
     assert_eq!(s, 401);
     let (s, b) = gw.call("POST", "/reports", Some("one"), Some(&report));
     assert_eq!(s, 202, "{b}");
-    gw.wait_for(&id, Some("one"), |s, b| s == 200 && b.contains("\"succeeded\""));
+    gw.wait_for(&id, Some("one"), |s, b| {
+        s == 200 && b.contains("\"succeeded\"")
+    });
 }
 
 // ------------------------------------------------------------------ slow clients
@@ -323,7 +325,8 @@ fn gateway_report_token_falls_back_to_the_client_token() {
 /// Time from `start` until the server closes `s` (reads until EOF), or `None` when still
 /// open `limit` after `start`; and what it answered.
 fn closed_after(mut s: TcpStream, start: Instant, limit: Duration) -> (Option<Duration>, String) {
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while start.elapsed() < limit {
@@ -438,9 +441,16 @@ fn gateway_memory_store_drops_the_oldest_finished_task_first() {
     let a = gw.submit(None);
     let b = gw.submit(None);
     let c = gw.submit(None);
-    let (s, _) = gw.call("POST", "/reports", None, Some(&Gateway::final_report(&b.0, &b.1)));
+    let (s, _) = gw.call(
+        "POST",
+        "/reports",
+        None,
+        Some(&Gateway::final_report(&b.0, &b.1)),
+    );
     assert_eq!(s, 202);
-    gw.wait_for(&b.0, None, |s, body| s == 200 && body.contains("\"succeeded\""));
+    gw.wait_for(&b.0, None, |s, body| {
+        s == 200 && body.contains("\"succeeded\"")
+    });
     // Over the cap: the finished task goes, though it is not the oldest.
     let d = gw.submit(None);
     let status = |id: &str| gw.call("GET", &format!("/tasks/{id}"), None, None).0;
@@ -484,12 +494,21 @@ fn gateway_answers_out_of_range_fields_with_400_naming_them() {
     let long_route: Vec<String> = (0..2000).map(|i| format!("a{i}")).collect();
     let long_route = json!({"route": long_route, "payload": 1}).to_string();
     for (body, field) in [
-        (r#"{"flow": "f", "payload": 1, "timeout": 1e300}"#, "timeout"),
+        (
+            r#"{"flow": "f", "payload": 1, "timeout": 1e300}"#,
+            "timeout",
+        ),
         (r#"{"flow": "f", "payload": 1, "timeout": 1e13}"#, "timeout"),
         (r#"{"flow": "f", "payload": 1, "timeout": -5}"#, "timeout"),
         (r#"{"flow": "f", "payload": 1, "timeout": 0}"#, "timeout"),
-        (r#"{"flow": "f", "payload": 1, "timeout": "100000000000h"}"#, "timeout"),
-        (r#"{"flow": "f", "payload": 1, "timeout": "soon"}"#, "timeout"),
+        (
+            r#"{"flow": "f", "payload": 1, "timeout": "100000000000h"}"#,
+            "timeout",
+        ),
+        (
+            r#"{"flow": "f", "payload": 1, "timeout": "soon"}"#,
+            "timeout",
+        ),
         (long_route.as_str(), "route"),
         (r#"{"route": ["a", "no spaces"], "payload": 1}"#, "route"),
     ] {

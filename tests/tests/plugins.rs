@@ -475,7 +475,7 @@ async fn test_policy_sleep_is_cut_off_at_its_deadline_in_wall_clock_time() {
         eprintln!("sleeping policy cut off after {took:?} (deadline {DEADLINE:?})");
         assert!(err.message.contains("deadline"), "{err}");
         assert!(took >= DEADLINE - Duration::from_millis(2), "{took:?}");
-        assert!(took < DEADLINE + Duration::from_millis(200), "{took:?}");
+        assert!(took < DEADLINE + Duration::from_millis(400), "{took:?}");
     }
     // A short sleep within the deadline is fine.
     let calm = Envelope::parse(

@@ -261,10 +261,12 @@ pub fn sidecar_reporter(
         // Sidecars hold the report credential; the client token is the fallback (as on
         // the gateway's side).
         let token = r.raw(gvars::REPORT_TOKEN).or_else(|| r.raw(gvars::TOKEN));
-        let rep = super::HttpReporter::new(&url, token, &cfg.namespace, &cfg.sump)
-            .map_err(|e| ConfigError {
-                var: gvars::URL,
-                message: e.to_string(),
+        let rep =
+            super::HttpReporter::new(&url, token, &cfg.namespace, &cfg.sump).map_err(|e| {
+                ConfigError {
+                    var: gvars::URL,
+                    message: e.to_string(),
+                }
             })?;
         out.push(Arc::new(rep));
     }
@@ -451,8 +453,8 @@ mod tests {
         assert!(!c.auth_none);
         let c = GatewayConfig::from_source(&[(gvars::AUTH, "none")]).unwrap();
         assert!(c.auth_none);
-        let e = GatewayConfig::from_source(&[(gvars::AUTH, "none"), (gvars::TOKEN, "t")])
-            .unwrap_err();
+        let e =
+            GatewayConfig::from_source(&[(gvars::AUTH, "none"), (gvars::TOKEN, "t")]).unwrap_err();
         assert_eq!(e.var, gvars::AUTH);
         let e = GatewayConfig::from_source(&[(gvars::AUTH, "maybe")]).unwrap_err();
         assert_eq!(e.var, gvars::AUTH);
@@ -462,8 +464,8 @@ mod tests {
     fn report_token_falls_back_to_the_client_token() {
         let c = GatewayConfig::from_source(&[(gvars::TOKEN, "c")]).unwrap();
         assert_eq!(c.report_token.as_deref(), Some("c"));
-        let c = GatewayConfig::from_source(&[(gvars::TOKEN, "c"), (gvars::REPORT_TOKEN, "r")])
-            .unwrap();
+        let c =
+            GatewayConfig::from_source(&[(gvars::TOKEN, "c"), (gvars::REPORT_TOKEN, "r")]).unwrap();
         assert_eq!(
             (c.token.as_deref(), c.report_token.as_deref()),
             (Some("c"), Some("r"))

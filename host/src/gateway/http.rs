@@ -152,8 +152,10 @@ async fn read_body(
                     humantime::format_duration(timeout)
                 ),
             );
-            r.headers_mut()
-                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
             Err(r)
         }
     }
@@ -563,7 +565,10 @@ mod tests {
     fn too_many_connections_answer_is_well_formed() {
         let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("content-length: {}", body.len())), "{text}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
         serde_json::from_str::<Value>(body).unwrap();
     }
 

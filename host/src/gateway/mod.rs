@@ -345,9 +345,7 @@ impl Gateway {
                 let d = chrono::Duration::from_std(t)
                     .ok()
                     .and_then(|t| chrono::Utc::now().checked_add_signed(t))
-                    .ok_or_else(|| {
-                        GatewayError::BadRequest("timeout: out of range".to_owned())
-                    })?;
+                    .ok_or_else(|| GatewayError::BadRequest("timeout: out of range".to_owned()))?;
                 Some(d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             }
         };

@@ -41,7 +41,9 @@ impl WireReport {
     pub fn validate(&self) -> Result<(), String> {
         let check = |field: &str, v: usize| {
             if v > MAX_REPORT_COUNT {
-                Err(format!("{field}: {v} is out of range (at most {MAX_REPORT_COUNT})"))
+                Err(format!(
+                    "{field}: {v} is out of range (at most {MAX_REPORT_COUNT})"
+                ))
             } else {
                 Ok(())
             }

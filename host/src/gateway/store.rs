@@ -190,7 +190,11 @@ impl TaskStore for MemoryStore {
         }
         let dropped = inner.sweep(now, self.retention, self.max_tasks);
         if dropped > 0 {
-            tracing::debug!(dropped, held = inner.tasks.len(), "task store: expired or evicted tasks");
+            tracing::debug!(
+                dropped,
+                held = inner.tasks.len(),
+                "task store: expired or evicted tasks"
+            );
         }
         Ok(())
     }
