@@ -342,10 +342,7 @@ impl PolicyPlugin {
             Slot::Input.handle(),
             Slot::Frame.handle(),
         );
-        let result = match tokio::time::timeout(self.opts.deadline, call).await {
-            Ok(r) => Some(r),
-            Err(_) => None,
-        };
+        let result = tokio::time::timeout(self.opts.deadline, call).await.ok();
         let took = call_start.elapsed();
         let Some(result) = result else {
             drop(inst);
