@@ -334,7 +334,7 @@ impl WasiView for StoreState {
 
 /// A WASI context that grants nothing: no preopened directories, no environment or
 /// arguments, stdio discarded, no sockets and no name lookup. Clocks and randomness stay:
-/// the time is a legitimate routing input and Rust `std` components import the clocks and
+/// the time is a legitimate routing input and every Rust `std` component imports
 /// `wasi:io/poll`; a policy blocking on them is cut by the wall-clock bound of every call
 /// (`policy.rs`), so blocking gains it nothing.
 fn sandbox() -> WasiCtx {
