@@ -51,6 +51,9 @@ UPSTREAM_KEY = "__asya_upstream__"
 
 READY_FILE_NAME = "runtime-ready"
 MAX_HEADER_BYTES = 64 * 1024
+#: Open connections at most.  When all are taken, the connection that has waited longest
+#: for its client (idle between requests, or stalled mid-request) is closed to admit the new
+#: one; only when every connection is running a request is a new one refused (503).
 MAX_CONNECTIONS = 256
 
 EXIT_CONFIG = 2
@@ -154,6 +157,16 @@ class Config(object):
         self.max_body = _positive_int(
             "ASYA_MAX_BODY_BYTES", environ.get("ASYA_MAX_BODY_BYTES", str(64 * 1024 * 1024))
         )
+        self.max_inflight_body = _positive_int(
+            "ASYA_MAX_INFLIGHT_BODY_BYTES",
+            environ.get("ASYA_MAX_INFLIGHT_BODY_BYTES", str(256 * 1024 * 1024)),
+        )
+        if self.max_inflight_body < self.max_body:
+            raise ConfigError(
+                "ASYA_MAX_INFLIGHT_BODY_BYTES",
+                "is %d, below ASYA_MAX_BODY_BYTES=%d: raise it to at least the largest body"
+                % (self.max_inflight_body, self.max_body),
+            )
         self.shutdown_grace = _seconds(
             "ASYA_RUNTIME_SHUTDOWN_GRACE", environ.get("ASYA_RUNTIME_SHUTDOWN_GRACE", "30")
         )
@@ -362,7 +375,12 @@ def dumps(obj):
         return _ENCODER.encode(obj).encode("ascii")
     except SerializationError:
         raise
-    except (TypeError, ValueError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise SerializationError(
+            "handler result is nested too deeply to serialise (more than about %d levels of "
+            "lists/objects, or a circular structure)" % sys.getrecursionlimit()
+        ) from exc
+    except (TypeError, ValueError) as exc:
         raise SerializationError("handler result is not JSON serialisable: %s" % exc) from exc
 
 
@@ -523,6 +541,13 @@ def parse_envelope(body, validate, decode=None):
         env = (decode or _decode)(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ValueError("body is not valid JSON: %s" % exc) from None
+    except RecursionError:
+        # The C scanner recurses once per level and stops at the interpreter's recursion
+        # limit; before this was caught the connection died without an answer.
+        raise ValueError(
+            "body is nested too deeply: JSON arrays and objects may nest at most about %d "
+            "levels (Python's recursion limit)" % sys.getrecursionlimit()
+        ) from None
     if type(env) is not dict:
         raise ValueError("envelope must be a JSON object, got %s" % _json_type(env))
     route = env.get("route")
@@ -803,13 +828,23 @@ def _response(status, body, request_id, close, keep_alive_10=False):
 
 
 class _Connection(object):
-    """Per-connection state the shutdown drain looks at (``busy`` = serving /invoke)."""
+    """Per-connection state shared with the accept loop and the shutdown drain.
 
-    __slots__ = ("busy",)
+    ``busy``: serving /invoke (the drain waits for it).  ``waiting_since``: monotonic time
+    since which the connection waits for its client (idle between requests, or reading a
+    request), 0.0 while the runtime works on a request; the longest-waiting connection is
+    closed first when connections or body memory run short.  ``reserved``: body bytes of the
+    current request counted against ASYA_MAX_INFLIGHT_BODY_BYTES.
+    """
 
-    def __init__(self):
-        # type: () -> None
+    __slots__ = ("busy", "sock", "waiting_since", "reserved")
+
+    def __init__(self, sock):
+        # type: (socket.socket) -> None
         self.busy = False
+        self.sock = sock
+        self.waiting_since = time.monotonic()
+        self.reserved = 0
 
 
 class Server(object):
@@ -825,6 +860,10 @@ class Server(object):
         self.connections = set()  # type: Set[_Connection]
         self.lock = threading.Lock()
         self.debug = LOG.isEnabledFor(logging.DEBUG)
+        #: Body bytes received and not yet released, over every connection (under ``lock``).
+        self.body_bytes = 0
+        self.evicted = 0  # connections closed to make room, since the last warning
+        self.evict_warned = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -878,14 +917,21 @@ class Server(object):
                 LOG.error("accept failed: %s", exc)
                 time.sleep(0.1)
                 continue
-            state = _Connection()
+            state = _Connection(conn)
             with self.lock:
+                if len(self.connections) >= MAX_CONNECTIONS:
+                    waiting = [c for c in self.connections if c.waiting_since]
+                    if waiting:
+                        self._evict(min(waiting, key=_waiting_since))
                 too_many = len(self.connections) >= MAX_CONNECTIONS
                 if not too_many:
                     self.connections.add(state)
             if too_many:
-                LOG.warning("refusing a connection: %d connections already open", MAX_CONNECTIONS)
-                message = "too many connections (%d)" % MAX_CONNECTIONS
+                LOG.warning(
+                    "refusing a connection: all %d connections are running requests",
+                    MAX_CONNECTIONS,
+                )
+                message = "too many connections: all %d are running requests" % MAX_CONNECTIONS
                 body = dumps({"error": "unavailable", "details": {"message": message}})
                 _send_quietly(conn, _response(503, body, None, True))
                 conn.close()
@@ -894,6 +940,65 @@ class Server(object):
                 target=self.serve_connection, args=(conn, state), name="asya-conn", daemon=True
             )
             thread.start()
+
+    def _evict(self, victim):
+        # type: (_Connection) -> None
+        """Close a connection that waits for its client, to make room (``lock`` held).  Its
+        body bytes are released at once; its thread sees EOF and ends."""
+        self.connections.discard(victim)
+        victim.waiting_since = 0.0
+        self.body_bytes -= victim.reserved
+        victim.reserved = 0
+        try:
+            victim.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.evicted += 1
+        now = time.monotonic()
+        if now - self.evict_warned >= 10.0:  # under a flood: one line per 10 s, not per eviction
+            LOG.warning(
+                "closed %d waiting connection(s) to make room (at most %d connections, "
+                "ASYA_MAX_INFLIGHT_BODY_BYTES=%d); a local client is opening many connections "
+                "or sending bodies slowly",
+                self.evicted,
+                MAX_CONNECTIONS,
+                self.config.max_inflight_body,
+            )
+            self.evicted = 0
+            self.evict_warned = now
+
+    def reserve(self, state, n):
+        # type: (_Connection, int) -> bool
+        """Count ``n`` more body bytes of ``state``'s request against
+        ASYA_MAX_INFLIGHT_BODY_BYTES; to make room, close connections whose body has been
+        arriving for longer (oldest first).  False when there is no room."""
+        limit = self.config.max_inflight_body
+        with self.lock:
+            if self.body_bytes + n > limit:
+                since = state.waiting_since
+                older = sorted(
+                    (
+                        c for c in self.connections
+                        if c.reserved and c.waiting_since and c.waiting_since < since
+                    ),
+                    key=_waiting_since,
+                )
+                for victim in older:
+                    if self.body_bytes + n <= limit:
+                        break
+                    self._evict(victim)
+                if self.body_bytes + n > limit:
+                    return False
+            self.body_bytes += n
+            state.reserved += n
+            return True
+
+    def release(self, state):
+        # type: (_Connection) -> None
+        if state.reserved:
+            with self.lock:
+                self.body_bytes -= state.reserved
+                state.reserved = 0
 
     def drain(self, grace, force):
         # type: (float, threading.Event) -> int
@@ -921,6 +1026,8 @@ class Server(object):
         finally:
             with self.lock:
                 self.connections.discard(state)
+                self.body_bytes -= state.reserved
+                state.reserved = 0
             conn.close()
 
     def _serve(self, conn, state):
@@ -931,8 +1038,10 @@ class Server(object):
         chunk = self.config.chunk_size
         max_body = self.config.max_body
         decode = _make_decoder()
+        monotonic = time.monotonic
         buf = b""
         while True:
+            state.waiting_since = monotonic()
             # ---- request line and headers
             end = buf.find(b"\r\n\r\n")
             while end < 0:
@@ -1008,17 +1117,27 @@ class Server(object):
                 body = buf[start:stop]  # type: Any
                 buf = buf[stop:]
             else:
-                body = bytearray(length)
-                view = memoryview(body)
-                got = len(buf) - start
-                view[:got] = buf[start:]
+                # Memory is committed as bytes arrive (a declared length allocates nothing)
+                # and counted against ASYA_MAX_INFLIGHT_BODY_BYTES until the request is done.
+                state.waiting_since = monotonic()
+                body = bytearray(buf[start:])
                 buf = b""
+                got = len(body)
                 while got < length:
-                    n = conn.recv_into(view[got:], min(chunk, length - got))
-                    if not n:
-                        return  # the host went away mid-request
-                    got += n
-                view.release()
+                    data = recv(min(chunk, length - got))
+                    if not data:
+                        return  # the client went away (or was closed to make room)
+                    if not self.reserve(state, len(data)):
+                        message = (
+                            "request bodies in flight exceed ASYA_MAX_INFLIGHT_BODY_BYTES=%d; "
+                            "retry later" % self.config.max_inflight_body
+                        )
+                        body = dumps({"error": "unavailable", "details": {"message": message}})
+                        sendall(_response(503, body, request_id, True))
+                        return
+                    body += data
+                    got += len(data)
+            state.waiting_since = 0.0
 
             # ---- dispatch
             q = target.find(b"?")
@@ -1026,28 +1145,41 @@ class Server(object):
             if path == b"/invoke" and method == b"POST":
                 state.busy = True
                 try:
-                    close = self.invoke(conn, decode, body, request_id, http11, close, keep_alive_10)
+                    close = self.invoke(
+                        conn, state, decode, body, request_id, http11, close, keep_alive_10
+                    )
                 finally:
                     state.busy = False
             elif path == b"/healthz" and method == b"GET":
+                if state.reserved:
+                    self.release(state)
                 sendall(_response(200, _HEALTH_BODY, request_id, close, keep_alive_10))
             else:
+                if state.reserved:
+                    self.release(state)
                 message = "no endpoint %s %s (expected GET /healthz or POST /invoke)" % (
                     method.decode("latin-1"),
                     path.decode("latin-1"),
                 )
                 body = dumps({"error": "not_found", "details": {"message": message}})
                 sendall(_response(404, body, request_id, close, keep_alive_10))
+            body = None
+            if state.reserved:  # released before the response in every path above
+                self.release(state)
             if close or self.draining:
                 return
 
-    def invoke(self, conn, decode, body, request_id, http11, close, keep_alive_10):
-        # type: (socket.socket, Callable[[Any], Any], Any, Optional[bytes], bool, bool, bool) -> bool
-        """Serve one POST /invoke; returns whether the connection must be closed."""
+    def invoke(self, conn, state, decode, body, request_id, http11, close, keep_alive_10):
+        # type: (socket.socket, _Connection, Callable[[Any], Any], Any, Optional[bytes], bool, bool, bool) -> bool
+        """Serve one POST /invoke; returns whether the connection must be closed.  The body's
+        bytes stay counted until the handler returns, and are released before the response
+        is sent (a client may send its next request as soon as it has the answer)."""
         invoker = self.invoker
         try:
             env = parse_envelope(body, invoker.validate, decode)
         except ValueError as exc:
+            if state.reserved:
+                self.release(state)
             if self.debug:
                 LOG.debug("rejecting malformed envelope: %s", exc)
             conn.sendall(_response(400, parsing_error_body(str(exc)), request_id, close, keep_alive_10))
@@ -1057,7 +1189,11 @@ class Server(object):
             if self.debug:
                 LOG.debug("invoke: curr=%r", env["route"]["curr"])
             try:
-                result, snapshot = invoker.call(env)
+                try:
+                    result, snapshot = invoker.call(env)
+                finally:
+                    if state.reserved:
+                        self.release(state)
                 rtype = type(result)
                 if rtype is dict or (rtype is list and result):
                     out = dumps({"frames": invoker.frames(env, result, snapshot)})
@@ -1162,6 +1298,11 @@ class Server(object):
             return close
         finally:
             _close_generator(invoker, gen, is_async, env)
+
+
+def _waiting_since(conn):
+    # type: (_Connection) -> float
+    return conn.waiting_since
 
 
 def _close_generator(invoker, gen, is_async, env):
