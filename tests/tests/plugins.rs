@@ -440,6 +440,56 @@ async fn test_infinite_loop_is_cut_off_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_policy_sleep_is_cut_off_at_its_deadline_in_wall_clock_time() {
+    // Through a real sidecar: the blocked frame goes to x-sump within a bound (the policy
+    // would sleep 60 s), counted as `timeout`; the next envelopes route normally.
+    let started = Instant::now();
+    misbehaves_once(
+        "test-policy-sleep",
+        json!({"mode": "sleep"}),
+        "timeout",
+        "deadline",
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // The cut-off in wall-clock time, measured on the chain the sidecar calls.
+    let chain = PolicyChain::load(
+        &engine(),
+        &[spec("test-policy-sleep", Value::Null)],
+        opts(),
+        None,
+    )
+    .await
+    .unwrap();
+    let input =
+        Envelope::parse(br#"{"id":"x","route":{"curr":"a","next":["b"]},"payload":{}}"#).unwrap();
+    let frame = Envelope::parse(
+        br#"{"id":"x","route":{"prev":["a"],"curr":"b"},"payload":{"mode":"sleep","sleep_ms":"5000"}}"#,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let err = chain.decide(&input, &frame).await.unwrap_err();
+        let took = start.elapsed();
+        eprintln!("sleeping policy cut off after {took:?} (deadline {DEADLINE:?})");
+        assert!(err.message.contains("deadline"), "{err}");
+        assert!(took >= DEADLINE - Duration::from_millis(2), "{took:?}");
+        assert!(took < DEADLINE + Duration::from_millis(400), "{took:?}");
+    }
+    // A short sleep within the deadline is fine.
+    let calm = Envelope::parse(
+        br#"{"id":"x","route":{"prev":["a"],"curr":"b"},"payload":{"mode":"sleep","sleep_ms":"1"}}"#,
+    )
+    .unwrap();
+    assert_eq!(chain.decide(&input, &calm).await.unwrap(), Decision::Keep);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_memory_bomb_is_stopped_by_the_memory_limit() {
     misbehaves_once(
         "test-memory-bomb",

@@ -63,10 +63,53 @@ pub mod gvars {
         "service name of the exported spans",
     );
 
+    pub const REPORT_TOKEN: Var = Var::derived(
+        "ASYA_GATEWAY_REPORT_TOKEN",
+        "ASYA_GATEWAY_TOKEN",
+        "bearer token of POST /reports (sidecars); a client token cannot forge reports",
+    );
+    pub const AUTH: Var = Var::optional(
+        "ASYA_GATEWAY_AUTH",
+        "none: serve without tokens on a non-loopback address (the explicit opt-out)",
+    );
+    pub const READ_TIMEOUT: Var = Var::new(
+        "ASYA_GATEWAY_READ_TIMEOUT",
+        "10s",
+        "bound on reading a request's head, and separately its body",
+    );
+    pub const MAX_CONNECTIONS: Var = Var::new(
+        "ASYA_GATEWAY_MAX_CONNECTIONS",
+        "1024",
+        "connections served at once; more are answered 503",
+    );
+    pub const RETENTION: Var = Var::new(
+        "ASYA_GATEWAY_RETENTION",
+        "24h",
+        "how long a finished task is kept (the nats store's bucket max_age)",
+    );
+    pub const MAX_TASKS: Var = Var::new(
+        "ASYA_GATEWAY_MAX_TASKS",
+        "100000",
+        "tasks the memory store holds at most (oldest finished dropped first)",
+    );
+
     /// The gateway's own variables, in `--help` order.
-    pub const GATEWAY: &[Var] = &[ADDR, FLOWS, STORE, TOKEN, MAX_PAYLOAD_BYTES, KV_BUCKET];
+    pub const GATEWAY: &[Var] = &[
+        ADDR,
+        FLOWS,
+        STORE,
+        TOKEN,
+        REPORT_TOKEN,
+        AUTH,
+        READ_TIMEOUT,
+        MAX_CONNECTIONS,
+        RETENTION,
+        MAX_TASKS,
+        MAX_PAYLOAD_BYTES,
+        KV_BUCKET,
+    ];
     /// Where a sidecar reports.
-    pub const REPORTING: &[Var] = &[URL, TOKEN, OTLP_ENDPOINT, OTLP_SERVICE_NAME];
+    pub const REPORTING: &[Var] = &[URL, REPORT_TOKEN, TOKEN, OTLP_ENDPOINT, OTLP_SERVICE_NAME];
 }
 
 /// Which task store.
@@ -82,7 +125,16 @@ pub struct GatewayConfig {
     pub addr: SocketAddr,
     pub flows: Option<PathBuf>,
     pub store: StoreKind,
+    /// `ASYA_GATEWAY_TOKEN`: required by the task API.
     pub token: Option<String>,
+    /// `ASYA_GATEWAY_REPORT_TOKEN` (else `token`): required by `POST /reports`.
+    pub report_token: Option<String>,
+    /// `ASYA_GATEWAY_AUTH=none`: the operator chose to serve without tokens.
+    pub auth_none: bool,
+    pub read_timeout: Duration,
+    pub max_connections: usize,
+    pub retention: Duration,
+    pub max_tasks: usize,
     pub max_payload_bytes: usize,
     pub namespace: String,
     pub ends: EndActors,
@@ -102,11 +154,49 @@ impl GatewayConfig {
         };
         let namespace = r.string(vars::NAMESPACE);
         crate::config::validate_actor_name(vars::NAMESPACE.name, &namespace)?;
+        let token = r.raw(gvars::TOKEN);
+        let report_token = r.raw(gvars::REPORT_TOKEN).or_else(|| token.clone());
+        let auth_none = match r.raw(gvars::AUTH).map(|v| v.trim().to_ascii_lowercase()) {
+            None => false,
+            Some(v) if v == "token" => false,
+            Some(v) if v == "none" => true,
+            Some(v) => {
+                return Err(gvars::AUTH.error(format!("unknown value {v:?} (token or none)")))
+            }
+        };
+        if auth_none && report_token.is_some() {
+            return Err(gvars::AUTH.error(format!(
+                "is none but {} or {} is set: unset one or the other",
+                gvars::TOKEN.name,
+                gvars::REPORT_TOKEN.name
+            )));
+        }
+        check_exposure(addr, token.as_deref(), auth_none)?;
+        let read_timeout = r.duration(gvars::READ_TIMEOUT)?;
+        let max_connections: usize = r.parse(gvars::MAX_CONNECTIONS)?;
+        let retention = r.duration(gvars::RETENTION)?;
+        let max_tasks: usize = r.parse(gvars::MAX_TASKS)?;
+        for (var, zero) in [
+            (gvars::READ_TIMEOUT, read_timeout.is_zero()),
+            (gvars::MAX_CONNECTIONS, max_connections == 0),
+            (gvars::RETENTION, retention.is_zero()),
+            (gvars::MAX_TASKS, max_tasks == 0),
+        ] {
+            if zero {
+                return Err(var.error("must be greater than zero"));
+            }
+        }
         Ok(GatewayConfig {
             addr,
             flows: r.raw(gvars::FLOWS).map(PathBuf::from),
             store,
-            token: r.raw(gvars::TOKEN),
+            token,
+            report_token,
+            auth_none,
+            read_timeout,
+            max_connections,
+            retention,
+            max_tasks,
             max_payload_bytes: r.parse(gvars::MAX_PAYLOAD_BYTES)?,
             kv_bucket: r
                 .raw(gvars::KV_BUCKET)
@@ -115,6 +205,25 @@ impl GatewayConfig {
             namespace,
         })
     }
+}
+
+/// The secure default: a gateway reachable from other hosts needs a client token, unless
+/// the operator opted out with `ASYA_GATEWAY_AUTH=none`. Loopback addresses are exempt.
+pub fn check_exposure(
+    addr: SocketAddr,
+    token: Option<&str>,
+    auth_none: bool,
+) -> Result<(), ConfigError> {
+    if addr.ip().is_loopback() || auth_none || token.is_some_and(|t| !t.is_empty()) {
+        return Ok(());
+    }
+    Err(gvars::TOKEN.error(format!(
+        "the gateway would listen on {addr} (not loopback) without authentication: set {} \
+         (and {} for sidecars' reports), or {}=none to serve it open",
+        gvars::TOKEN.name,
+        gvars::REPORT_TOKEN.name,
+        gvars::AUTH.name
+    )))
 }
 
 /// Why the gateway could not start.
@@ -149,8 +258,11 @@ pub async fn run_gateway(
     };
     let nats = crate::transport::nats::NatsTransport::connect(nats).await?;
     let store: Arc<dyn TaskStore> = match cfg.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Nats => Arc::new(KvStore::open(nats.client().clone(), &cfg.kv_bucket).await?),
+        StoreKind::Memory => Arc::new(MemoryStore::with_limits(cfg.retention, cfg.max_tasks)),
+        StoreKind::Nats => Arc::new(
+            KvStore::open_with_retention(nats.client().clone(), &cfg.kv_bucket, cfg.retention)
+                .await?,
+        ),
     };
     let gw = Gateway::new(
         store,
@@ -161,13 +273,20 @@ pub async fn run_gateway(
         cfg.ends.sump.clone(),
     );
     gw.set_max_payload_bytes(cfg.max_payload_bytes);
+    gw.set_retention(cfg.retention);
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .map_err(|source| GatewayStartError::Bind {
             addr: cfg.addr,
             source,
         })?;
-    super::serve(listener, gw, cfg.token, shutdown).await;
+    let opts = super::ServeOptions {
+        client_token: cfg.token,
+        report_token: cfg.report_token,
+        read_timeout: cfg.read_timeout,
+        max_connections: cfg.max_connections,
+    };
+    super::serve_with(listener, gw, opts, shutdown).await;
     Ok(())
 }
 
@@ -187,7 +306,8 @@ impl ReporterSettings {
         let r = Reader(src);
         ReporterSettings {
             gateway_url: r.raw(gvars::URL),
-            token: r.raw(gvars::TOKEN),
+            // Sidecars hold the report credential; the client token is the fallback.
+            token: r.raw(gvars::REPORT_TOKEN).or_else(|| r.raw(gvars::TOKEN)),
             otlp_endpoint: r.raw(gvars::OTLP_ENDPOINT),
             otlp_service: r.raw(gvars::OTLP_SERVICE_NAME),
         }
@@ -370,6 +490,63 @@ pub async fn send(
     Ok(view)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_needs_a_token_or_the_opt_out() {
+        let e = GatewayConfig::from_source(&[("X", "")]).unwrap_err();
+        assert_eq!(e.var, gvars::TOKEN);
+        assert!(e.message.contains("ASYA_GATEWAY_AUTH=none"), "{e}");
+        let c = GatewayConfig::from_source(&[(gvars::ADDR.name, "127.0.0.1:8090")]).unwrap();
+        assert_eq!((c.token, c.report_token), (None, None));
+        let c = GatewayConfig::from_source(&[(gvars::ADDR.name, "[::1]:0")]).unwrap();
+        assert!(!c.auth_none);
+        let c = GatewayConfig::from_source(&[(gvars::AUTH.name, "none")]).unwrap();
+        assert!(c.auth_none);
+        let e = GatewayConfig::from_source(&[(gvars::AUTH.name, "none"), (gvars::TOKEN.name, "t")])
+            .unwrap_err();
+        assert_eq!(e.var, gvars::AUTH);
+        let e = GatewayConfig::from_source(&[(gvars::AUTH.name, "maybe")]).unwrap_err();
+        assert_eq!(e.var, gvars::AUTH);
+    }
+
+    #[test]
+    fn report_token_falls_back_to_the_client_token() {
+        let c = GatewayConfig::from_source(&[(gvars::TOKEN.name, "c")]).unwrap();
+        assert_eq!(c.report_token.as_deref(), Some("c"));
+        let c = GatewayConfig::from_source(&[
+            (gvars::TOKEN.name, "c"),
+            (gvars::REPORT_TOKEN.name, "r"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.token.as_deref(), c.report_token.as_deref()),
+            (Some("c"), Some("r"))
+        );
+    }
+
+    #[test]
+    fn bounds_parse_and_refuse_zero() {
+        let c = GatewayConfig::from_source(&[(gvars::TOKEN.name, "t")]).unwrap();
+        assert_eq!(c.read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.retention, Duration::from_secs(86400));
+        assert_eq!(c.max_tasks, 100_000);
+        for var in [
+            gvars::READ_TIMEOUT,
+            gvars::MAX_CONNECTIONS,
+            gvars::RETENTION,
+            gvars::MAX_TASKS,
+        ] {
+            let e = GatewayConfig::from_source(&[(gvars::TOKEN.name, "t"), (var.name, "0")])
+                .unwrap_err();
+            assert_eq!(e.var, var);
+        }
+    }
+}
+
 /// Why `send --wait` stopped waiting for a task that is not final: one line naming the
 /// bound that was reached, where the task is, and how to look further.
 pub fn stopped_waiting(view: &TaskView, waited: Duration, by_timeout_flag: bool) -> String {
@@ -450,7 +627,7 @@ mod send_tests {
 }
 
 #[cfg(test)]
-mod tests {
+mod payload_cap_tests {
     use super::*;
 
     #[test]

@@ -26,6 +26,8 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 const MAX_REPORTS_BODY: usize = 16 << 20;
 /// Room for the request's own fields around the payload.
 const SUBMIT_OVERHEAD: usize = 64 << 10;
+/// Cap on `GET /tasks?limit=`.
+const MAX_LIST_LIMIT: usize = 10_000;
 /// SSE keep-alive comment interval.
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -59,10 +61,48 @@ fn gateway_error(e: GatewayError) -> Response<Body> {
         GatewayError::PayloadTooLarge { .. } => {
             error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e)
         }
-        GatewayError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", e),
+        GatewayError::NotFound { .. } => error(StatusCode::NOT_FOUND, "not_found", e),
         GatewayError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, "store_error", e),
         GatewayError::Transport(_) => error(StatusCode::SERVICE_UNAVAILABLE, "transport_error", e),
     }
+}
+
+/// Default bound on reading a request's head, and separately its body
+/// (`ASYA_GATEWAY_READ_TIMEOUT`).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on open connections (`ASYA_GATEWAY_MAX_CONNECTIONS`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// How the HTTP API is served: who may call it and how much a client may hold.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Bearer token of the task API (`ASYA_GATEWAY_TOKEN`); `None` = open.
+    pub client_token: Option<String>,
+    /// Bearer token of `POST /reports` (`ASYA_GATEWAY_REPORT_TOKEN`, else the client
+    /// token); `None` = open.
+    pub report_token: Option<String>,
+    /// Bound on reading a request's head, and separately its body.
+    pub read_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl ServeOptions {
+    /// One token for both audiences (or none), default bounds.
+    pub fn with_token(token: Option<String>) -> ServeOptions {
+        ServeOptions {
+            client_token: token.clone(),
+            report_token: token,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Tokens as the request handler compares them.
+struct Auth {
+    client: Option<Arc<str>>,
+    report: Option<Arc<str>>,
 }
 
 /// Constant-time comparison of the bearer token.
@@ -90,16 +130,53 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Response<Body>> {
+    match tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("request body exceeds {limit} bytes"),
         )),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_request", e)),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, "bad_request", e)),
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "request body not received within {} (ASYA_GATEWAY_READ_TIMEOUT)",
+                    humantime::format_duration(timeout)
+                ),
+            );
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            Err(r)
+        }
     }
+}
+
+/// A JSON body that does not parse is `invalid_json`; one that parses but has a bad field
+/// is `bad_request` naming it.
+fn json_error(e: serde_json::Error) -> Response<Body> {
+    match e.classify() {
+        serde_json::error::Category::Data => error(StatusCode::BAD_REQUEST, "bad_request", e),
+        _ => error(StatusCode::BAD_REQUEST, "invalid_json", e),
+    }
+}
+
+fn unauthorized(message: &str) -> Response<Body> {
+    let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
 }
 
 fn query_params(req: &Request<Incoming>) -> Vec<(String, String)> {
@@ -143,7 +220,8 @@ fn percent_decode(s: &str) -> String {
 
 async fn route(
     gw: Arc<Gateway>,
-    token: Option<Arc<str>>,
+    auth: Arc<Auth>,
+    read_timeout: Duration,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
@@ -151,28 +229,28 @@ async fn route(
     if path == "/healthz" {
         return json_reply(StatusCode::OK, &json!({"status": "ok"}));
     }
-    if !authorized(&req, token.as_deref()) {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return r;
+    // Two audiences: sidecars report with the report token, clients use the task API with
+    // theirs; neither token opens the other's routes (unless they are the same token).
+    if path == "/reports" {
+        if !authorized(&req, auth.report.as_deref()) {
+            return unauthorized(
+                "missing or wrong bearer token for reports (ASYA_GATEWAY_REPORT_TOKEN)",
+            );
+        }
+    } else if !authorized(&req, auth.client.as_deref()) {
+        return unauthorized("missing or wrong bearer token (ASYA_GATEWAY_TOKEN)");
     }
     let parts: Vec<&str> = path.split('/').skip(1).collect();
     match (&method, parts.as_slice()) {
         (&Method::POST, ["tasks"]) => {
-            let body = match read_body(req, gw.max_payload_bytes() + SUBMIT_OVERHEAD).await {
+            let limit = gw.max_payload_bytes().saturating_add(SUBMIT_OVERHEAD);
+            let body = match read_body(req, limit, read_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
             let sub: SubmitRequest = match serde_json::from_slice(&body) {
                 Ok(s) => s,
-                Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", e),
+                Err(e) => return json_error(e),
             };
             match gw.submit(sub).await {
                 Ok(v) => json_reply(StatusCode::CREATED, &v),
@@ -192,7 +270,7 @@ async fn route(
                             return error(
                                 StatusCode::BAD_REQUEST,
                                 "bad_request",
-                                format!("unknown status {v:?}"),
+                                format!("status: unknown status {v:?}"),
                             )
                         }
                     },
@@ -203,14 +281,18 @@ async fn route(
                             return error(
                                 StatusCode::BAD_REQUEST,
                                 "bad_request",
-                                format!("since must be RFC 3339: {e}"),
+                                format!("since: must be RFC 3339: {e}"),
                             )
                         }
                     },
-                    "limit" => match v.parse() {
-                        Ok(n) => limit = n,
+                    "limit" => match v.parse::<usize>() {
+                        Ok(n) => limit = n.min(MAX_LIST_LIMIT),
                         Err(_) => {
-                            return error(StatusCode::BAD_REQUEST, "bad_request", "bad limit")
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                "bad_request",
+                                format!("limit: {v:?} is not a non-negative integer"),
+                            )
                         }
                     },
                     _ => {}
@@ -223,14 +305,14 @@ async fn route(
         }
         (&Method::GET, ["tasks", id]) => match gw.get(id).await {
             Some(v) => json_reply(StatusCode::OK, &v),
-            None => gateway_error(GatewayError::NotFound((*id).to_owned())),
+            None => gateway_error(gw.not_found(id)),
         },
         (&Method::GET, ["tasks", id, "trace"]) => match gw.get_task(id).await {
             Some(t) => json_reply(
                 StatusCode::OK,
                 &json!({"task": t.view(), "timeline": t.timeline}),
             ),
-            None => gateway_error(GatewayError::NotFound((*id).to_owned())),
+            None => gateway_error(gw.not_found(id)),
         },
         (&Method::GET, ["tasks", id, "stream"]) => stream(gw, id).await,
         (&Method::POST, ["tasks", id, "cancel"]) => match gw.cancel(id).await {
@@ -238,7 +320,7 @@ async fn route(
             Err(e) => gateway_error(e),
         },
         (&Method::POST, ["reports"]) => {
-            let body = match read_body(req, MAX_REPORTS_BODY).await {
+            let body = match read_body(req, MAX_REPORTS_BODY, read_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -257,6 +339,9 @@ async fn route(
                 },
                 Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", e),
             };
+            if let Some(why) = reports.iter().find_map(|r| r.validate().err()) {
+                return error(StatusCode::BAD_REQUEST, "invalid_report", why);
+            }
             let n = reports.len();
             for r in reports {
                 gw.enqueue(r);
@@ -286,7 +371,7 @@ async fn stream(gw: Arc<Gateway>, id: &str) -> Response<Body> {
     // Subscribe before reading so nothing falls between the snapshot and the updates.
     let rx = gw.subscribe();
     let Some(view) = gw.get(id).await else {
-        return gateway_error(GatewayError::NotFound(id.to_owned()));
+        return gateway_error(gw.not_found(id));
     };
     let first_kind = if view.status.is_final() {
         "final"
@@ -351,19 +436,49 @@ async fn stream(gw: Arc<Gateway>, id: &str) -> Response<Body> {
 }
 
 /// Serve the task API until `shutdown` is cancelled. `token`: require
-/// `Authorization: Bearer <token>` on every route but `/healthz`.
+/// `Authorization: Bearer <token>` on every route but `/healthz` (reports included); the
+/// default read timeout and connection bound.
 pub async fn serve(
     listener: TcpListener,
     gw: Arc<Gateway>,
     token: Option<String>,
     shutdown: CancellationToken,
 ) {
+    serve_with(listener, gw, ServeOptions::with_token(token), shutdown).await
+}
+
+/// Serve the task API until `shutdown` is cancelled, with `opts`.
+///
+/// A client costs a socket for a bounded time: the request head must arrive within
+/// `read_timeout` (an idle keep-alive connection is closed after it too), the body within
+/// `read_timeout` again; past `max_connections` open connections a new one is answered
+/// 503 and closed at once.
+pub async fn serve_with(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let nonempty = |t: Option<String>| t.filter(|t| !t.is_empty()).map(Arc::<str>::from);
+    let auth = Arc::new(Auth {
+        client: nonempty(opts.client_token),
+        report: nonempty(opts.report_token),
+    });
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, auth = token.is_some(), "gateway listening");
+        info!(
+            %addr,
+            client_auth = auth.client.is_some(),
+            report_auth = auth.report.is_some(),
+            read_timeout = ?opts.read_timeout,
+            max_connections = opts.max_connections,
+            "gateway listening"
+        );
     }
-    let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Arc::from);
+    let read_timeout = opts.read_timeout;
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -373,27 +488,65 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "gateway connection refused: too many connections (ASYA_GATEWAY_MAX_CONNECTIONS)");
+            refuse(stream, &refusals);
+            continue;
+        };
         let gw = gw.clone();
-        let token = token.clone();
+        let auth = auth.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let gw = gw.clone();
-                let token = token.clone();
-                async move { Ok::<_, Infallible>(route(gw, token, req).await) }
+                let auth = auth.clone();
+                async move { Ok::<_, Infallible>(route(gw, auth, read_timeout, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(read_timeout)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r {
-                    debug!(error = %e, "gateway connection failed");
+                    debug!(%peer, error = %e, "gateway connection closed");
                 },
                 _ = stop.cancelled() => {}
             }
         });
     }
 }
+
+/// Connections past the bound being answered 503 at once; past this they are just closed.
+const REFUSALS: usize = 64;
+/// How long a refused connection is kept to let the client read the 503.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Answer 503 and close. Closing a socket with unread request bytes resets it (the client
+/// may lose the answer), so the request is read and discarded first, for at most
+/// `REFUSAL_LINGER`, by at most `REFUSALS` connections at a time.
+fn refuse(stream: tokio::net::TcpStream, refusals: &Arc<tokio::sync::Semaphore>) {
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(TOO_MANY_CONNECTIONS).await?;
+            stream.shutdown().await?;
+            let mut buf = [0u8; 4096];
+            while stream.read(&mut buf).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
+}
+
+/// The answer to a connection past `max_connections`.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 112\r\n\r\n{\"error\":\"too_many_connections\",\"message\":\"the gateway serves ASYA_GATEWAY_MAX_CONNECTIONS connections at once\"}";
 
 #[cfg(test)]
 mod tests {
@@ -406,6 +559,17 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert!(!constant_time_eq(b"", b"a"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn too_many_connections_answer_is_well_formed() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
+        serde_json::from_str::<Value>(body).unwrap();
     }
 
     #[test]

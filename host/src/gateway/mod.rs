@@ -33,7 +33,7 @@ use crate::envelope::{now_rfc3339, Envelope, Phase, Route, HEADER_TRACEPARENT, H
 use crate::transport::{OutMessage, QueueName, Transport, TransportError};
 
 pub use client::HttpReporter;
-pub use http::serve;
+pub use http::{serve, serve_with, ServeOptions, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT};
 pub use reporter::WireReport;
 pub use store::{KvStore, MemoryStore, StoreError, TaskStore};
 pub use task::{HopEntry, Task, TaskStatus, TaskView};
@@ -43,6 +43,12 @@ pub type Flows = BTreeMap<String, Vec<String>>;
 
 /// Default cap on a submitted payload (`ASYA_GATEWAY_MAX_PAYLOAD_BYTES`).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
+
+/// The longest task `timeout` accepted (366 days): a deadline must stay a valid date.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Actors a submitted route may name.
+pub const MAX_ROUTE_ACTORS: usize = 1024;
 
 /// Reports queued for tracking before new ones are dropped (and counted).
 const REPORT_QUEUE: usize = 4096;
@@ -155,13 +161,25 @@ mod timeout_serde {
             Secs(f64),
             Text(String),
         }
+        let out_of_range = || {
+            serde::de::Error::custom(format!(
+                "timeout: must be more than 0 and at most {} seconds (366 days)",
+                super::MAX_TIMEOUT.as_secs()
+            ))
+        };
         match Option::<T>::deserialize(d)? {
             None => Ok(None),
-            Some(T::Secs(s)) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
-            Some(T::Secs(_)) => Err(serde::de::Error::custom("timeout must be positive")),
-            Some(T::Text(t)) => crate::config::parse_duration(&t)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
+            Some(T::Secs(s)) if s > 0.0 && s <= super::MAX_TIMEOUT.as_secs_f64() => {
+                Ok(Some(Duration::from_secs_f64(s)))
+            }
+            Some(T::Secs(_)) => Err(out_of_range()),
+            Some(T::Text(t)) => match crate::config::parse_duration(&t) {
+                Ok(d) if !d.is_zero() && d <= super::MAX_TIMEOUT => Ok(Some(d)),
+                Ok(_) => Err(out_of_range()),
+                Err(e) => Err(serde::de::Error::custom(format!(
+                    "timeout: {t:?} is not a duration (e.g. \"30s\" or seconds as a number): {e}"
+                ))),
+            },
         }
     }
 }
@@ -175,8 +193,8 @@ pub enum GatewayError {
     UnknownFlow(String),
     #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
-    #[error("task {0} not found")]
-    NotFound(String),
+    #[error("task {id} not found: unknown, or finished more than {retention} ago and removed (ASYA_GATEWAY_RETENTION)")]
+    NotFound { id: String, retention: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot publish the first envelope: {0}")]
@@ -201,6 +219,8 @@ pub struct Gateway {
     sink: String,
     sump: String,
     max_payload: AtomicUsize,
+    /// How long finished tasks are kept (for messages; the store enforces it).
+    retention: std::sync::Mutex<Duration>,
     /// Serialises read-modify-write of task records.
     update: tokio::sync::Mutex<()>,
     events: broadcast::Sender<Arc<TaskEvent>>,
@@ -229,6 +249,7 @@ impl Gateway {
             sink,
             sump,
             max_payload: AtomicUsize::new(DEFAULT_MAX_PAYLOAD_BYTES),
+            retention: std::sync::Mutex::new(store::DEFAULT_RETENTION),
             update: tokio::sync::Mutex::new(()),
             events,
             reports: tx,
@@ -245,6 +266,20 @@ impl Gateway {
 
     pub fn max_payload_bytes(&self) -> usize {
         self.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// How long the store keeps finished tasks (named in "not found" answers).
+    pub fn set_retention(&self, retention: Duration) {
+        *self.retention.lock().unwrap_or_else(|p| p.into_inner()) = retention;
+    }
+
+    /// The "not found" error for `id`.
+    pub fn not_found(&self, id: &str) -> GatewayError {
+        let retention = *self.retention.lock().unwrap_or_else(|p| p.into_inner());
+        GatewayError::NotFound {
+            id: id.to_owned(),
+            retention: humantime::format_duration(retention).to_string(),
+        }
     }
 
     pub fn flows(&self) -> &Flows {
@@ -277,10 +312,22 @@ impl Gateway {
                 .cloned()
                 .ok_or_else(|| GatewayError::UnknownFlow(f.to_owned()))?,
             (None, Some(r)) => {
-                validate_route(&r).map_err(GatewayError::BadRequest)?;
+                if r.len() > MAX_ROUTE_ACTORS {
+                    return Err(GatewayError::BadRequest(format!(
+                        "route: {} actors (at most {MAX_ROUTE_ACTORS})",
+                        r.len()
+                    )));
+                }
+                validate_route(&r).map_err(|e| GatewayError::BadRequest(format!("route: {e}")))?;
                 r
             }
         };
+        if req.timeout.is_some_and(|t| t.is_zero() || t > MAX_TIMEOUT) {
+            return Err(GatewayError::BadRequest(format!(
+                "timeout: must be more than 0 and at most {} seconds (366 days)",
+                MAX_TIMEOUT.as_secs()
+            )));
+        }
         let payload = serde_json::to_string(&req.payload).expect("a JSON value serialises");
         let limit = self.max_payload_bytes();
         if payload.len() > limit {
@@ -292,11 +339,16 @@ impl Gateway {
         let uuid = uuid::Uuid::new_v4();
         let id = uuid.to_string();
         let trace_id = uuid.simple().to_string();
-        let deadline_at = req.timeout.map(|t| {
-            let d = chrono::Utc::now()
-                + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::days(3650));
-            d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        });
+        let deadline_at = match req.timeout {
+            None => None,
+            Some(t) => {
+                let d = chrono::Duration::from_std(t)
+                    .ok()
+                    .and_then(|t| chrono::Utc::now().checked_add_signed(t))
+                    .ok_or_else(|| GatewayError::BadRequest("timeout: out of range".to_owned()))?;
+                Some(d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            }
+        };
         let task = Task::new(
             id.clone(),
             trace_id.clone(),
@@ -415,7 +467,7 @@ impl Gateway {
         self.update_task(id, |t| t.cancel())
             .await
             .map(|t| t.view())
-            .ok_or_else(|| GatewayError::NotFound(id.to_owned()))
+            .ok_or_else(|| self.not_found(id))
     }
 
     /// Wait until the task is final (succeeded, failed or canceled) or `timeout` passes;

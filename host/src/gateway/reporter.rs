@@ -33,6 +33,37 @@ pub enum WireReport {
     },
 }
 
+/// Bound on the counts a report may carry (messages sent by one hop, actors of a route):
+/// far above any real value, far below what could overflow the task's arithmetic.
+pub const MAX_REPORT_COUNT: usize = 1 << 20;
+
+impl WireReport {
+    /// Check the numbers of a report received over HTTP; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |field: &str, v: usize| {
+            if v > MAX_REPORT_COUNT {
+                Err(format!(
+                    "{field}: {v} is out of range (at most {MAX_REPORT_COUNT})"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            WireReport::Hop { hop, .. } => {
+                check("hop.sent", hop.sent)?;
+                check("hop.actors_completed", hop.actors_completed)?;
+                check("hop.total_actors", hop.total_actors)
+            }
+            WireReport::Final { fin, .. } => {
+                check("fin.actors_completed", fin.actors_completed)?;
+                check("fin.total_actors", fin.total_actors)
+            }
+            WireReport::Upstream { .. } => Ok(()),
+        }
+    }
+}
+
 /// Names a report needs: which end actor is the sump.
 #[derive(Debug, Clone)]
 pub struct Naming {

@@ -262,7 +262,10 @@ impl Task {
         if let Some(p) = parent {
             self.parents.insert(p);
         }
-        self.outstanding += h.sent as i64 - 1;
+        // Saturating: a report is checked at the HTTP edge, this keeps any other caller
+        // from overflowing the count.
+        let sent = i64::try_from(h.sent).unwrap_or(i64::MAX);
+        self.outstanding = self.outstanding.saturating_add(sent).saturating_sub(1);
         if h.sent > 1 {
             self.fanned_out = true;
         }
@@ -305,7 +308,7 @@ impl Task {
         if let Some(p) = &f.parent_id {
             self.parents.insert(p.clone());
         }
-        self.outstanding -= 1;
+        self.outstanding = self.outstanding.saturating_sub(1);
         if self.status.is_final() {
             return;
         }
@@ -391,7 +394,10 @@ impl Task {
         else {
             return false;
         };
-        if chrono::Utc::now() < d.with_timezone(&chrono::Utc) + grace {
+        let Some(limit) = d.with_timezone(&chrono::Utc).checked_add_signed(grace) else {
+            return false;
+        };
+        if chrono::Utc::now() < limit {
             return false;
         }
         self.status = TaskStatus::Failed;

@@ -4,10 +4,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Component;
 
-use super::bindings::{transport::TransportPlugin, RoutePolicyPluginPre, TransportPluginPre};
-use super::engine::{PluginEngine, StoreState};
+use super::bindings::{RoutePolicyPluginPre, TransportPluginPre};
+use super::engine::PluginEngine;
 use super::PluginError;
 
 /// The interface a route policy exports.
@@ -57,6 +57,38 @@ impl fmt::Display for CheckReport {
                 self.imports.join(", ")
             }
         )
+    }
+}
+
+/// The world a compiled component implements, by its exports (`None`: neither).
+pub(crate) fn world_of(engine: &PluginEngine, component: &Component) -> Option<World> {
+    let ty = component.component_type();
+    let names: Vec<&str> = ty.exports(engine.engine()).map(|(n, _)| n).collect();
+    if names.contains(&ROUTE_POLICY_EXPORT) {
+        Some(World::RoutePolicy)
+    } else if names.contains(&TRANSPORT_EXPORT) {
+        Some(World::Transport)
+    } else {
+        None
+    }
+}
+
+/// The error for a component loaded as `wanted` that implements the other world.
+pub(crate) fn other_world(path: &Path, wanted: World, found: World) -> PluginError {
+    let message = match (wanted, found) {
+        (World::Transport, World::RoutePolicy) => format!(
+            "it is a route policy (exports {ROUTE_POLICY_EXPORT}), not a transport: load it \
+             with ASYA_ROUTE_POLICIES and check it with `asya-host plugin check`; \
+             `asya-host plugin test` and ASYA_TRANSPORT_PLUGIN take a transport"
+        ),
+        _ => format!(
+            "it is a transport (exports {TRANSPORT_EXPORT}), not a route policy: load it with \
+             ASYA_TRANSPORT=wasm and ASYA_TRANSPORT_PLUGIN, test it with `asya-host plugin test`"
+        ),
+    };
+    PluginError::WrongWorld {
+        path: path.to_owned(),
+        message,
     }
 }
 
@@ -122,12 +154,10 @@ pub fn check(path: &Path) -> Result<CheckReport, PluginError> {
             RoutePolicyPluginPre::new(pre).map_err(exports_err)?;
         }
         World::Transport => {
-            let mut linker: Linker<StoreState> = Linker::new(engine.engine());
-            wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-                .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-            TransportPlugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-                .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-            let pre = linker.instantiate_pre(&component).map_err(imports_err)?;
+            let pre = engine
+                .transport_linker()?
+                .instantiate_pre(&component)
+                .map_err(imports_err)?;
             TransportPluginPre::new(pre).map_err(exports_err)?;
         }
     }

@@ -262,10 +262,61 @@ impl ResourceLimiter for Limits {
     }
 }
 
+/// What the host refused a transport's guest on the network (names it may not look up,
+/// addresses it may not connect to), so a failed call can say why.
+#[derive(Default)]
+pub(crate) struct NetGuard {
+    /// Host names the guest may resolve (lower case, no trailing dot).
+    hosts: Vec<String>,
+    /// The last refusal, taken by the error that follows it.
+    denied: std::sync::Mutex<Option<String>>,
+}
+
+impl NetGuard {
+    pub(crate) fn new(hosts: impl IntoIterator<Item = String>) -> NetGuard {
+        NetGuard {
+            hosts: hosts.into_iter().map(|h| normalize_host(&h)).collect(),
+            denied: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the guest may resolve `name`: an address literal (no lookup happens) or a
+    /// host name of the allow-list.
+    fn may_resolve(&self, name: &str) -> bool {
+        let bare = name.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<std::net::IpAddr>().is_ok() || self.hosts.contains(&normalize_host(name))
+    }
+
+    /// Remember a refusal (`what` = "a connection to 1.2.3.4:5", "a lookup of \"x\"").
+    pub(crate) fn deny(&self, what: String) {
+        tracing::debug!(refused = %what, "transport sandbox refused a network use");
+        *self.denied.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+    }
+
+    /// The refusal since the last call, as a clause to append to the guest's error.
+    pub(crate) fn take_denial(&self) -> Option<String> {
+        self.denied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|what| {
+                format!(
+                    "the host refused {what}: not in ASYA_TRANSPORT_ALLOW (--allow for `asya-host plugin test`)"
+                )
+            })
+    }
+}
+
+fn normalize_host(h: &str) -> String {
+    h.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// Data of one plugin store.
 pub(crate) struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// A transport's network allow-list (`None` for policies: they get no network).
+    pub(crate) net: Option<Arc<NetGuard>>,
     pub(crate) limits: Limits,
     pub(crate) plugin: Arc<str>,
     pub(crate) input: EnvelopeView,
@@ -282,7 +333,10 @@ impl WasiView for StoreState {
 }
 
 /// A WASI context that grants nothing: no preopened directories, no environment or
-/// arguments, stdio discarded, no sockets and no name lookup. Clocks and randomness stay.
+/// arguments, stdio discarded, no sockets and no name lookup. Clocks and randomness stay:
+/// the time is a legitimate routing input and every Rust `std` component imports
+/// `wasi:io/poll`; a policy blocking on them is cut by the wall-clock bound of every call
+/// (`policy.rs`), so blocking gains it nothing.
 fn sandbox() -> WasiCtx {
     let mut b = WasiCtxBuilder::new();
     b.allow_tcp(false)
@@ -318,6 +372,7 @@ impl PluginEngine {
             StoreState {
                 wasi,
                 table: ResourceTable::new(),
+                net: None,
                 limits: Limits::new(memory_bytes),
                 plugin,
                 input: EnvelopeView::default(),
@@ -341,13 +396,112 @@ impl PluginEngine {
     }
 }
 
+/// `wasi:sockets/ip-name-lookup` for transports: the guest may resolve only the host
+/// names of its allow-list (wasmtime-wasi's own switch is all or nothing, and a lookup of
+/// any name is a channel out even when every connection is refused).
+struct NameLookup<'a> {
+    sockets: wasmtime_wasi::sockets::WasiSocketsCtxView<'a>,
+    net: Option<Arc<NetGuard>>,
+}
+
+struct NameLookupData;
+
+impl wasmtime::component::HasData for NameLookupData {
+    type Data<'a> = NameLookup<'a>;
+}
+
+use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup as ip_lookup;
+use wasmtime_wasi::p2::bindings::sockets::network as wasi_net;
+
+impl ip_lookup::Host for NameLookup<'_> {
+    fn resolve_addresses(
+        &mut self,
+        network: wasmtime::component::Resource<wasi_net::Network>,
+        name: String,
+    ) -> Result<
+        wasmtime::component::Resource<ip_lookup::ResolveAddressStream>,
+        wasmtime_wasi::p2::SocketError,
+    > {
+        let allowed = self.net.as_ref().is_some_and(|n| n.may_resolve(&name));
+        if !allowed {
+            if let Some(n) = &self.net {
+                n.deny(format!("a lookup of {name:?}"));
+            }
+            return Err(wasi_net::ErrorCode::AccessDenied.into());
+        }
+        ip_lookup::Host::resolve_addresses(&mut self.sockets, network, name)
+    }
+}
+
+// The lookup interface's error conversions come from `wasi:sockets/network`: delegated.
+impl wasi_net::Host for NameLookup<'_> {
+    fn convert_error_code(
+        &mut self,
+        error: wasmtime_wasi::p2::SocketError,
+    ) -> wasmtime::Result<wasi_net::ErrorCode> {
+        wasi_net::Host::convert_error_code(&mut self.sockets, error)
+    }
+
+    fn network_error_code(
+        &mut self,
+        err: wasmtime::component::Resource<wasi_net::Error>,
+    ) -> wasmtime::Result<Option<wasi_net::ErrorCode>> {
+        wasi_net::Host::network_error_code(&mut self.sockets, err)
+    }
+}
+
+impl wasi_net::HostNetwork for NameLookup<'_> {
+    fn drop(
+        &mut self,
+        this: wasmtime::component::Resource<wasi_net::Network>,
+    ) -> wasmtime::Result<()> {
+        wasi_net::HostNetwork::drop(&mut self.sockets, this)
+    }
+}
+
+impl ip_lookup::HostResolveAddressStream for NameLookup<'_> {
+    fn resolve_next_address(
+        &mut self,
+        stream: wasmtime::component::Resource<ip_lookup::ResolveAddressStream>,
+    ) -> Result<Option<wasi_net::IpAddress>, wasmtime_wasi::p2::SocketError> {
+        ip_lookup::HostResolveAddressStream::resolve_next_address(&mut self.sockets, stream)
+    }
+
+    fn subscribe(
+        &mut self,
+        stream: wasmtime::component::Resource<ip_lookup::ResolveAddressStream>,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        ip_lookup::HostResolveAddressStream::subscribe(&mut self.sockets, stream)
+    }
+
+    fn drop(
+        &mut self,
+        stream: wasmtime::component::Resource<ip_lookup::ResolveAddressStream>,
+    ) -> wasmtime::Result<()> {
+        ip_lookup::HostResolveAddressStream::drop(&mut self.sockets, stream)
+    }
+}
+
+fn name_lookup(s: &mut StoreState) -> NameLookup<'_> {
+    let net = s.net.clone();
+    NameLookup {
+        sockets: wasmtime_wasi::sockets::WasiSocketsView::sockets(s),
+        net,
+    }
+}
+
 impl PluginEngine {
-    /// The linker for transports: async WASI p2 (what a store's context grants) and the
-    /// host imports of the `transport-plugin` world.
+    /// The linker for transports: async WASI p2 (what a store's context grants) with name
+    /// lookup restricted to the allow-list's host names, and the host imports of the
+    /// `transport-plugin` world.
     pub(crate) fn transport_linker(&self) -> Result<Linker<StoreState>, PluginError> {
         let mut linker = Linker::new(self.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        linker.allow_shadowing(true);
+        ip_lookup::add_to_linker::<StoreState, NameLookupData>(&mut linker, name_lookup)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        linker.allow_shadowing(false);
         super::bindings::transport::TransportPlugin::add_to_linker::<
             _,
             wasmtime::component::HasSelf<_>,

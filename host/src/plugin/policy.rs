@@ -225,6 +225,13 @@ impl PolicyPlugin {
     ) -> Result<PolicyPlugin, PluginError> {
         let path = spec.path.clone();
         let component = engine.load(&path)?;
+        if let Some(w @ super::World::Transport) = super::check::world_of(engine, &component) {
+            return Err(super::check::other_world(
+                &path,
+                super::World::RoutePolicy,
+                w,
+            ));
+        }
         let linker = engine.policy_linker()?;
         let pre = linker
             .instantiate_pre(&component)
@@ -264,24 +271,36 @@ impl PolicyPlugin {
             path: self.path.clone(),
             message,
         };
-        let bindings = self
-            .pre
-            .instantiate_async(&mut store)
+        // Instantiation plus `configure`, bounded in CPU (epochs) and wall-clock time.
+        let work = async {
+            let bindings = self
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?;
+            store.set_epoch_deadline(engine::ticks(INIT_DEADLINE));
+            match bindings
+                .asya_plugin_route_policy()
+                .call_configure(&mut store, &self.config)
+                .await
+            {
+                Ok(Ok(())) => Ok(bindings),
+                Ok(Err(e)) => Err(PluginError::Configure {
+                    path: self.path.clone(),
+                    message: bindings::guest_error(e),
+                }),
+                Err(e) => Err(fail(format!("configure trapped: {e:#}"))),
+            }
+        };
+        let bindings = tokio::time::timeout(INIT_DEADLINE, work)
             .await
-            .map_err(|e| fail(format!("{e:#}")))?;
-        store.set_epoch_deadline(engine::ticks(INIT_DEADLINE));
-        match bindings
-            .asya_plugin_route_policy()
-            .call_configure(&mut store, &self.config)
-            .await
-        {
-            Ok(Ok(())) => Ok(Instance { store, bindings }),
-            Ok(Err(e)) => Err(PluginError::Configure {
-                path: self.path.clone(),
-                message: bindings::guest_error(e),
-            }),
-            Err(e) => Err(fail(format!("configure trapped: {e:#}"))),
-        }
+            .map_err(|_| {
+                fail(format!(
+                    "instantiation and configure did not finish within {} ms",
+                    INIT_DEADLINE.as_millis()
+                ))
+            })??;
+        Ok(Instance { store, bindings })
     }
 
     fn take(&self) -> Option<Instance> {
@@ -335,12 +354,26 @@ impl PolicyPlugin {
         }
         inst.store
             .set_epoch_deadline(engine::ticks(self.opts.deadline));
-        let result = inst
-            .bindings
-            .asya_plugin_route_policy()
-            .call_decide(&mut inst.store, Slot::Input.handle(), Slot::Frame.handle())
-            .await;
+        // Bounded twice: the epoch deadline stops a guest burning CPU; the wall-clock
+        // timeout stops one blocked in a host call (a sleep, a poll), which uses no CPU and
+        // never reaches an epoch check. Dropping the call leaves the instance half-entered:
+        // it is discarded like a trapped one.
+        let call = inst.bindings.asya_plugin_route_policy().call_decide(
+            &mut inst.store,
+            Slot::Input.handle(),
+            Slot::Frame.handle(),
+        );
+        let result = tokio::time::timeout(self.opts.deadline, call).await.ok();
         let took = call_start.elapsed();
+        let Some(result) = result else {
+            drop(inst);
+            self.record(Outcome::Timeout, took);
+            tracing::warn!(plugin = %self.name, outcome = Outcome::Timeout.as_str(), took_ms = took.as_millis() as u64, "route policy blocked past its deadline; instance discarded");
+            return Err(self.error(format!(
+                "exceeded its {} ms deadline (blocked in a host call)",
+                self.opts.deadline.as_millis()
+            )));
+        };
         {
             let data = inst.store.data_mut();
             data.input.trim();

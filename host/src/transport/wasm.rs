@@ -18,9 +18,11 @@
 //!
 //! `ASYA_TRANSPORT_ALLOW` is a comma-separated list of `host:port`, `ip:port` or
 //! `cidr:port` (`port` may be `*`; IPv6 in brackets: `[::1]:6379`, `[fd00::/8]:*`).
-//! Host names are resolved once, at startup, by the host; the guest may look names up
-//! itself only when the list contains a name (every connection is still checked against
-//! the resolved addresses).
+//! Host names are resolved once, at startup, by the host; the guest may look up only the
+//! host names of the list (any other name is refused without a query, address literals need
+//! none), and every connection is still checked against the resolved addresses. A refused
+//! connection or lookup is named in the error of the call that made it (with
+//! `ASYA_TRANSPORT_ALLOW` / `--allow`), not only the guest's "permission denied".
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -44,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::plugin::bindings::{
     GuestDelivery, GuestError, TransportCalls, TransportPlugin, TransportPluginPre,
 };
-use crate::plugin::engine::{self, PluginEngine, StoreState};
+use crate::plugin::engine::{self, NetGuard, PluginEngine, StoreState};
 use crate::plugin::PluginError;
 
 /// Variables of `ASYA_TRANSPORT=wasm`.
@@ -134,6 +136,8 @@ pub struct AllowList {
     rules: Vec<Rule>,
     /// The list named a host: the guest may use name lookup.
     names: bool,
+    /// The host names of the list: the only names the guest may look up.
+    hosts: Vec<String>,
 }
 
 impl AllowList {
@@ -199,6 +203,7 @@ impl AllowList {
                     return Err(format!("{item:?}: {host:?} resolves to no address"));
                 }
                 list.names = true;
+                list.hosts.push(host.to_owned());
             }
         }
         Ok(list)
@@ -215,9 +220,10 @@ impl AllowList {
     }
 
     /// The WASI context of one instance: clocks, randomness, TCP connections to the
-    /// allowed addresses (plus the implicit wildcard bind a connect performs); no files,
-    /// environment, arguments, UDP, listening or accepting.
-    fn wasi(self: &Arc<Self>) -> WasiCtx {
+    /// allowed addresses (plus the implicit wildcard bind a connect performs), lookups of
+    /// the list's host names only (see `PluginEngine::transport_linker`); no files,
+    /// environment, arguments, UDP, listening or accepting. Refusals are noted in `guard`.
+    fn wasi(self: &Arc<Self>, guard: Arc<NetGuard>) -> WasiCtx {
         let allow = self.clone();
         let mut b = WasiCtxBuilder::new();
         b.allow_tcp(true)
@@ -229,9 +235,20 @@ impl AllowList {
                     SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
                     _ => false,
                 };
+                if !ok {
+                    guard.deny(match usage {
+                        SocketAddrUse::TcpConnect => format!("a connection to {addr}"),
+                        other => format!("{other:?} on {addr}"),
+                    });
+                }
                 Box::pin(async move { ok })
             });
         b.build()
+    }
+
+    /// A fresh record of refusals for one instance, knowing the list's host names.
+    fn guard(&self) -> Arc<NetGuard> {
+        Arc::new(NetGuard::new(self.hosts.iter().cloned()))
     }
 }
 
@@ -346,6 +363,15 @@ impl Plugin {
     fn load(engine: &PluginEngine, cfg: WasmConfig) -> Result<Plugin, PluginError> {
         let path = cfg.plugin.clone();
         let component = engine.load(&path)?;
+        if let Some(w @ crate::plugin::World::RoutePolicy) =
+            crate::plugin::check::world_of(engine, &component)
+        {
+            return Err(crate::plugin::check::other_world(
+                &path,
+                crate::plugin::World::Transport,
+                w,
+            ));
+        }
         let pre = engine
             .transport_linker()?
             .instantiate_pre(&component)
@@ -450,12 +476,18 @@ impl Conn {
                 format!("{}: {m}", p.path.display()),
             )
         };
+        let guard = p.allow.guard();
         let mut store = p.engine.store_with_wasi(
             p.name.clone(),
             p.cfg.memory_limit,
             CONNECT_DEADLINE,
-            p.allow.wasi(),
+            p.allow.wasi(guard.clone()),
         );
+        store.data_mut().net = Some(guard.clone());
+        let with_denial = |m: String| match guard.take_denial() {
+            Some(d) => format!("{m} ({d})"),
+            None => m,
+        };
         let fut = async {
             let bindings = p
                 .pre
@@ -470,7 +502,7 @@ impl Conn {
             .connect(&p.cfg.config)
             .await
             .map_err(|e| fail(format!("trapped: {e:#}")))?
-            .map_err(|e| fail(e.message))?;
+            .map_err(|e| fail(with_denial(e.message)))?;
             Ok::<_, TransportError>((bindings, conn))
         };
         let (bindings, conn) = tokio::time::timeout(CONNECT_DEADLINE, fut)
@@ -560,7 +592,10 @@ impl Conn {
                 self.healthy.store(true, Ordering::Relaxed);
                 Ok((generation, v))
             }
-            Ok(Ok(Err(e))) => {
+            Ok(Ok(Err(mut e))) => {
+                if let Some(d) = live.store.data().net.as_ref().and_then(|n| n.take_denial()) {
+                    e.message = format!("{} ({d})", e.message);
+                }
                 *guard = Some(live);
                 self.count("error", started);
                 Err(guest_failed(op, e))
