@@ -18,6 +18,8 @@ pub mod gateway;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
+pub mod queue_depth;
+pub mod render;
 pub mod runtime;
 pub mod sidecar;
 pub mod transport;
@@ -67,6 +69,12 @@ pub async fn serve_sidecar(
     };
     let transport = transport::connect(cfg.transport, &config::ProcessEnv).await?;
     transport.attach_metrics(metrics.clone());
+    let _depth = queue_depth::spawn(
+        transport.clone(),
+        metrics.clone(),
+        vec![cfg.queue()],
+        queue_depth::REFRESH,
+    );
     let mut deps = sidecar::Deps::new(transport.clone(), metrics.clone());
     deps.policy = policy;
     deps.reporter = reporter;

@@ -99,6 +99,8 @@ pub enum GatewayStartError {
     Transport(#[from] crate::transport::TransportError),
     #[error(transparent)]
     Store(#[from] super::StoreError),
+    #[error(transparent)]
+    Metrics(#[from] crate::queue_depth::ExporterError),
     #[error("cannot bind the gateway on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -123,6 +125,10 @@ pub async fn run_gateway(
         StoreKind::Memory => Arc::new(MemoryStore::new()),
         StoreKind::Nats => Arc::new(KvStore::open(nats.client().clone(), &cfg.kv_bucket).await?),
     };
+    let queues =
+        crate::queue_depth::gateway_queues(&cfg.namespace, flows.values(), [&cfg.sink, &cfg.sump]);
+    let _depth =
+        crate::queue_depth::serve_gateway_metrics(src, Arc::new(nats.clone()), queues).await?;
     let gw = Gateway::new(
         store,
         Arc::new(nats),
