@@ -206,7 +206,7 @@ pub fn quantity_ok(q: &str) -> bool {
         .unwrap_or(q.len());
     let (num, suffix) = q.split_at(num_end);
     let num_ok = match num.split_once('.') {
-        Some((a, b)) => !(a.is_empty() && b.is_empty()) && !b.contains('.'),
+        Some((a, b)) => (!a.is_empty() || !b.is_empty()) && !b.contains('.'),
         None => !num.is_empty(),
     };
     let suffix_ok = matches!(

@@ -16,6 +16,9 @@
 //! summarize = ["tokenize", "summarize", "store"]
 //! ```
 //!
+//! Kubernetes keys (`image`, `replicas`, `min`, `max`, `resources`; `asya-host render k8s`)
+//! are parsed and validated in [`super::deploy`]; `up` ignores them.
+//!
 //! Unknown keys are rejected with their line. Handler modules and policy paths are resolved
 //! relative to the flow file's directory.
 
