@@ -581,6 +581,135 @@ fn promtool_accepts_the_rules() {
     }
 }
 
+/// Each alert expression fires on the series it is about and stays quiet otherwise
+/// (`promtool test rules`, synthetic series at one-minute steps).
+#[test]
+fn alert_expressions_fire_on_their_conditions() {
+    let flow = FlowFile::load(&reviews_flow()).unwrap();
+    let alerts = render::monitoring::alerts(&flow);
+    let expr = |name: &str, actor: Option<&str>| -> String {
+        alerts
+            .iter()
+            .find(|a| {
+                a.name == name
+                    && actor.is_none_or(|x| a.expr.contains(&format!("asya-reviews-{x}\"")))
+            })
+            .unwrap_or_else(|| panic!("no alert {name}"))
+            .expr
+            .clone()
+    };
+    let series = |s: &str, v: &str| serde_json::json!({"series": s, "values": v});
+    // (what, input series, expression that must yield exactly one sample)
+    let fires = |input: Vec<Value>, e: String| {
+        serde_json::json!({"interval": "1m", "input_series": input, "promql_expr_test": [
+            {"expr": format!("count({e})"), "eval_time": "30m", "exp_samples": [{"labels": "{}", "value": 1}]}
+        ]})
+    };
+    let quiet = |input: Vec<Value>, e: String| {
+        serde_json::json!({"interval": "1m", "input_series": input, "promql_expr_test": [
+            {"expr": format!("absent({e})"), "eval_time": "30m", "exp_samples": [{"labels": "{}", "value": 1}]}
+        ]})
+    };
+    let sump = r#"asya_actor_messages_sent_total{message_type="sump", destination_queue="asya-reviews-x-sump"}"#;
+    let failed =
+        r#"asya_actor_messages_failed_total{queue="asya-reviews-parse", reason="runtime_error"}"#;
+    let received =
+        r#"asya_actor_messages_received_total{queue="asya-reviews-parse", transport="nats"}"#;
+    let bucket = |le: &str| {
+        format!(
+            r#"asya_actor_processing_duration_seconds_bucket{{queue="asya-reviews-parse", le="{le}"}}"#
+        )
+    };
+    let depth = r#"asya_actor_queue_depth{queue="asya-reviews-aspects"}"#;
+    let active = |pod: &str| {
+        format!(r#"asya_actor_active_messages{{queue="asya-reviews-aspects", pod="{pod}"}}"#)
+    };
+    let tests = vec![
+        fires(vec![series(sump, "0+1x40")], expr("AsyaSumpGrowing", None)),
+        quiet(vec![series(sump, "3x40")], expr("AsyaSumpGrowing", None)),
+        fires(
+            vec![series(failed, "0+1x40"), series(received, "0+10x40")],
+            expr("AsyaErrorRatioHigh", None),
+        ),
+        quiet(
+            vec![series(failed, "0+1x40"), series(received, "0+100x40")],
+            expr("AsyaErrorRatioHigh", None),
+        ),
+        fires(
+            vec![
+                series(&bucket("1"), "0x40"),
+                series(&bucket("30"), "0+1x40"),
+                series(&bucket("+Inf"), "0+1x40"),
+            ],
+            expr("AsyaProcessingSlow", None),
+        ),
+        quiet(
+            vec![
+                series(&bucket("1"), "0+1x40"),
+                series(&bucket("30"), "0+1x40"),
+                series(&bucket("+Inf"), "0+1x40"),
+            ],
+            expr("AsyaProcessingSlow", None),
+        ),
+        fires(
+            vec![series(r#"asya_actor_ready{check="transport"}"#, "0x40")],
+            expr("AsyaSidecarNotReady", None),
+        ),
+        quiet(
+            vec![series(r#"asya_actor_ready{check="transport"}"#, "1x40")],
+            expr("AsyaSidecarNotReady", None),
+        ),
+        // aspects: max 4 replicas, concurrency 1 -> backlog above 40 with 4 replicas running.
+        fires(
+            vec![
+                series(depth, "100x40"),
+                series(&active("a"), "1x40"),
+                series(&active("b"), "1x40"),
+                series(&active("c"), "1x40"),
+                series(&active("d"), "1x40"),
+            ],
+            expr("AsyaQueueAtMaxReplicas", Some("aspects")),
+        ),
+        quiet(
+            vec![
+                series(depth, "100x40"),
+                series(&active("a"), "1x40"),
+                series(&active("b"), "1x40"),
+                series(&active("c"), "1x40"),
+            ],
+            expr("AsyaQueueAtMaxReplicas", Some("aspects")),
+        ),
+        quiet(
+            vec![
+                series(depth, "30x40"),
+                series(&active("a"), "1x40"),
+                series(&active("b"), "1x40"),
+                series(&active("c"), "1x40"),
+                series(&active("d"), "1x40"),
+            ],
+            expr("AsyaQueueAtMaxReplicas", Some("aspects")),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("alerts.test.yml");
+    std::fs::write(
+        &file,
+        render::yaml::to_yaml(&serde_json::json!({"evaluation_interval": "1m", "tests": tests})),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (installed by .ci/setup)");
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `/api/v1/query` of a Prometheus on `port` → the result vector.
 fn prom_query(port: u16, q: &str) -> Result<Vec<Value>, String> {
     let mut enc = String::new();
