@@ -71,6 +71,8 @@ if [ ! -f "$rootfs/.bootstrapped" ]; then
   start=$(date +%s)
   debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log"; die "debootstrap failed (log above)"; }
+  # debian:bookworm-slim ships no cached packages.
+  chroot "$rootfs" apt-get clean
   touch "$rootfs/.bootstrapped"
   say "bootstrapped in $(( $(date +%s) - start ))s"
 else
@@ -104,14 +106,17 @@ cp sdk/python/asya_runtime.py "$rootfs/opt/asya/asya_runtime.py"
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
 say "sizes"
-echo "binary (cargo release, line-table debug info): $(mib "$(stat -c %s "$bin")")"
+echo "binary as built ($bin): $(mib "$(stat -c %s "$bin")")"
 echo "binary in the image (debug info stripped):     $(mib "$(stat -c %s "$rootfs/usr/local/bin/asya-host")")"
 echo "split debug info (stays in the builder stage): $(mib "$(stat -c %s "$work/asya-host.debug")")"
 echo "plugins + runtime file:                        $(mib "$(du -cb "$rootfs/opt/asya" | tail -1 | cut -f1)")"
-echo "root filesystem (~ the image, uncompressed):   $(mib "$(du -sb --exclude=./proc "$rootfs" | cut -f1)")"
+echo "root filesystem, uncompressed (minbase; debian:bookworm-slim also drops docs and man pages): $(mib "$(du -sb "$rootfs" | cut -f1)")"
 
 # --- run it as the manifests do ---------------------------------------------------------
 say "read-only root, tmpfs at /var/run/asya and /home/asya/.cache, uid 10001"
+# The container runtime creates a volume's mount point; so do we, before the root goes
+# read-only.
+mkdir -p "$rootfs/home/asya/.cache"
 mkdir -p "$ro"
 mount --bind "$rootfs" "$ro"; mounts+=("$ro")
 mount -o remount,bind,ro "$ro"
@@ -174,7 +179,13 @@ fi
 echo "GET /readyz -> 200 $(cat "$work/readyz")"
 echo "plugin cache: $(cd "$ro/home/asya/.cache" && find . -type f | head -3 | tr '\n' ' ')"
 echo "process: $(ps -o user=,rss=,args= -p "$sidecar" | awk '{printf "uid %s, RSS %.1f MiB, %s %s", $1, $2/1024, $3, $4}')"
-curl -s "http://127.0.0.1:$admin_port/metrics" | grep -E '^asya_actor_(queue_depth|ready)' || true
+# The queue-depth gauge appears at the first refresh after the consumer exists (every 5 s).
+for _ in $(seq 75); do
+  curl -s "http://127.0.0.1:$admin_port/metrics" >"$work/metrics"
+  grep -q '^asya_actor_queue_depth' "$work/metrics" && break
+  sleep 0.2
+done
+grep -E '^asya_actor_(queue_depth|ready)' "$work/metrics" || die "no asya_actor_queue_depth / asya_actor_ready in /metrics"
 kill -TERM "$sidecar"
 rc=0; wait "$sidecar" || rc=$?
 [ "$rc" = 0 ] || { cat "$work/sidecar.log"; die "the sidecar exited $rc on SIGTERM"; }
