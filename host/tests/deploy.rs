@@ -510,6 +510,9 @@ resources = { requests = { cpu = "250m" }, limits = { memory = "1Gi", "nvidia.co
 handler = "m.g"
 min = 2
 max = 7
+non_retryable_errors = ["ValueError", "KeyError"]
+backoff_initial = "2s"
+backoff_multiplier = 3
 [flows]
 f = ["a", "b"]
 "#,
@@ -547,6 +550,25 @@ f = ["a", "b"]
     assert_eq!(
         b["spec"]["template"]["spec"]["containers"][0]["image"],
         "reg.example/default:2"
+    );
+    // The flow file's resiliency keys reach the sidecar as the variables it reads.
+    let benv = env_of(&b["spec"]["template"]["spec"]["containers"][1]);
+    assert_eq!(
+        benv["ASYA_RESILIENCY_NON_RETRYABLE_ERRORS"],
+        "ValueError,KeyError"
+    );
+    assert_eq!(
+        asya_host::config::parse_duration(
+            benv["ASYA_RESILIENCY_BACKOFF_INITIAL"].as_str().unwrap()
+        )
+        .unwrap(),
+        Duration::from_secs(2)
+    );
+    assert_eq!(benv["ASYA_RESILIENCY_BACKOFF_MULTIPLIER"], "3");
+    // Both containers run as uid 10001: the socket is not world-writable.
+    assert_eq!(
+        env_of(&b["spec"]["template"]["spec"]["containers"][0])["ASYA_SOCKET_CHMOD"],
+        "0o660"
     );
     let so = find(&docs, "ScaledObject", "b");
     assert_eq!(so["spec"]["minReplicaCount"], 2);

@@ -230,12 +230,29 @@ fn actor_deployment(
     if let Some(m) = a.max_attempts {
         extra.push(env("ASYA_RESILIENCY_MAX_ATTEMPTS", m.to_string()));
     }
+    if let Some(d) = a.backoff_initial {
+        extra.push(env("ASYA_RESILIENCY_BACKOFF_INITIAL", millis(d)));
+    }
+    if let Some(d) = a.backoff_max {
+        extra.push(env("ASYA_RESILIENCY_BACKOFF_MAX", millis(d)));
+    }
+    if let Some(m) = a.backoff_multiplier {
+        extra.push(env("ASYA_RESILIENCY_BACKOFF_MULTIPLIER", m.to_string()));
+    }
+    if !a.non_retryable_errors.is_empty() {
+        extra.push(env(
+            "ASYA_RESILIENCY_NON_RETRYABLE_ERRORS",
+            a.non_retryable_errors.join(","),
+        ));
+    }
     extra.extend(policies_env(a));
     let sidecar = sidecar_container(flow, opts, &a.name, extra, grace);
     let mut runtime_env = vec![
         env("ASYA_HANDLER", &a.handler),
         env("ASYA_HANDLER_MODE", a.mode.as_str()),
         env("ASYA_SOCKET_DIR", SOCKET_DIR),
+        // Both containers run as uid/gid 10001: nobody else needs the socket.
+        env("ASYA_SOCKET_CHMOD", "0o660"),
         env("PYTHONDONTWRITEBYTECODE", "1"),
         env("PYTHONUNBUFFERED", "1"),
     ];
