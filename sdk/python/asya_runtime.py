@@ -451,6 +451,11 @@ def load_handler(parts):
     # type: (List[str]) -> Callable[[Any], Any]
     """Resolve ``module.function`` or ``module.Class.method`` (class instantiated once)."""
     path = ".".join(parts)
+    # `python3 /path/asya_runtime.py` puts the runtime's directory on sys.path, not the
+    # working directory: add it last (never shadowing an installed module), as `python3 -m`
+    # and `python3 -c` would, so a handler next to where the runtime is started imports.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     module, attrs = _import_longest(parts, path)
     if len(attrs) > 2:
         raise HandlerLoadError(
