@@ -7,6 +7,11 @@
 #   COPY --from=asya-host /opt/asya/asya_runtime.py /opt/asya/asya_runtime.py
 
 # --- build: host (release) and the stock plugins (wasm32-wasip2) -----------------------
+# The release binary is ~172 MB, almost all line-table debug info: the image gets it
+# stripped (~30 MB; symbols kept, so backtraces still name functions) and the debug info
+# stays in this stage as /out/asya-host.debug (named by the binary's .gnu_debuglink):
+#   docker build --target builder -t asya-host-build .
+#   docker run --rm asya-host-build cat /out/asya-host.debug > asya-host.debug
 # bookworm explicitly: the binary links against the glibc of the runtime stage below.
 FROM rust:1.95-bookworm AS builder
 RUN rustup target add wasm32-wasip2
@@ -16,13 +21,17 @@ RUN cargo build --release --locked -p asya-host \
  && cargo build --release --locked --manifest-path plugins/Cargo.toml --target wasm32-wasip2 \
       -p priority-router -p route-allowlist -p redis-streams \
  && mkdir -p /out/plugins \
- && cp target/release/asya-host /out/asya-host \
+ && objcopy --only-keep-debug target/release/asya-host /out/asya-host.debug \
+ && objcopy --strip-debug --add-gnu-debuglink=/out/asya-host.debug \
+      target/release/asya-host /out/asya-host \
  && cp plugins/target/wasm32-wasip2/release/priority_router.wasm \
        plugins/target/wasm32-wasip2/release/route_allowlist.wasm \
        plugins/target/wasm32-wasip2/release/redis_streams.wasm \
        /out/plugins/
 
 # --- runtime ----------------------------------------------------------------------------
+# scripts/verify-image.sh rebuilds this stage without Docker (debootstrap + chroot) and runs
+# the sidecar in it as uid 10001 on a read-only root: keep the two in step.
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \

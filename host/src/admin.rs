@@ -44,11 +44,19 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<F
         );
     }
     match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(),
-        ),
+        "/metrics" => {
+            for (name, check) in &state.checks {
+                let l = crate::metrics::CheckLabel {
+                    check: name.clone(),
+                };
+                state.metrics.ready.get_or_create(&l).set(check() as i64);
+            }
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
         "/healthz" => reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#),
         "/readyz" => {
             let results: serde_json::Map<String, serde_json::Value> = state

@@ -9,6 +9,8 @@ pub mod mesh;
 pub mod metrics;
 pub mod plugin;
 pub mod queue;
+pub mod queue_depth;
+pub mod render;
 pub mod runtime;
 pub mod settings;
 pub mod sidecar;
@@ -70,6 +72,12 @@ pub async fn serve_sidecar(
     };
     let transport = transport::connect(&transport).await?;
     transport.attach_metrics(metrics.clone());
+    let _depth = queue_depth::spawn(
+        transport.clone(),
+        metrics.clone(),
+        vec![cfg.queue().map_err(sidecar::SidecarError::from)?],
+        queue_depth::REFRESH,
+    );
     let sidecar = SidecarBuilder::new(cfg, transport.clone())
         .metrics(metrics.clone())
         .policy(policy)

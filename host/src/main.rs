@@ -77,11 +77,57 @@ enum Command {
     /// x-sink, x-sump and the gateway in this process (examples/README.md).
     #[command(after_help = settings::help(&settings::up_vars()))]
     Up(UpArgs),
+    /// Render deployment manifests from a flow file.
+    Render {
+        #[command(subcommand)]
+        command: RenderCommand,
+    },
     /// WebAssembly plugin tools.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum RenderCommand {
+    /// Kubernetes manifests (multi-document YAML on stdout, for `kubectl apply -f -`):
+    /// per actor a Deployment (runtime + sidecar) and a KEDA ScaledObject, x-sink, x-sump,
+    /// the gateway, a provisioning Job, PodMonitor/ServiceMonitor, PrometheusRule, dashboard.
+    K8s(RenderK8sArgs),
+}
+
+/// Options of `asya-host render k8s`.
+#[derive(clap::Args)]
+struct RenderK8sArgs {
+    /// The flow file (the one `asya-host up` runs).
+    flow_file: std::path::PathBuf,
+    /// Kubernetes namespace of every object (default: the flow's namespace).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The asya-host image (sidecars, gateway, provisioning, the runtime file).
+    #[arg(long, default_value_t = asya_host::render::default_image())]
+    image: String,
+    /// Runtime image of actors whose flow file entry names none.
+    #[arg(long)]
+    runtime_image: Option<String>,
+    /// NATS server URL(s) as seen from the pods.
+    #[arg(long, default_value = "nats://nats:4222")]
+    nats_url: String,
+    /// Autoscaling trigger: nats (KEDA's nats-jetstream scaler) or prometheus (our
+    /// asya_actor_queue_depth gauge, via --prometheus-url).
+    #[arg(long, default_value = "nats", value_parser = ["nats", "prometheus"])]
+    scaler: String,
+    /// NATS monitoring endpoint for the nats scaler (default: the first server's host, port 8222).
+    #[arg(long)]
+    nats_monitoring: Option<String>,
+    /// Prometheus server of the prometheus scaler.
+    #[arg(long, default_value = "http://prometheus-operated.monitoring.svc:9090")]
+    prometheus_url: String,
+    /// Write one file per part (and the plain Prometheus rules file) into this directory
+    /// instead of printing.
+    #[arg(short = 'o', long = "output-dir")]
+    output_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -199,6 +245,9 @@ fn main() -> ExitCode {
                 gateway,
             } => send(&flow, &json, wait, timeout.as_deref(), &gateway).await,
             Command::Up(args) => up(args).await,
+            Command::Render {
+                command: RenderCommand::K8s(args),
+            } => render_k8s(args),
             Command::Plugin {
                 command: PluginCommand::Check { file },
             } => {
@@ -399,6 +448,39 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn render_k8s(args: RenderK8sArgs) -> anyhow::Result<ExitCode> {
+    use asya_host::render::{self, K8sOptions, Scaler};
+    let flow = asya_host::mesh::flowfile::FlowFile::load(&args.flow_file)?;
+    let scaler = match args.scaler.as_str() {
+        "prometheus" => Scaler::Prometheus {
+            server_address: args.prometheus_url,
+        },
+        _ => Scaler::NatsJetStream {
+            monitoring_endpoint: args
+                .nats_monitoring
+                .unwrap_or_else(|| render::monitoring_endpoint(&args.nats_url)),
+        },
+    };
+    let opts = K8sOptions {
+        namespace: args.namespace,
+        image: args.image,
+        nats_url: args.nats_url,
+        scaler,
+        runtime_image: args.runtime_image,
+    };
+    let manifests = render::k8s(&flow, &opts)?;
+    match args.output_dir {
+        Some(dir) => {
+            let rules = render::monitoring::rules_file(&flow);
+            for p in render::write_dir(&manifests, &rules, &dir)? {
+                println!("{}", p.display());
+            }
+        }
+        None => print!("{}", render::to_stream(&manifests)),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn gateway() -> anyhow::Result<ExitCode> {

@@ -109,6 +109,12 @@ pub struct QueueLabel {
     pub queue: String,
 }
 
+/// Label of `ready`: one readiness check of `/readyz` (`runtime:<actor>`, `transport`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabel {
+    pub check: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestTransport {
     pub destination_queue: String,
@@ -160,6 +166,10 @@ pub struct Metrics {
     pub runtime_id_mismatch: Family<QueueLabel, Counter>,
     pub plugin_calls: Family<PluginLabels, Counter>,
     pub plugin_duration: HistFamily<PluginLabels>,
+    /// Pending + unacked messages of a queue, refreshed by `crate::queue_depth`.
+    pub queue_depth: Family<QueueLabel, Gauge>,
+    /// 1 while a readiness check passes (set when `/metrics` is scraped).
+    pub ready: Family<CheckLabel, Gauge>,
 }
 
 impl Metrics {
@@ -179,6 +189,8 @@ impl Metrics {
         let runtime_id_mismatch = Family::default();
         let plugin_calls = Family::default();
         let plugin_duration = HistFamily::new_with_constructor(plugin_histogram as fn() -> _);
+        let queue_depth = Family::default();
+        let ready = Family::default();
         let n = |s: &str| format!("{namespace}_{s}");
         registry.register(
             n("messages_received"),
@@ -241,7 +253,19 @@ impl Metrics {
             "Plugin call duration",
             plugin_duration.clone(),
         );
+        registry.register(
+            n("queue_depth"),
+            "Messages of the queue not yet acknowledged (pending + delivered unacked)",
+            queue_depth.clone(),
+        );
+        registry.register(
+            n("ready"),
+            "1 while the readiness check passes, 0 otherwise (as /readyz)",
+            ready.clone(),
+        );
         Arc::new(Metrics {
+            queue_depth,
+            ready,
             registry,
             received,
             processed,

@@ -139,6 +139,10 @@ pub struct GatewayConfig {
     pub namespace: String,
     pub ends: EndActors,
     pub kv_bucket: String,
+    /// `ASYA_METRICS_ADDR`: the gateway's `/metrics` (queue depth of its flows' actors); off
+    /// unless set.
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_namespace: String,
 }
 
 impl GatewayConfig {
@@ -202,6 +206,14 @@ impl GatewayConfig {
                 .raw(gvars::KV_BUCKET)
                 .unwrap_or_else(|| format!("asya-{namespace}-tasks")),
             ends: crate::config::end_actors(src)?,
+            metrics_addr: match r.raw(vars::METRICS_ADDR) {
+                None => None,
+                Some(a) if matches!(a.trim(), "off" | "none") => None,
+                Some(a) => {
+                    Some(parse_listen_addr(a.trim()).map_err(|m| vars::METRICS_ADDR.error(m))?)
+                }
+            },
+            metrics_namespace: r.string(vars::METRICS_NAMESPACE),
             namespace,
         })
     }
@@ -237,6 +249,8 @@ pub enum GatewayStartError {
     Transport(#[from] crate::transport::TransportError),
     #[error(transparent)]
     Store(#[from] super::StoreError),
+    #[error(transparent)]
+    Metrics(#[from] crate::queue_depth::ExporterError),
     #[error("cannot bind the gateway on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -264,6 +278,18 @@ pub async fn run_gateway(
                 .await?,
         ),
     };
+    let queues = crate::queue_depth::gateway_queues(
+        &cfg.namespace,
+        flows.values(),
+        [&cfg.ends.sink, &cfg.ends.sump],
+    );
+    let _depth = crate::queue_depth::serve_gateway_metrics(
+        cfg.metrics_addr,
+        &cfg.metrics_namespace,
+        Arc::new(nats.clone()),
+        queues,
+    )
+    .await?;
     let gw = Gateway::new(
         store,
         Arc::new(nats),

@@ -20,6 +20,9 @@
 //! summarize = ["tokenize", "summarize", "store"]
 //! ```
 //!
+//! Kubernetes keys (`image`, `replicas`, `min`, `max`, `resources`; `asya-host render k8s`)
+//! are parsed and validated in [`super::deploy`]; `up` ignores them.
+//!
 //! Unknown keys are rejected with their line. Handler modules and policy paths are resolved
 //! relative to the flow file's directory.
 
@@ -30,6 +33,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::deploy::{check_image, DeploySpec, RawDeploy, RawResources};
 use crate::config::{parse_duration, validate_actor_name, Resiliency};
 use crate::plugin::PolicySpec;
 
@@ -100,6 +104,8 @@ pub struct ActorSpec {
     pub backoff_multiplier: Option<f64>,
     /// Route policies, paths resolved against the flow file's directory.
     pub policies: Vec<PolicySpec>,
+    /// Kubernetes keys (`image`, `replicas`/`min`/`max`, `resources`; `up` ignores them).
+    pub deploy: DeploySpec,
 }
 
 /// A parsed and validated flow file.
@@ -113,6 +119,8 @@ pub struct FlowFile {
     pub actors: Vec<ActorSpec>,
     /// Flow name → ordered actor names.
     pub flows: BTreeMap<String, Vec<String>>,
+    /// Default runtime image of every actor (top-level `image`; `up` ignores it).
+    pub image: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +130,7 @@ struct RawFile {
     actors: Option<Spanned<BTreeMap<Spanned<String>, RawActor>>>,
     #[serde(default)]
     flows: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
+    image: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -141,6 +150,12 @@ struct RawActor {
     backoff_multiplier: Option<Spanned<toml::Value>>,
     #[serde(default)]
     policies: Vec<RawPolicy>,
+    // Deploy keys (mesh/deploy.rs).
+    image: Option<Spanned<String>>,
+    replicas: Option<Spanned<i64>>,
+    min: Option<Spanned<i64>>,
+    max: Option<Spanned<i64>>,
+    resources: Option<Spanned<RawResources>>,
 }
 
 #[derive(Deserialize)]
@@ -363,7 +378,17 @@ impl FlowFile {
                     config: p.config,
                 });
             }
+            let deploy = RawDeploy {
+                image: a.image,
+                replicas: a.replicas,
+                min: a.min,
+                max: a.max,
+                resources: a.resources,
+            }
+            .validate(&name)
+            .map_err(|(span, m)| invalid(Some(span), m))?;
             actors.push(ActorSpec {
+                deploy,
                 name,
                 handler,
                 mode: a.mode,
@@ -411,7 +436,13 @@ impl FlowFile {
             }
             flows.insert(name, steps);
         }
+        let image = raw
+            .image
+            .map(|i| check_image("image", i))
+            .transpose()
+            .map_err(|(span, m)| invalid(Some(span), m))?;
         Ok(FlowFile {
+            image,
             path: path.to_owned(),
             dir,
             namespace,
@@ -611,6 +642,66 @@ summarize = ["tokenize", "store"]
         for (text, prefix, needle) in cases {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.starts_with(prefix) || e.contains(prefix), "{e}");
+            assert!(e.contains(needle), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn deploy_keys() {
+        use crate::mesh::deploy::Scaling;
+        let f = parse(
+            r#"
+image = "reg.example/app:1"
+[actors.a]
+handler = "m.f"
+image = "reg.example/a:2"
+min = 1
+max = 4
+resources = { requests = { cpu = "500m", memory = "256Mi" }, limits = { "nvidia.com/gpu" = "1" } }
+[actors.b]
+handler = "m.g"
+replicas = 3
+[actors.c]
+handler = "m.h"
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.image.as_deref(), Some("reg.example/app:1"));
+        let a = &f.actor("a").unwrap().deploy;
+        assert_eq!(a.image.as_deref(), Some("reg.example/a:2"));
+        assert_eq!(a.scaling, Scaling::Auto { min: 1, max: 4 });
+        assert_eq!(a.resources.requests["cpu"], "500m");
+        assert_eq!(a.resources.limits["nvidia.com/gpu"], "1");
+        assert_eq!(f.actor("b").unwrap().deploy.scaling, Scaling::Fixed(3));
+        let c = &f.actor("c").unwrap().deploy;
+        assert_eq!(c.scaling, Scaling::Auto { min: 0, max: 10 });
+        assert!(c.image.is_none() && c.resources.is_empty());
+    }
+
+    #[test]
+    fn deploy_errors_name_the_line() {
+        let cases = [
+            ("[actors.a]\nhandler = \"m.f\"\nreplicas = 2\nmax = 3\n", ":3:", "not both"),
+            ("[actors.a]\nhandler = \"m.f\"\nmin = 5\nmax = 3\n", ":3:", "larger than max"),
+            ("[actors.a]\nhandler = \"m.f\"\nmax = 0\n", ":3:", "max must be between 1"),
+            ("[actors.a]\nhandler = \"m.f\"\nreplicas = -1\n", ":3:", "replicas must be"),
+            ("[actors.a]\nhandler = \"m.f\"\nimage = \"a b\"\n", ":3:", "invalid image"),
+            ("image = \"\"\n[actors.a]\nhandler = \"m.f\"\n", ":1:", "invalid image"),
+            (
+                "[actors.a]\nhandler = \"m.f\"\nresources = { requests = { cpu = \"lots\" } }\n",
+                ":3:",
+                "resources.requests.cpu: invalid quantity \"lots\"",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n\n[actors.a.resources]\nrequest = { cpu = \"1\" }\n",
+                ":5:",
+                "unknown field `request`",
+            ),
+        ];
+        for (text, prefix, needle) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(prefix), "{e}");
             assert!(e.contains(needle), "{e}");
             assert!(!e.contains('\n'), "{e}");
         }

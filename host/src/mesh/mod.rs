@@ -10,6 +10,7 @@
 //! Shutdown order: stop taking work (gateway, inputs) → drain every sidecar → stop the
 //! runtimes → stop x-sink / x-sump → remove the temporary directory.
 
+pub mod deploy;
 pub mod flowfile;
 pub mod known_actors;
 pub mod summary;
@@ -561,6 +562,16 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             first_failure.clone(),
         ));
     }
+    let _depth = crate::queue_depth::spawn(
+        transport.clone(),
+        metrics.clone(),
+        crate::queue_depth::gateway_queues(
+            &flow.namespace,
+            [&flow.actors.iter().map(|a| a.name.clone()).collect()],
+            ["x-sink", "x-sump"],
+        ),
+        crate::queue_depth::REFRESH,
+    );
     let admin_stop = CancellationToken::new();
     if let Some(listener) = admin_listener {
         let t = transport.clone();

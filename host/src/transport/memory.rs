@@ -110,6 +110,11 @@ impl Transport for MemoryTransport {
         TransportKind::Memory
     }
 
+    /// Waiting messages only (in-process deliveries are settled within the process).
+    async fn queue_depth(&self, queue: &QueueName) -> Result<Option<u64>, TransportError> {
+        Ok(Some(self.depth(queue) as u64))
+    }
+
     async fn subscribe(
         &self,
         queue: &QueueName,

@@ -99,6 +99,13 @@ pub trait Transport: Send + Sync + 'static {
         true
     }
 
+    /// Messages of `queue` not yet acknowledged: waiting plus delivered and unacked
+    /// (`asya_actor_queue_depth`, the autoscaling signal). `Ok(None)`: this transport cannot
+    /// tell, or the queue does not exist yet (the default).
+    async fn queue_depth(&self, _queue: &QueueName) -> Result<Option<u64>, TransportError> {
+        Ok(None)
+    }
+
     /// The sidecar's metrics, for transports that count their own failures (a transport
     /// component's traps and deadlines). Default: nothing to count.
     fn attach_metrics(&self, _metrics: std::sync::Arc<crate::metrics::Metrics>) {}

@@ -652,6 +652,25 @@ impl Transport for NatsTransport {
     fn is_connected(&self) -> bool {
         self.inner.client.connection_state() == async_nats::connection::State::Connected
     }
+
+    /// `num_pending + num_ack_pending` of the queue's durable consumer, read from the
+    /// stream leader (consumer info is answered by the leader, so a follower's stale
+    /// count is never used); `None` while the stream or the consumer does not exist.
+    async fn queue_depth(&self, queue: &QueueName) -> Result<Option<u64>, TransportError> {
+        use jetstream::context::ConsumerInfoErrorKind as Kind;
+        let loc = Location::of(queue);
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(&loc.stream)
+            .await
+            .map_err(|e| broker("cannot open the stream", e))?;
+        match stream.consumer_info(&loc.consumer).await {
+            Ok(info) => Ok(Some(info.num_pending + info.num_ack_pending as u64)),
+            Err(e) if matches!(e.kind(), Kind::NotFound | Kind::StreamNotFound) => Ok(None),
+            Err(e) => Err(broker("cannot read the consumer's counts", e)),
+        }
+    }
 }
 
 /// A pulled message and the prefetch slot it occupies.
