@@ -219,7 +219,9 @@ impl Conn {
     }
 
     /// The next frame, reading from the socket until `deadline` (`None` when it passed).
+    /// A deadline already passed still reads once (what arrived since the last call).
     pub fn next_frame(&mut self, deadline: Instant) -> Result<Option<Frame>, Fail> {
+        let mut read_once = false;
         loop {
             if let Some(f) = self.buffered_frame()? {
                 return Ok(Some(f));
@@ -227,9 +229,10 @@ impl Conn {
             self.keep_alive()?;
             let now = Instant::now();
             let mut left = deadline.saturating_duration_since(now);
-            if left.is_zero() {
+            if left.is_zero() && read_once {
                 return Ok(None);
             }
+            read_once = true;
             if let Some(hb) = self.heartbeat {
                 left = left.min(hb / 2);
             }
@@ -254,12 +257,7 @@ impl Conn {
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if Instant::now() >= deadline {
-                        return Ok(None);
-                    }
-                }
+                    ) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Fail::Io(format!("read: {e}"))),
             }

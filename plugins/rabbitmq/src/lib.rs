@@ -892,10 +892,24 @@ impl Transport for RabbitMq {
         }
     }
 
-    fn in_progress(&mut self, _tag: &str) -> Result<(), Error> {
+    fn in_progress(&mut self, tag: &str) -> Result<(), Error> {
         // RabbitMQ has no per-delivery deadline to extend: an unacked delivery stays with
         // its consumer until the channel closes or `consumer_timeout` passes (README.md).
-        Ok(())
+        // The call keeps the connection alive while the host works on the delivery (the
+        // host makes no other call on it then): a heartbeat when one is due, and whatever
+        // the broker sent meanwhile is read (its heartbeats, further deliveries).
+        let (_, live) = self.settle(tag)?;
+        let kept = live
+            .conn
+            .keep_alive()
+            .and_then(|()| match live.conn.next_frame(Instant::now())? {
+                Some(f) => live.dispatch(f).and_then(|()| live.pump_buffered()),
+                None => Ok(()),
+            });
+        kept.map_err(|e| {
+            self.drop_live();
+            Error::retryable(format!("rabbitmq in-progress {tag}: {e}"))
+        })
     }
 
     fn close(&mut self) {
