@@ -74,6 +74,11 @@ fn sidecar_env(vhost: &Vhost, ns: &str, cache: &std::path::Path) -> Arc<Vec<(Str
             "ASYA_PLUGIN_CACHE_DIR".to_owned(),
             cache.display().to_string(),
         ),
+        // The component logs each duplicate it drops at DEBUG: counted below.
+        (
+            "RUST_LOG".to_owned(),
+            "warn,asya_host::plugin::bindings=debug".to_owned(),
+        ),
     ])
 }
 
@@ -190,9 +195,15 @@ async fn three_actor_run(fault: Fault) {
         .values()
         .filter(|(_, again)| *again > 0)
         .count();
+    // Duplicates: a redelivered input processed again publishes the same output ids; the
+    // next actor's consumer drops them by message id (plugins/rabbitmq/README.md).
+    let dropped: Vec<usize> = actors
+        .iter()
+        .map(|a| a.sidecar_logs().matches("duplicate message id").count())
+        .collect();
     println!(
-        "[{ns}] {fault:?}: {redelivered} x-sink messages redelivered to the test's consumer \
-         (counted once); duplicates removed by message id before x-sink: see plugins/rabbitmq/README.md"
+        "[{ns}] {fault:?}: duplicates dropped by message id at the inputs of a, b, c: {dropped:?}; \
+         x-sink messages redelivered to the test's consumer (counted once): {redelivered}"
     );
     kill9::assert_exactly_once(
         &ns,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amq_protocol_types::{AMQPValue, FieldTable};
 use asya_sdk::transport::{Delivery, Outgoing, Transport};
-use asya_sdk::{Config, Error};
+use asya_sdk::{log, Config, Error};
 
 pub mod amqp;
 mod conn;
@@ -419,7 +419,7 @@ impl Live {
         &mut self,
         msgs: &[(&str, Properties, &[u8])],
         timeout: Duration,
-    ) -> Result<(), Error> {
+    ) -> Result<(), Op> {
         let mut out = Vec::with_capacity(msgs.iter().map(|m| m.2.len() + 128).sum());
         self.refused = 0;
         self.returned.clear();
@@ -433,44 +433,46 @@ impl Live {
                     mandatory: true,
                 },
             )
-            .map_err(|e| Error::new(format!("rabbitmq publish to {key}: {e}")))?;
+            .map_err(|e| Op::Fail(Error::new(format!("rabbitmq publish to {key}: {e}"))))?;
             amqp::content(&mut out, CHANNEL, self.conn.frame_max, props, body)
-                .map_err(|e| Error::new(format!("rabbitmq publish to {key}: {e}")))?;
+                .map_err(|e| Op::Fail(Error::new(format!("rabbitmq publish to {key}: {e}"))))?;
             self.unconfirmed.insert(self.next_seq);
             self.next_seq += 1;
         }
-        self.conn
-            .write(&out)
-            .map_err(|e| Error::retryable(format!("rabbitmq publish: {e}")))?;
+        self.conn.write(&out).map_err(conn("publish"))?;
         let deadline = Instant::now() + timeout;
         match self.pump_until(deadline, |l| l.unconfirmed.is_empty()) {
             Ok(true) => {}
             Ok(false) => {
+                // Confirms still owed: the channel's state is unknown, start afresh.
                 let why = match &self.blocked {
                     Some(r) => format!(" (the broker blocks publishers: {r})"),
                     None => String::new(),
                 };
-                return Err(Error::retryable(format!(
-                    "rabbitmq: {} of {} messages not confirmed within {timeout:?}{why}",
-                    self.unconfirmed.len(),
-                    msgs.len()
-                )));
+                return Err(Op::Conn(
+                    "publish".into(),
+                    Fail::Timeout(format!(
+                        "{} of {} messages not confirmed within {timeout:?}{why}",
+                        self.unconfirmed.len(),
+                        msgs.len()
+                    )),
+                ));
             }
-            Err(e) => return Err(Error::retryable(format!("rabbitmq publish: {e}"))),
+            Err(e) => return Err(Op::Conn("publish".into(), e)),
         }
         if let Some((key, text)) = self.returned.first() {
             let key = key.clone();
             self.declared.remove(&key);
-            return Err(Error::retryable(format!(
+            return Err(Op::Fail(Error::retryable(format!(
                 "rabbitmq: {} message(s) returned unroutable ({text}): no queue {key:?}",
                 self.returned.len()
-            )));
+            ))));
         }
         if self.refused > 0 {
-            return Err(Error::retryable(format!(
+            return Err(Op::Fail(Error::retryable(format!(
                 "rabbitmq: the broker refused {} message(s) (basic.nack)",
                 self.refused
-            )));
+            ))));
         }
         Ok(())
     }
@@ -551,7 +553,16 @@ impl RabbitMq {
                         }
                     );
                     let msg = format!("rabbitmq {what}: {e}");
-                    if !retry || attempt == 1 || matches!(e, Fail::Closed { .. }) {
+                    // A refusal or a timeout would only repeat (and a timeout must leave
+                    // the host's call deadline room).
+                    // 320 CONNECTION_FORCED: the broker is shutting down or an operator
+                    // closed the connection; a new one may work at once.
+                    let again = match &e {
+                        Fail::Io(_) => true,
+                        Fail::Closed { code, .. } => *code == 320,
+                        Fail::Timeout(_) => false,
+                    };
+                    if !retry || attempt == 1 || !again {
                         return Err(if retryable {
                             Error::retryable(msg)
                         } else {
@@ -751,6 +762,14 @@ impl Transport for RabbitMq {
                     let id = m.props.message_id.clone();
                     if let Some(id) = &id {
                         if dedup.is_duplicate(id, now) {
+                            if log::enabled(log::Level::Debug) {
+                                log::log(
+                                    log::Level::Debug,
+                                    &format!(
+                                        "duplicate message id {id:?} on {queue:?} dropped (acked, not delivered)"
+                                    ),
+                                );
+                            }
                             amqp::method(&mut dup_acks, CHANNEL, &Out::Ack { tag: m.tag })
                                 .map_err(|e| Op::Fail(Error::new(e.0)))?;
                             continue;
@@ -807,7 +826,6 @@ impl Transport for RabbitMq {
                 })
                 .collect();
             live.publish_confirmed(&batch, cfg.op_timeout)
-                .map_err(Op::Fail)
         })
     }
 
@@ -869,8 +887,7 @@ impl Transport for RabbitMq {
                 ..m.props.clone()
             };
             let body = m.body.clone();
-            live.publish_confirmed(&[(delay_queue.as_str(), props, &body)], cfg.op_timeout)
-                .map_err(Op::Fail)?;
+            live.publish_confirmed(&[(delay_queue.as_str(), props, &body)], cfg.op_timeout)?;
             live.conn
                 .send(CHANNEL, &Out::Ack { tag: dtag })
                 .map_err(conn("ack after delayed republish"))?;
