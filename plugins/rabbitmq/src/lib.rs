@@ -916,13 +916,13 @@ impl Transport for RabbitMq {
         // host makes no other call on it then): a heartbeat when one is due, and whatever
         // the broker sent meanwhile is read (its heartbeats, further deliveries).
         let (_, live) = self.settle(tag)?;
-        let kept = live
-            .conn
-            .keep_alive()
-            .and_then(|()| match live.conn.next_frame(Instant::now())? {
-                Some(f) => live.dispatch(f).and_then(|()| live.pump_buffered()),
-                None => Ok(()),
-            });
+        let kept =
+            live.conn
+                .keep_alive()
+                .and_then(|()| match live.conn.next_frame(Instant::now())? {
+                    Some(f) => live.dispatch(f).and_then(|()| live.pump_buffered()),
+                    None => Ok(()),
+                });
         kept.map_err(|e| {
             self.drop_live();
             Error::retryable(format!("rabbitmq in-progress {tag}: {e}"))
