@@ -303,3 +303,42 @@ conn.close()
     assert!(got["message_id"].as_str().is_some_and(|s| !s.is_empty()));
     assert_eq!(got["routing_key"], format!("asya-{ns}-x-sink"));
 }
+
+/// `declare: false` (queues created by an operator, as upstream's manual mode): a queue
+/// that does not exist fails the send with a message saying so, and nothing is created;
+/// once the queue exists the same connection publishes and consumes through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declare_false_only_uses_existing_queues() {
+    use asya_host::transport::{OutMessage, Transport};
+    let vhost = Vhost::create("asya-passive");
+    let cache = tempfile::tempdir().unwrap();
+    let allow = AllowList::parse(&rabbitmq_vhost::addr()).await.unwrap();
+    let mut passive = vhost.config();
+    passive["declare"] = false.into();
+    let mut cfg = WasmConfig::new(plugin("rabbitmq"), &passive.to_string(), allow.clone());
+    cfg.cache_dir = Some(cache.path().to_owned());
+    let t = WasmTransport::connect(cfg).await.unwrap();
+    let msg = |body: &'static str| OutMessage {
+        queue: "asya-p-a".into(),
+        id: body.into(),
+        body: body.into(),
+    };
+    let err = t.send(msg("early")).await.unwrap_err().to_string();
+    assert!(err.contains("declare is false"), "{err}");
+    assert!(vhost.queues().is_empty(), "{:?}", vhost.queues());
+    // The "operator" (here: the component with declare on) creates the layout.
+    let mut cfg = WasmConfig::new(plugin("rabbitmq"), &vhost.config().to_string(), allow);
+    cfg.cache_dir = Some(cache.path().to_owned());
+    let operator = WasmTransport::connect(cfg).await.unwrap();
+    operator.send(msg("first")).await.unwrap();
+    t.send(msg("second")).await.unwrap();
+    let mut rx = t.subscribe("asya-p-a", 4).await.unwrap();
+    for want in ["first", "second"] {
+        let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("delivery within 10s")
+            .unwrap();
+        assert_eq!(d.body.as_ref(), want.as_bytes());
+        d.acker.ack().await.unwrap();
+    }
+}
