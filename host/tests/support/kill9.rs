@@ -126,6 +126,16 @@ impl Actor {
         ));
     }
 
+    /// Every sidecar generation's whole log.
+    pub fn sidecar_logs(&self) -> String {
+        (0..=self.generation)
+            .map(|g| {
+                std::fs::read_to_string(self.dir.path().join(format!("sidecar-{g}.log")))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
     /// The tails of every sidecar generation's log and of the runtime's log.
     pub fn logs(&self) -> String {
         fn tail(text: &str, n: usize) -> String {
