@@ -49,12 +49,17 @@ fn body(i: usize) -> Vec<u8> {
 // --- wasm -------------------------------------------------------------------------------
 
 async fn wasm_batched(t: &Arc<WasmTransport>, queue: &str, n: usize) -> Duration {
+    let queue = &asya_host::queue::QueueName::new(
+        "bench",
+        queue.strip_prefix("asya-bench-").unwrap_or(queue),
+    )
+    .expect("a valid bench queue");
     let start = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(BATCH) {
         let msgs = chunk
             .iter()
             .map(|&i| OutMessage {
-                queue: queue.to_owned(),
+                queue: queue.clone(),
                 id: format!("{queue}-{i}"),
                 body: body(i).into(),
             })
@@ -77,11 +82,16 @@ async fn wasm_batched(t: &Arc<WasmTransport>, queue: &str, n: usize) -> Duration
 }
 
 async fn wasm_one_by_one(t: &Arc<WasmTransport>, queue: &str, n: usize) -> Duration {
+    let queue = &asya_host::queue::QueueName::new(
+        "bench",
+        queue.strip_prefix("asya-bench-").unwrap_or(queue),
+    )
+    .expect("a valid bench queue");
     let mut rx = t.subscribe(queue, 1).await.unwrap();
     let start = Instant::now();
     for i in 0..n {
         t.send(OutMessage {
-            queue: queue.to_owned(),
+            queue: queue.clone(),
             id: format!("{queue}-{i}"),
             body: body(i).into(),
         })

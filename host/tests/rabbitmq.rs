@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use asya_host::queue::QueueName;
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use kill9::{collect, Actor, Seen, ENVELOPES};
 use plugins_wasm::plugin;
@@ -115,8 +116,16 @@ async fn three_actor_run(fault: Fault) {
     let sink = Arc::new(Mutex::new(Seen::default()));
     let sump = Arc::new(Mutex::new(Seen::default()));
     let collectors = [
-        collect(t.clone(), format!("asya-{ns}-x-sink"), sink.clone()),
-        collect(t.clone(), format!("asya-{ns}-x-sump"), sump.clone()),
+        collect(
+            t.clone(),
+            QueueName::new(&ns, "x-sink").unwrap(),
+            sink.clone(),
+        ),
+        collect(
+            t.clone(),
+            QueueName::new(&ns, "x-sump").unwrap(),
+            sump.clone(),
+        ),
     ];
     let mut actors: Vec<Actor> = ["a", "b", "c"]
         .iter()
@@ -319,7 +328,7 @@ async fn declare_false_only_uses_existing_queues() {
     cfg.cache_dir = Some(cache.path().to_owned());
     let t = WasmTransport::connect(cfg).await.unwrap();
     let msg = |body: &'static str| OutMessage {
-        queue: "asya-p-a".into(),
+        queue: QueueName::new("p", "a").unwrap(),
         id: body.into(),
         body: body.into(),
     };
@@ -332,7 +341,10 @@ async fn declare_false_only_uses_existing_queues() {
     let operator = WasmTransport::connect(cfg).await.unwrap();
     operator.send(msg("first")).await.unwrap();
     t.send(msg("second")).await.unwrap();
-    let mut rx = t.subscribe("asya-p-a", 4).await.unwrap();
+    let mut rx = t
+        .subscribe(&QueueName::new("p", "a").unwrap(), 4)
+        .await
+        .unwrap();
     for want in ["first", "second"] {
         let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
