@@ -127,6 +127,12 @@ pub struct PluginLabels {
     pub outcome: &'static str,
 }
 
+/// Label of `asya_transport_retries_total`: `setup`, `publish` or `pull`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Operation {
+    pub operation: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -160,6 +166,8 @@ pub struct Metrics {
     pub runtime_id_mismatch: Family<QueueLabel, Counter>,
     pub plugin_calls: Family<PluginLabels, Counter>,
     pub plugin_duration: HistFamily<PluginLabels>,
+    /// Retries against the broker, by operation (NATS transport).
+    pub transport_retries: Family<Operation, Counter>,
 }
 
 impl Metrics {
@@ -179,6 +187,7 @@ impl Metrics {
         let runtime_id_mismatch = Family::default();
         let plugin_calls = Family::default();
         let plugin_duration = HistFamily::new_with_constructor(plugin_histogram as fn() -> _);
+        let transport_retries = Family::default();
         let n = |s: &str| format!("{namespace}_{s}");
         registry.register(
             n("messages_received"),
@@ -241,6 +250,11 @@ impl Metrics {
             "Plugin call duration",
             plugin_duration.clone(),
         );
+        registry.register(
+            "asya_transport_retries",
+            "Retries against the broker (start-up, publish, pull), by operation",
+            transport_retries.clone(),
+        );
         Arc::new(Metrics {
             registry,
             received,
@@ -256,6 +270,7 @@ impl Metrics {
             runtime_id_mismatch,
             plugin_calls,
             plugin_duration,
+            transport_retries,
         })
     }
 

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::{Acker, Delivery, OutMessage, Receiver, Transport, TransportError, TransportKind};
 use crate::config::{ConfigError, Reader, Source};
+use crate::metrics::Metrics;
 
 /// Variables of the NATS transport.
 pub mod vars {
@@ -59,6 +60,10 @@ pub mod vars {
     pub const REPLICAS: &str = "ASYA_NATS_REPLICAS";
     /// `file` (default) or `memory`.
     pub const STORAGE: &str = "ASYA_NATS_STORAGE";
+    /// How long a sidecar (and `provision`) keeps retrying to create or update its stream and
+    /// consumer while the broker does not answer (a cluster electing a leader), before
+    /// giving up. The sidecar is not ready meanwhile.
+    pub const STARTUP_TIMEOUT: &str = "ASYA_NATS_STARTUP_TIMEOUT";
 }
 
 /// How long one pull request waits on the server for messages. No idle heartbeat: in
@@ -67,8 +72,18 @@ pub mod vars {
 /// client-side timeout (measured: a nak'd redelivery lost until ack_wait). A lost pull
 /// request (server restart) is renewed on reconnect instead.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
-/// Pause after a failed pull before the next one.
-const PULL_RETRY: Duration = Duration::from_millis(250);
+/// Pause after the first failed pull; doubled per failure in a row up to [`PULL_RETRY_MAX`].
+const PULL_RETRY: Duration = Duration::from_millis(100);
+const PULL_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Bound on one JetStream API request while retrying (the client's own is 10 s): during a
+/// leader election a request can go unanswered, and waiting for the next try is cheaper.
+const API_TRY: Duration = Duration::from_secs(2);
+/// Backoff of start-up (stream and consumer) retries.
+const SETUP_RETRY: Duration = Duration::from_millis(100);
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Backoff of publishes answered "no responders" (the stream has no leader right now).
+const PUBLISH_RETRY: Duration = Duration::from_millis(50);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// Typed configuration of the NATS transport.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +107,8 @@ pub struct NatsConfig {
     pub max_ack_pending: i64,
     pub replicas: usize,
     pub storage: stream::StorageType,
+    /// Retry budget for creating the stream and consumer (`ASYA_NATS_STARTUP_TIMEOUT`).
+    pub startup_timeout: Duration,
 }
 
 impl NatsConfig {
@@ -114,6 +131,7 @@ impl NatsConfig {
             max_ack_pending: 1024,
             replicas: 1,
             storage: stream::StorageType::File,
+            startup_timeout: Duration::from_secs(60),
         }
     }
 
@@ -214,6 +232,7 @@ impl NatsConfig {
             max_ack_pending: r.parse(vars::MAX_ACK_PENDING, d.max_ack_pending)?,
             replicas: r.parse(vars::REPLICAS, d.replicas)?,
             storage,
+            startup_timeout: r.duration(vars::STARTUP_TIMEOUT, d.startup_timeout)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -250,6 +269,9 @@ impl NatsConfig {
         }
         if self.connect_timeout.is_zero() {
             return err(vars::CONNECT_TIMEOUT, "must be greater than zero".into());
+        }
+        if self.startup_timeout.is_zero() {
+            return err(vars::STARTUP_TIMEOUT, "must be greater than zero".into());
         }
         Ok(())
     }
@@ -323,6 +345,8 @@ struct Inner {
     streams: Mutex<HashSet<String>>,
     /// Notified after every (re)connect: waiting pulls were forgotten by the server.
     reconnected: Arc<Notify>,
+    /// Counts retries against the broker once metrics are attached.
+    retries: Retries,
 }
 
 impl NatsTransport {
@@ -388,6 +412,7 @@ impl NatsTransport {
                 js,
                 streams: Mutex::new(HashSet::new()),
                 reconnected,
+                retries: Retries::default(),
             }),
         })
     }
@@ -474,12 +499,65 @@ impl NatsTransport {
         Ok(())
     }
 
-    /// Create or update the stream and the durable consumer of `queue` (idempotent).
+    /// Create or update the stream and the durable consumer of `queue` (idempotent),
+    /// retrying with backoff while the broker does not answer, for up to
+    /// `ASYA_NATS_STARTUP_TIMEOUT`.
     async fn ensure_queue(
         &self,
         queue: &str,
     ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
         let loc = self.locate(queue)?;
+        self.setup_retrying(queue, || self.ensure_queue_once(&loc, queue))
+            .await
+    }
+
+    /// Run `attempt` (one create-or-update) until it succeeds, each try bounded by
+    /// [`API_TRY`], backing off between tries, for up to `ASYA_NATS_STARTUP_TIMEOUT`.
+    async fn setup_retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<T, TransportError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, TransportError>>,
+    {
+        let budget = self.inner.cfg.startup_timeout;
+        let deadline = Instant::now() + budget;
+        let mut backoff = Backoff::new(SETUP_RETRY, SETUP_RETRY_MAX);
+        let mut outage = Outage::new("setup", what, &self.inner.retries);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = match tokio::time::timeout(left.min(API_TRY), attempt()).await {
+                Ok(Ok(v)) => {
+                    outage.recovered();
+                    return Ok(v);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => broker("JetStream API request", "timed out"),
+            };
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
+                return Err(TransportError::Queue {
+                    queue: what.to_owned(),
+                    message: format!(
+                        "{e} (retried for {budget:?}, {}; raise it if the cluster needs longer to elect a leader)",
+                        vars::STARTUP_TIMEOUT
+                    ),
+                });
+            }
+            outage.failed(&e);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One try of [`Self::ensure_queue`].
+    async fn ensure_queue_once(
+        &self,
+        loc: &Location,
+        queue: &str,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
+        let loc = loc.clone();
         self.ensure_stream(&loc, false).await?;
         let stream = self
             .inner
@@ -539,6 +617,66 @@ impl NatsTransport {
             None => Ok(missing),
         }
     }
+
+    /// Publishes answered "no responders": the namespace stream does not exist yet, or it
+    /// has no leader (a cluster electing one). Create the stream (once, then only while it
+    /// is not known to exist; each try bounded by [`API_TRY`]) and publish them again with
+    /// backoff — the same `Nats-Msg-Id`, so nothing is stored twice — for up to half of
+    /// `ASYA_NATS_ACK_WAIT` (the input is not redelivered meanwhile).
+    async fn republish_missing(&self, mut pending: Vec<OutMessage>) -> Result<(), TransportError> {
+        let budget = self.inner.cfg.ack_wait / 2;
+        let deadline = Instant::now() + budget;
+        let mut backoff = Backoff::new(PUBLISH_RETRY, PUBLISH_RETRY_MAX);
+        let mut outage = Outage::new("publish", &pending[0].queue, &self.inner.retries);
+        let mut first = true;
+        loop {
+            let mut streams: Vec<Location> = Vec::new();
+            for m in &pending {
+                let loc = self.locate(&m.queue)?;
+                if !streams.iter().any(|l| l.stream == loc.stream) {
+                    streams.push(loc);
+                }
+            }
+            for loc in streams {
+                if !first && self.stream_known(&loc.stream) {
+                    continue;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left.min(API_TRY), self.ensure_stream(&loc, true)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(stream = %loc.stream, error = %e, "stream not created"),
+                    Err(_) => debug!(stream = %loc.stream, "stream create or update timed out"),
+                }
+            }
+            first = false;
+            let still = self.publish_all(&pending).await?;
+            if still.is_empty() {
+                outage.recovered();
+                return Ok(());
+            }
+            pending = still.into_iter().map(|i| pending[i].clone()).collect();
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
+                return Err(TransportError::Queue {
+                    queue: pending[0].queue.clone(),
+                    message: format!(
+                        "no stream accepted this subject within {budget:?} (the stream is missing, or its cluster has no leader)"
+                    ),
+                });
+            }
+            outage.failed(&"no responders (no stream, or its leader is being elected)");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn stream_known(&self, stream: &str) -> bool {
+        self.inner
+            .streams
+            .lock()
+            .expect("streams lock")
+            .contains(stream)
+    }
 }
 
 /// Create the stream and consumers of `actors` (plus `sink` and `sump`) in `namespace`.
@@ -567,7 +705,10 @@ pub async fn provision(
     for (i, q) in queues.iter().enumerate() {
         let loc = t.locate(q)?;
         // Update the stream once per run so changed settings (duplicate window) apply.
-        t.ensure_stream(&loc, i == 0).await?;
+        if i == 0 {
+            t.setup_retrying(&loc.stream, || t.ensure_stream(&loc, true))
+                .await?;
+        }
         t.ensure_queue(q).await?;
         out.push(loc);
     }
@@ -632,6 +773,7 @@ impl Transport for NatsTransport {
             tx,
             self.inner.reconnected.clone(),
             queue.to_owned(),
+            self.inner.retries.clone(),
         ));
         Ok(Box::new(NatsReceiver {
             rx,
@@ -650,20 +792,8 @@ impl Transport for NatsTransport {
         if missing.is_empty() {
             return Ok(());
         }
-        // The namespace stream does not exist yet: create it and publish those again.
         let retry: Vec<OutMessage> = missing.into_iter().map(|i| msgs[i].clone()).collect();
-        for m in &retry {
-            let loc = self.locate(&m.queue)?;
-            self.ensure_stream(&loc, true).await?;
-        }
-        let still = self.publish_all(&retry).await?;
-        match still.first() {
-            None => Ok(()),
-            Some(&i) => Err(TransportError::Queue {
-                queue: retry[i].queue.clone(),
-                message: "no stream accepts this subject".into(),
-            }),
-        }
+        self.republish_missing(retry).await
     }
 
     async fn ensure_queues(&self, queues: &[String]) -> Result<(), TransportError> {
@@ -675,6 +805,10 @@ impl Transport for NatsTransport {
 
     fn is_connected(&self) -> bool {
         self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.inner.retries.0.set(metrics);
     }
 }
 
@@ -689,7 +823,11 @@ async fn pull_loop(
     tx: mpsc::Sender<Pulled>,
     reconnected: Arc<Notify>,
     queue: String,
+    retries: Retries,
 ) {
+    // A consumer without a leader answers at once (503): back off, or we spin.
+    let mut backoff = Backoff::new(PULL_RETRY, PULL_RETRY_MAX);
+    let mut outage = Outage::new("pull", &queue, &retries);
     loop {
         let first = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -711,14 +849,15 @@ async fn pull_loop(
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                debug!(%queue, error = %e, "pull request failed");
                 drop(held);
-                tokio::select! {
-                    _ = tokio::time::sleep(PULL_RETRY) => continue,
-                    _ = tx.closed() => return,
+                outage.failed(&e);
+                if !pull_pause(&mut backoff, &tx).await {
+                    return;
                 }
+                continue;
             }
         };
+        let mut failed = None;
         loop {
             let next = tokio::select! {
                 n = batch.next() => n,
@@ -739,16 +878,135 @@ async fn pull_loop(
             match next {
                 None => break,
                 Some(Ok(msg)) => {
+                    outage.recovered();
+                    backoff.reset();
                     let permit = held.pop().expect("one slot per requested message");
                     if tx.send((msg, permit)).await.is_err() {
                         return;
                     }
                 }
                 Some(Err(e)) => {
-                    debug!(%queue, error = %e, "pull ended with an error");
+                    failed = Some(e);
                     break;
                 }
             }
+        }
+        match failed {
+            Some(e) => {
+                drop(held);
+                outage.failed(&e);
+                if !pull_pause(&mut backoff, &tx).await {
+                    return;
+                }
+            }
+            None => {
+                outage.recovered();
+                backoff.reset();
+            }
+        }
+    }
+}
+
+/// After a failed pull: wait the next backoff step. False when the receiver is gone.
+async fn pull_pause(backoff: &mut Backoff, tx: &mpsc::Sender<Pulled>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(backoff.next_delay()) => true,
+        _ = tx.closed() => false,
+    }
+}
+
+/// Exponential backoff: `initial`, doubled per step, capped at `max`.
+struct Backoff {
+    initial: Duration,
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            next: initial,
+            max,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+/// The `asya_transport_retries_total{operation}` counter, once metrics are attached.
+#[derive(Clone, Default)]
+struct Retries(Arc<std::sync::OnceLock<Arc<Metrics>>>);
+
+impl Retries {
+    fn inc(&self, operation: &'static str) {
+        if let Some(m) = self.0.get() {
+            m.transport_retries
+                .get_or_create(&crate::metrics::Operation { operation })
+                .inc();
+        }
+    }
+}
+
+/// One run of failures of an operation against the broker: a WARN when it starts (one per
+/// outage, not per retry), every retry counted, an INFO when it ends. Start-up retries also
+/// log their progress every [`Outage::PROGRESS`].
+struct Outage<'a> {
+    operation: &'static str,
+    what: String,
+    retries: &'a Retries,
+    since: Option<Instant>,
+    last_progress: Instant,
+    count: u64,
+}
+
+impl<'a> Outage<'a> {
+    const PROGRESS: Duration = Duration::from_secs(5);
+
+    fn new(operation: &'static str, what: &str, retries: &'a Retries) -> Self {
+        Outage {
+            operation,
+            what: what.to_owned(),
+            retries,
+            since: None,
+            last_progress: Instant::now(),
+            count: 0,
+        }
+    }
+
+    fn failed(&mut self, error: &dyn std::fmt::Display) {
+        self.retries.inc(self.operation);
+        self.count += 1;
+        let now = Instant::now();
+        match self.since {
+            None => {
+                self.since = Some(now);
+                self.last_progress = now;
+                warn!(operation = self.operation, target = %self.what, %error, "NATS not answering; retrying with backoff");
+            }
+            Some(since) => {
+                if self.operation == "setup" && now - self.last_progress >= Self::PROGRESS {
+                    self.last_progress = now;
+                    info!(operation = self.operation, target = %self.what, %error, waited = ?(now - since), retries = self.count, "still waiting for NATS");
+                } else {
+                    debug!(operation = self.operation, target = %self.what, %error, "retrying");
+                }
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some(since) = self.since.take() {
+            info!(operation = self.operation, target = %self.what, waited = ?since.elapsed(), retries = self.count, "NATS answering again");
+            self.count = 0;
         }
     }
 }
