@@ -224,8 +224,30 @@ async fn stream_leader_killed_and_sidecar_restarted_during_election() {
     let mut killed_at: Option<Instant> = None;
     let mut last_print = Instant::now();
     let mut done_at: Option<Instant> = None;
+    // After the kill: when the stream had a new leader, when x-sink moved again.
+    let mut killed_leader = String::new();
+    let mut elected: Option<Duration> = None;
+    let mut last_sink = (0, Instant::now());
+    let mut longest_stall = Duration::ZERO;
     loop {
         let (n, sumped) = (sink.lock().unwrap().unique(), sump.lock().unwrap().unique());
+        if n != last_sink.0 {
+            last_sink = (n, Instant::now());
+        }
+        if let Some(k) = killed_at {
+            if n < ENVELOPES {
+                longest_stall = longest_stall.max(last_sink.1.elapsed().min(k.elapsed()));
+            }
+            if elected.is_none() {
+                let probe =
+                    tokio::time::timeout(Duration::from_millis(300), stream_leader(&js, &stream));
+                if let Ok(Some(l)) = probe.await {
+                    if l != killed_leader {
+                        elected = Some(k.elapsed());
+                    }
+                }
+            }
+        }
         let exited: Vec<String> = actors
             .iter_mut()
             .filter_map(|a| a.sidecar_exited().map(|s| format!("{} ({s})", a.name)))
@@ -255,6 +277,7 @@ async fn stream_leader_killed_and_sidecar_restarted_during_election() {
                 .expect("leader is one of ours");
             node.kill9();
             killed_at = Some(Instant::now());
+            killed_leader = leader.clone();
             actors[1].kill9_and_restart();
             println!("kill -9 stream leader {leader} at x-sink {n}; sidecar b restarted");
         }
@@ -274,6 +297,9 @@ async fn stream_leader_killed_and_sidecar_restarted_during_election() {
     for c in collectors {
         c.abort();
     }
+    println!(
+        "stream leader elected {elected:?} after the kill; longest x-sink stall after it {longest_stall:?}"
+    );
     let sink = sink.lock().unwrap();
     let sump = sump.lock().unwrap();
     let dups = sink.duplicates();

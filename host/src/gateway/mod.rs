@@ -157,7 +157,10 @@ mod timeout_serde {
         }
         match Option::<T>::deserialize(d)? {
             None => Ok(None),
-            Some(T::Secs(s)) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
+            // `try_`: a huge number must be an error, not a panic (found by fuzzing).
+            Some(T::Secs(s)) if s > 0.0 => Duration::try_from_secs_f64(s)
+                .map(Some)
+                .map_err(|_| serde::de::Error::custom("timeout is too large")),
             Some(T::Secs(_)) => Err(serde::de::Error::custom("timeout must be positive")),
             Some(T::Text(t)) => crate::config::parse_duration(&t)
                 .map(Some)
@@ -293,8 +296,9 @@ impl Gateway {
         let id = uuid.to_string();
         let trace_id = uuid.simple().to_string();
         let deadline_at = req.timeout.map(|t| {
-            let d = chrono::Utc::now()
-                + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::days(3650));
+            // At most ten years: a later time can overflow the date (found by fuzzing).
+            let cap = chrono::Duration::days(3650);
+            let d = chrono::Utc::now() + chrono::Duration::from_std(t).unwrap_or(cap).min(cap);
             d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
         });
         let task = Task::new(

@@ -1085,6 +1085,7 @@ impl NatsAcker {
         // Several short tries rather than one long one: a request sent just before a
         // connection drops gets no answer, and one try must not use up the whole budget.
         let per_try = (within / 6).clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let try_for = left.min(per_try).max(Duration::from_millis(50));
@@ -1098,11 +1099,12 @@ impl NatsAcker {
                 Ok(Err(e)) => broker("acknowledgement not confirmed", e),
                 Err(_) => broker("acknowledgement not confirmed", "timed out"),
             };
-            if Instant::now() + Duration::from_millis(100) >= deadline {
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
                 return Err(e);
             }
             debug!(error = %e, "retrying acknowledgement");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -1174,6 +1176,16 @@ mod tests {
     }
 
     #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(100), ms(500));
+        let steps: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        assert_eq!(steps, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
+        b.reset();
+        assert_eq!(b.next_delay(), ms(100));
+    }
+
+    #[test]
     fn config_errors_name_the_variable() {
         let c = NatsConfig::from_source(&[("ASYA_NAMESPACE", "n")]).unwrap();
         assert_eq!(c.url, "nats://127.0.0.1:4222");
@@ -1187,6 +1199,7 @@ mod tests {
             (vars::STORAGE, "disk", vars::STORAGE),
             (vars::TLS_CERT, "c.pem", vars::TLS_KEY),
             (vars::REPLICAS, "7", vars::REPLICAS),
+            (vars::STARTUP_TIMEOUT, "0s", vars::STARTUP_TIMEOUT),
         ] {
             let e = NatsConfig::from_source(&[(var, val)]).unwrap_err();
             assert_eq!(e.var, named, "{e}");
