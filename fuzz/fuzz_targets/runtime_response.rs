@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::time::Instant;
 
-const ENVELOPE: &[u8] = br#"{"id":"e-1","route":{"prev":[],"curr":"a","next":["b"]},"payload":{"n":1}}"#;
+const ENVELOPE: &[u8] =
+    br#"{"id":"e-1","route":{"prev":[],"curr":"a","next":["b"]},"payload":{"n":1}}"#;
 /// Body cap of the client (a small one, so the too-large path is reachable).
 const MAX_BODY: usize = 64 * 1024;
 

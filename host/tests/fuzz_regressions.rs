@@ -40,3 +40,24 @@ async fn submit_timeout_beyond_the_calendar_is_capped() {
         "{deadline}"
     );
 }
+
+/// Found by the `envelope` target on its first run: a header integer beyond 64 bits becomes
+/// a float (`1.2345678901234567e+23`) and is not even stable through a second hop. Issue #12
+/// item 1 (integers beyond 64 bits come back exactly) is h1a's; un-ignore with that fix.
+#[test]
+#[ignore = "issue #12 item 1: integers beyond 64 bits in headers (envelope.rs)"]
+fn header_integer_beyond_64_bits_round_trips() {
+    let input = br#"{"id":"e","route":{"prev":[],"curr":"a","next":[]},"headers":{"big":123456789012345678901234},"payload":1}"#;
+    let once = asya_host::envelope::Envelope::parse(input)
+        .unwrap()
+        .to_vec();
+    assert!(
+        String::from_utf8_lossy(&once).contains("123456789012345678901234"),
+        "{}",
+        String::from_utf8_lossy(&once)
+    );
+    let twice = asya_host::envelope::Envelope::parse(&once)
+        .unwrap()
+        .to_vec();
+    assert_eq!(once, twice);
+}
