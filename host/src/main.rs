@@ -102,6 +102,38 @@ enum PluginCommand {
         #[arg(long)]
         no_dedup: bool,
     },
+    /// Create a plugin crate to start from (outside any workspace; builds for
+    /// wasm32-wasip2 with the size-optimised profile; a native test and a README).
+    New(NewArgs),
+}
+
+/// Options of `asya-host plugin new`.
+#[derive(clap::Args)]
+struct NewArgs {
+    /// `policy` (complete: builds, tests and passes `plugin check` as generated) or
+    /// `transport` (a skeleton whose operations fail with TODO until written).
+    #[arg(value_enum)]
+    kind: NewKind,
+    /// Crate name (lower-case letters, digits, '-').
+    name: String,
+    /// Directory to create the crate in (as DIR/NAME).
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+    /// Git URL of the asya-host repository (the SDK is not on crates.io).
+    #[arg(long, env = "ASYA_SDK_GIT", conflicts_with = "sdk_path")]
+    sdk_git: Option<String>,
+    /// Pin the git dependency to this commit or tag.
+    #[arg(long, requires = "sdk_git")]
+    sdk_rev: Option<String>,
+    /// Path of a checkout's sdk/ directory instead (development of the SDK).
+    #[arg(long)]
+    sdk_path: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NewKind {
+    Policy,
+    Transport,
 }
 
 /// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
@@ -166,6 +198,9 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Plugin {
+                command: PluginCommand::New(args),
+            } => plugin_new(args),
+            Command::Plugin {
                 command:
                     PluginCommand::Test {
                         file,
@@ -174,6 +209,9 @@ fn main() -> ExitCode {
                         no_dedup,
                     },
             } => {
+                // The waits first: a case that fails by timing out says how long it waited.
+                let opts = asya_host::transport::wasm::plugin_test_options(!no_dedup);
+                println!("transport conformance: {}", opts.describe());
                 let report =
                     asya_host::transport::wasm::conformance_test(&file, &config, &allow, !no_dedup)
                         .await?;
@@ -208,6 +246,31 @@ fn error_line(e: &anyhow::Error) -> String {
         }
     }
     line
+}
+
+fn plugin_new(args: NewArgs) -> anyhow::Result<ExitCode> {
+    use asya_host::plugin::scaffold::{self, Kind, NewPlugin, SdkSource};
+    let sdk = match (args.sdk_git, args.sdk_path) {
+        (Some(url), _) => SdkSource::Git {
+            url,
+            rev: args.sdk_rev,
+        },
+        (None, Some(path)) => SdkSource::Path(std::path::absolute(&path)?),
+        (None, None) => anyhow::bail!(
+            "plugin new: say where asya-sdk comes from: --sdk-git URL (the asya-host repository; or ASYA_SDK_GIT) or --sdk-path PATH/TO/sdk"
+        ),
+    };
+    let created = scaffold::create(&NewPlugin {
+        kind: match args.kind {
+            NewKind::Policy => Kind::Policy,
+            NewKind::Transport => Kind::Transport,
+        },
+        name: args.name,
+        dir: args.dir,
+        sdk,
+    })?;
+    print!("{created}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn sidecar() -> anyhow::Result<ExitCode> {
@@ -363,6 +426,12 @@ async fn send(
     )
     .await?;
     println!("{}", serde_json::to_string_pretty(&view)?);
+    if let Some(waited) = wait_for.filter(|_| !view.status.is_final()) {
+        eprintln!(
+            "asya-host send: {}",
+            asya_host::gateway::cli::stopped_waiting(&view, waited, timeout.is_some())
+        );
+    }
     use asya_host::gateway::TaskStatus;
     Ok(match view.status {
         TaskStatus::Failed | TaskStatus::Canceled => ExitCode::from(1),

@@ -495,3 +495,186 @@ fn runtime_timeout_restarts_the_runtime_and_the_run_completes() {
     assert!(stderr.contains("1 failed"), "{stderr}");
     assert_clean(tmp.path());
 }
+
+/// Running (not gone, not a zombie waiting for a reaper).
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn sigkill_of_up_kills_its_runtimes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Each runtime writes its pid when it imports the handler module.
+    let handlers = r#"
+import os
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pids"), "a") as f:
+    f.write("%d\n" % os.getpid())
+
+def work(p):
+    return p
+"#;
+    let flow = write_flow(
+        tmp.path(),
+        "[actors.a]\nhandler = \"h.work\"\n[actors.b]\nhandler = \"h.work\"\n[flows]\nf = [\"a\", \"b\"]\n",
+        handlers,
+    );
+    let mut child = up(
+        tmp.path(),
+        &[flow.to_str().unwrap(), "--gateway-addr", "127.0.0.1:0"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("asya-host starts");
+    let rx = stderr_lines(&mut child);
+    // The gateway line comes after every runtime is ready.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("gateway on http://"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no gateway line; stderr: {seen:#?}"),
+        }
+    }
+    let flow_dir = tmp.path().join("flow");
+    let runtimes = pids(&flow_dir);
+    assert_eq!(runtimes.len(), 2, "{runtimes:?}");
+    assert!(runtimes.iter().all(|p| running(*p)), "{runtimes:?}");
+    kill_process(Pid::from_raw(child.id() as i32).unwrap(), Signal::KILL).expect("SIGKILL up");
+    child.wait().expect("reap up");
+    let gone = poll(Duration::from_secs(10), || {
+        runtimes.iter().all(|p| !running(*p))
+    });
+    let survivors: Vec<i32> = runtimes.iter().copied().filter(|p| running(*p)).collect();
+    for p in &survivors {
+        let _ = kill_process(Pid::from_raw(*p).unwrap(), Signal::KILL);
+    }
+    assert!(gone, "runtimes {survivors:?} survived a SIGKILL of up");
+}
+
+#[test]
+fn output_routed_to_an_unknown_actor_goes_to_sump_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(
+        tmp.path(),
+        "[actors.a]\nhandler = \"h.to_ghost\"\nmode = \"envelope\"\n[actors.b]\nhandler = \"h.work\"\n[flows]\nf = [\"a\", \"b\"]\n",
+        "def to_ghost(env):\n    env[\"route\"][\"next\"] = [\"ghost\"]\n    return env\n\ndef work(p):\n    return p\n",
+    );
+    let input = tmp.path().join("flow/in.jsonl");
+    std::fs::write(&input, "{\"n\": 1}\n").unwrap();
+    let started = Instant::now();
+    let out = run(
+        up(
+            tmp.path(),
+            &[
+                flow.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--flow",
+                "f",
+                "--timeout",
+                "60s",
+            ],
+        ),
+        Duration::from_secs(90),
+    );
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let res = results(&out.stdout);
+    assert_eq!(res.len(), 1, "{stderr}");
+    assert_eq!(res[0]["status"], "failed", "{}", res[0]);
+    let message = res[0]["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("actor \"ghost\" is not part of this mesh (known: a, b, x-sink, x-sump)"),
+        "{}",
+        res[0]
+    );
+    // At once: not after the task's 60 s deadline.
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn non_retryable_errors_from_the_flow_file_go_to_sump_at_attempt_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(
+        tmp.path(),
+        r#"
+[actors.a]
+handler = "h.work"
+max_attempts = 3
+non_retryable_errors = ["BadInput"]
+backoff_initial = "50ms"
+backoff_max = "100ms"
+[flows]
+f = ["a"]
+"#,
+        r#"
+import os
+CALLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls")
+
+class BadInput(Exception):
+    pass
+
+def work(p):
+    with open(CALLS, "a") as f:
+        f.write("%d\n" % p["n"])
+    if p.get("bad"):
+        raise BadInput("no good")
+    raise ValueError("try again")
+"#,
+    );
+    let input = tmp.path().join("flow/in.jsonl");
+    std::fs::write(&input, "{\"n\": 1, \"bad\": true}\n{\"n\": 2}\n").unwrap();
+    let mut cmd = up(
+        tmp.path(),
+        &[
+            flow.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--flow",
+            "f",
+        ],
+    );
+    cmd.env("ASYA_RESILIENCY_NON_RETRYABLE_ERRORS", "SomethingElse");
+    let out = run(cmd, Duration::from_secs(90));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let res = results(&out.stdout);
+    assert_eq!(res.len(), 2, "{stderr}");
+    for r in &res {
+        assert_eq!(r["status"], "failed", "{r}");
+    }
+    assert_eq!(res[0]["error"]["type"], "h.BadInput", "{}", res[0]);
+    assert_eq!(res[1]["error"]["type"], "ValueError", "{}", res[1]);
+    let calls = std::fs::read_to_string(tmp.path().join("flow/calls")).unwrap();
+    let count = |n: &str| calls.lines().filter(|l| *l == n).count();
+    assert_eq!(
+        count("1"),
+        1,
+        "the non-retryable error was retried: {calls}"
+    );
+    assert_eq!(
+        count("2"),
+        3,
+        "the retryable error: max_attempts deliveries: {calls}"
+    );
+    // The variable `up` does not read is named, not silently ignored.
+    assert!(
+        stderr.contains("ASYA_RESILIENCY_NON_RETRYABLE_ERRORS is not read by `up`"),
+        "{stderr}"
+    );
+    assert_clean(tmp.path());
+}

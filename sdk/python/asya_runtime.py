@@ -51,6 +51,9 @@ UPSTREAM_KEY = "__asya_upstream__"
 
 READY_FILE_NAME = "runtime-ready"
 MAX_HEADER_BYTES = 64 * 1024
+#: Open connections at most.  When all are taken, the connection that has waited longest
+#: for its client (idle between requests, or stalled mid-request) is closed to admit the new
+#: one; only when every connection is running a request is a new one refused (503).
 MAX_CONNECTIONS = 256
 
 EXIT_CONFIG = 2
@@ -154,6 +157,16 @@ class Config(object):
         self.max_body = _positive_int(
             "ASYA_MAX_BODY_BYTES", environ.get("ASYA_MAX_BODY_BYTES", str(64 * 1024 * 1024))
         )
+        self.max_inflight_body = _positive_int(
+            "ASYA_MAX_INFLIGHT_BODY_BYTES",
+            environ.get("ASYA_MAX_INFLIGHT_BODY_BYTES", str(256 * 1024 * 1024)),
+        )
+        if self.max_inflight_body < self.max_body:
+            raise ConfigError(
+                "ASYA_MAX_INFLIGHT_BODY_BYTES",
+                "is %d, below ASYA_MAX_BODY_BYTES=%d: raise it to at least the largest body"
+                % (self.max_inflight_body, self.max_body),
+            )
         self.shutdown_grace = _seconds(
             "ASYA_RUNTIME_SHUTDOWN_GRACE", environ.get("ASYA_RUNTIME_SHUTDOWN_GRACE", "30")
         )
@@ -362,7 +375,12 @@ def dumps(obj):
         return _ENCODER.encode(obj).encode("ascii")
     except SerializationError:
         raise
-    except (TypeError, ValueError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise SerializationError(
+            "handler result is nested too deeply to serialise (more than about %d levels of "
+            "lists/objects, or a circular structure)" % sys.getrecursionlimit()
+        ) from exc
+    except (TypeError, ValueError) as exc:
         raise SerializationError("handler result is not JSON serialisable: %s" % exc) from exc
 
 
@@ -433,6 +451,11 @@ def load_handler(parts):
     # type: (List[str]) -> Callable[[Any], Any]
     """Resolve ``module.function`` or ``module.Class.method`` (class instantiated once)."""
     path = ".".join(parts)
+    # `python3 /path/asya_runtime.py` puts the runtime's directory on sys.path, not the
+    # working directory: add it last (never shadowing an installed module), as `python3 -m`
+    # and `python3 -c` would, so a handler next to where the runtime is started imports.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     module, attrs = _import_longest(parts, path)
     if len(attrs) > 2:
         raise HandlerLoadError(
@@ -523,6 +546,13 @@ def parse_envelope(body, validate, decode=None):
         env = (decode or _decode)(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ValueError("body is not valid JSON: %s" % exc) from None
+    except RecursionError:
+        # The C scanner recurses once per level and stops at the interpreter's recursion
+        # limit; before this was caught the connection died without an answer.
+        raise ValueError(
+            "body is nested too deeply: JSON arrays and objects may nest at most about %d "
+            "levels (Python's recursion limit)" % sys.getrecursionlimit()
+        ) from None
     if type(env) is not dict:
         raise ValueError("envelope must be a JSON object, got %s" % _json_type(env))
     route = env.get("route")
@@ -573,6 +603,342 @@ def shift_route(route):
     if nxt:
         return {"prev": prev, "curr": nxt[0], "next": nxt[1:]}
     return {"prev": prev, "curr": "", "next": []}
+
+
+# --------------------------------------------------------------------------------------------
+# Handler ABI: commands yielded by generator handlers (upstream Asya's protocol)
+# --------------------------------------------------------------------------------------------
+
+#: A yielded tuple whose first element is one of these is a command, not a frame.
+ABI_VERBS = frozenset(["GET", "SET", "DEL", "FLY"])
+#: Paths a handler may SET or DEL (and everything under them).
+_WRITABLE_ROOTS = (("route", "next"), ("headers",), ("status",))
+_PATH_MAX = 1024
+
+
+class _Slice(object):
+    """A ``[a:b]`` path segment (SET only)."""
+
+    __slots__ = ("start", "stop")
+
+    def __init__(self, start, stop):
+        # type: (Optional[int], Optional[int]) -> None
+        self.start = start
+        self.stop = stop
+
+
+def fly_text(text, artifact_id="stream-0", last=False):
+    # type: (str, str, bool) -> Dict[str, Any]
+    """``yield "FLY", fly_text("token")``: an A2A artifact update (appending text)."""
+    return {
+        "artifact_update": {
+            "artifact": {"artifact_id": artifact_id, "parts": [{"text": text}]},
+            "append": True,
+            "last_chunk": bool(last),
+        }
+    }
+
+
+def fly_status(message):
+    # type: (str) -> Dict[str, Any]
+    """``yield "FLY", fly_status("Thinking...")``: an A2A ``WORKING`` status update."""
+    return {
+        "status_update": {
+            "status": {
+                "state": "WORKING",
+                "message": {"role": "agent", "parts": [{"text": message}]},
+            }
+        }
+    }
+
+
+def parse_abi_path(path):
+    # type: (Any) -> List[Any]
+    """``.route.next[0]`` -> ``["route", "next", 0]``.  Segments: ``.key``, ``["key"]`` (or
+    single quotes), ``[int]`` (negative allowed), ``[a:b]`` (either bound optional).  The
+    leading ``.`` is required; ``.`` alone is the root."""
+    if type(path) is not str:
+        raise TypeError("ABI path must be a string like '.route.next', got %s" % _qualname(type(path)))
+    if not path.startswith(".") or len(path) > _PATH_MAX:
+        raise ValueError("ABI path %r must start with '.' (like '.headers.trace_id')" % path[:80])
+    segments = []  # type: List[Any]
+    i, n = 0, len(path)
+    if path == ".":
+        return segments
+    while i < n:
+        ch = path[i]
+        if ch == ".":
+            j = i + 1
+            while j < n and path[j] not in ".[":
+                j += 1
+            key = path[i + 1:j]
+            if not key:
+                raise ValueError("ABI path %r: empty key at offset %d" % (path, i))
+            segments.append(key)
+            i = j
+        elif ch == "[":
+            end = path.find("]", i)
+            if path[i + 1:i + 2] in ("'", '"'):
+                quote = path[i + 1]
+                close = path.find(quote, i + 2)
+                if close < 0 or path[close + 1:close + 2] != "]":
+                    raise ValueError("ABI path %r: unterminated [%s...%s] at offset %d"
+                                     % (path, quote, quote, i))
+                segments.append(path[i + 2:close])
+                i = close + 2
+                continue
+            if end < 0:
+                raise ValueError("ABI path %r: missing ']' after offset %d" % (path, i))
+            inner = path[i + 1:end].strip()
+            try:
+                if ":" in inner:
+                    a, _, b = inner.partition(":")
+                    segments.append(_Slice(int(a) if a.strip() else None,
+                                           int(b) if b.strip() else None))
+                else:
+                    segments.append(int(inner))
+            except ValueError:
+                raise ValueError("ABI path %r: [%s] is neither an index, a slice nor a quoted key"
+                                 % (path, inner))
+            i = end + 1
+        else:
+            raise ValueError("ABI path %r: expected '.' or '[' at offset %d" % (path, i))
+    return segments
+
+
+def _path_text(segments):
+    # type: (List[Any]) -> str
+    out = []
+    for seg in segments:
+        if isinstance(seg, _Slice):
+            out.append("[%s:%s]" % ("" if seg.start is None else seg.start,
+                                    "" if seg.stop is None else seg.stop))
+        elif type(seg) is int:
+            out.append("[%d]" % seg)
+        else:
+            out.append("." + seg)
+    return "".join(out) or "."
+
+
+class AbiState(object):
+    """The metadata a payload-mode generator handler sees and edits: ``id``, ``parent_id``,
+    ``route`` and the other top-level fields except ``payload``.  Frames yielded after a SET
+    or DEL are built from the edited ``route.next``, ``headers`` and ``status``."""
+
+    __slots__ = ("meta", "owned")
+
+    def __init__(self, env):
+        # type: (Dict[str, Any]) -> None
+        meta = {}  # type: Dict[str, Any]
+        for key, value in env.items():
+            if key != "payload":
+                meta[key] = value
+        route = env["route"]
+        meta["route"] = {
+            "prev": list(route.get("prev") or []),
+            "curr": route["curr"],
+            "next": list(route.get("next") or []),
+        }
+        self.meta = meta
+        self.owned = set()  # type: Set[str]  # headers/status copied on first write (_own)
+
+    def base_frame(self):
+        # type: () -> Dict[str, Any]
+        meta = self.meta
+        frame = {"route": shift_route(meta["route"])}  # type: Dict[str, Any]
+        if "headers" in meta:
+            frame["headers"] = meta["headers"]
+        if "status" in meta:
+            frame["status"] = meta["status"]
+        return frame
+
+    def get(self, path):
+        # type: (Any) -> Any
+        """The value at ``path`` (a deep copy), ``None`` when any part of it is missing."""
+        segments = parse_abi_path(path)
+        node = self.meta  # type: Any
+        for seg in segments:
+            if isinstance(seg, _Slice):
+                raise ValueError("ABI path %r: slices are for SET only" % path)
+            if type(seg) is int:
+                if type(node) is not list or not -len(node) <= seg < len(node):
+                    return None
+            elif type(node) is not dict or seg not in node:
+                return None
+            node = node[seg]
+        return _deepcopy_json(node)
+
+    def _check_writable(self, verb, segments, path):
+        # type: (str, List[Any], str) -> None
+        for root in _WRITABLE_ROOTS:
+            if tuple(segments[:len(root)]) == root:
+                if verb == "DEL" and len(segments) > len(root) and isinstance(segments[-1], _Slice):
+                    raise ValueError("ABI path %r: slices are for SET only" % path)
+                return
+        raise PermissionError(
+            "%s %s: read-only; handlers may SET/DEL only under .route.next, .headers and "
+            ".status" % (verb, path)
+        )
+
+    def _own(self, segments):
+        # type: (List[Any]) -> None
+        """Copy the subtree about to be edited so the input envelope is never mutated."""
+        key = segments[0]
+        if key in ("headers", "status") and key not in self.owned:
+            current = self.meta.get(key)
+            self.meta[key] = _deepcopy_json(current) if type(current) is dict else {}
+            self.owned.add(key)
+
+    def set(self, path, value):
+        # type: (Any, Any) -> None
+        segments = parse_abi_path(path)
+        self._check_writable("SET", segments, path)
+        value = _deepcopy_json(value)
+        route = self.meta["route"]
+        if segments == ["route", "next"]:
+            route["next"] = _route_next(value, path)
+            return
+        if segments[0] == "route":  # an edit inside route.next: all or nothing
+            saved = route["next"]
+            route["next"] = list(saved)
+            try:
+                self._set_in(segments, path, value)
+                route["next"] = _route_next(route["next"], path)
+            except Exception:
+                route["next"] = saved
+                raise
+            return
+        key = segments[0]
+        had, saved = key in self.meta, _deepcopy_json(self.meta.get(key))
+        owned = key in self.owned
+        try:
+            self._set_in(segments, path, value)
+        except Exception:  # all or nothing: no half-created objects after a failed SET
+            if had:
+                self.meta[key] = saved
+            else:
+                self.meta.pop(key, None)
+            if owned or had:
+                self.owned.add(key)  # `saved` is a private copy
+            raise
+
+    def _set_in(self, segments, path, value):
+        # type: (List[Any], str, Any) -> None
+        if len(segments) == 1:  # .headers / .status as a whole
+            if type(value) is not dict:
+                raise TypeError("SET %s: the value must be an object, got %s"
+                                % (path, _qualname(type(value))))
+            self.meta[segments[0]] = value
+            self.owned.add(segments[0])
+            return
+        self._own(segments)
+        parent = self._walk(segments, path, create=True)
+        last = segments[-1]
+        if isinstance(last, _Slice):
+            if type(parent) is not list:
+                raise TypeError("SET %s: a slice needs a list, found %s"
+                                % (path, _json_type(parent)))
+            if not isinstance(value, list):
+                raise TypeError("SET %s: a slice takes a list, got %s"
+                                % (path, _qualname(type(value))))
+            parent[last.start:last.stop] = value
+        elif type(last) is int:
+            if type(parent) is not list:
+                raise TypeError("SET %s: an index needs a list, found %s"
+                                % (path, _json_type(parent)))
+            if not -len(parent) <= last < len(parent):
+                raise IndexError("SET %s: index %d out of range (length %d)" % (path, last, len(parent)))
+            parent[last] = value
+        else:
+            if type(parent) is not dict:
+                raise TypeError("SET %s: a key needs an object, found %s"
+                                % (path, _json_type(parent)))
+            parent[last] = value
+
+    def delete(self, path):
+        # type: (Any) -> None
+        """Remove ``path``; a missing key is not an error.  ``DEL .route.next`` empties the
+        rest of the route (frames then end it); ``DEL .headers`` drops all headers."""
+        segments = parse_abi_path(path)
+        self._check_writable("DEL", segments, path)
+        if segments == ["route", "next"]:
+            self.meta["route"]["next"] = []
+            return
+        if len(segments) == 1:
+            self.meta.pop(segments[0], None)
+            return
+        self._own(segments)
+        parent = self._walk(segments, path, create=False)
+        last = segments[-1]
+        if type(last) is int:
+            if type(parent) is list and -len(parent) <= last < len(parent):
+                del parent[last]
+        elif type(parent) is dict:
+            parent.pop(last, None)
+
+    def _walk(self, segments, path, create):
+        # type: (List[Any], str, bool) -> Any
+        """The container holding ``segments[-1]``; SET creates missing objects on the way."""
+        node = self.meta  # type: Any
+        for seg in segments[:-1]:
+            if isinstance(seg, _Slice):
+                raise ValueError("ABI path %r: a slice must be the last segment" % path)
+            if type(seg) is int:
+                if type(node) is not list or not -len(node) <= seg < len(node):
+                    if not create:
+                        return None
+                    if type(node) is not list:
+                        raise TypeError("%s: an index needs a list, found %s"
+                                        % (path, _json_type(node)))
+                    raise IndexError("%s: index %d out of range (length %d)" % (path, seg, len(node)))
+                node = node[seg]
+                continue
+            if type(node) is not dict:
+                if not create:
+                    return None
+                raise TypeError("%s: key %r needs an object, found %s" % (path, seg, _json_type(node)))
+            if seg not in node or node[seg] is None:
+                if not create:
+                    return None
+                node[seg] = {}
+            node = node[seg]
+        return node
+
+
+def _route_next(value, path):
+    # type: (Any, str) -> List[str]
+    if not _str_list(value):
+        raise TypeError("SET %s: route.next must be a list of actor names (strings), got %r"
+                        % (path, value))
+    return list(value)
+
+
+def _deepcopy_json(value):
+    # type: (Any) -> Any
+    """Deep copy of JSON-like data (dicts, lists); other objects are shared."""
+    t = type(value)
+    if t is dict:
+        return {k: _deepcopy_json(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [_deepcopy_json(v) for v in value]
+    return value
+
+
+def abi_command(item):
+    # type: (Any) -> Optional[str]
+    """The verb when ``item`` is an ABI command (a tuple starting with a verb), else None."""
+    if type(item) is tuple and item and type(item[0]) is str and item[0] in ABI_VERBS:
+        return item[0]
+    return None
+
+
+_ABI_ARITY = {"GET": 2, "SET": 3, "DEL": 2, "FLY": 2}
+_ABI_USAGE = {
+    "GET": 'value = yield "GET", ".path"',
+    "SET": 'yield "SET", ".path", value',
+    "DEL": 'yield "DEL", ".path"',
+    "FLY": 'yield "FLY", data',
+}
 
 
 class Invoker(object):
@@ -682,6 +1048,25 @@ class Invoker(object):
         frame["route"] = shift_route(route)
         return frame
 
+    def command(self, state, verb, item):
+        # type: (AbiState, str, Tuple[Any, ...]) -> Tuple[Any, Optional[bytes]]
+        """Run one ABI command; returns (value sent back into the generator, SSE bytes)."""
+        if len(item) != _ABI_ARITY[verb]:
+            raise TypeError("ABI %s takes %d element(s) after the verb, got %d: use %s"
+                            % (verb, _ABI_ARITY[verb] - 1, len(item) - 1, _ABI_USAGE[verb]))
+        if verb == "GET":
+            return state.get(item[1]), None
+        if verb == "FLY":
+            return None, b"event: upstream\ndata: " + dumps({"payload": item[1]}) + b"\n\n"
+        if self.envelope_mode:
+            raise TypeError("envelope mode: %s %s is not available, the handler edits the "
+                            "envelope it yields instead" % (verb, item[1]))
+        if verb == "SET":
+            state.set(item[1], item[2])
+        else:
+            state.delete(item[1])
+        return None, None
+
     def stream_event(self, env, item, snapshot, base):
         # type: (Dict[str, Any], Any, Any, Optional[Dict[str, Any]]) -> Optional[bytes]
         """SSE bytes for one yielded item (None for a yielded None, which is skipped)."""
@@ -712,11 +1097,13 @@ async def _in_context(awaitable, env):
 _END = object()
 
 
-async def _anext(agen, env):
-    # type: (Any, Dict[str, Any]) -> Any
+async def _asend(agen, value, exc, env):
+    # type: (Any, Any, Optional[BaseException], Dict[str, Any]) -> Any
     _CURRENT.set(env)
     try:
-        return await agen.__anext__()
+        if exc is not None:
+            return await agen.athrow(exc)
+        return await agen.asend(value)
     except StopAsyncIteration:
         return _END
 
@@ -803,13 +1190,23 @@ def _response(status, body, request_id, close, keep_alive_10=False):
 
 
 class _Connection(object):
-    """Per-connection state the shutdown drain looks at (``busy`` = serving /invoke)."""
+    """Per-connection state shared with the accept loop and the shutdown drain.
 
-    __slots__ = ("busy",)
+    ``busy``: serving /invoke (the drain waits for it).  ``waiting_since``: monotonic time
+    since which the connection waits for its client (idle between requests, or reading a
+    request), 0.0 while the runtime works on a request; the longest-waiting connection is
+    closed first when connections or body memory run short.  ``reserved``: body bytes of the
+    current request counted against ASYA_MAX_INFLIGHT_BODY_BYTES.
+    """
 
-    def __init__(self):
-        # type: () -> None
+    __slots__ = ("busy", "sock", "waiting_since", "reserved")
+
+    def __init__(self, sock):
+        # type: (socket.socket) -> None
         self.busy = False
+        self.sock = sock
+        self.waiting_since = time.monotonic()
+        self.reserved = 0
 
 
 class Server(object):
@@ -825,6 +1222,10 @@ class Server(object):
         self.connections = set()  # type: Set[_Connection]
         self.lock = threading.Lock()
         self.debug = LOG.isEnabledFor(logging.DEBUG)
+        #: Body bytes received and not yet released, over every connection (under ``lock``).
+        self.body_bytes = 0
+        self.evicted = 0  # connections closed to make room, since the last warning
+        self.evict_warned = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -878,14 +1279,21 @@ class Server(object):
                 LOG.error("accept failed: %s", exc)
                 time.sleep(0.1)
                 continue
-            state = _Connection()
+            state = _Connection(conn)
             with self.lock:
+                if len(self.connections) >= MAX_CONNECTIONS:
+                    waiting = [c for c in self.connections if c.waiting_since]
+                    if waiting:
+                        self._evict(min(waiting, key=_waiting_since))
                 too_many = len(self.connections) >= MAX_CONNECTIONS
                 if not too_many:
                     self.connections.add(state)
             if too_many:
-                LOG.warning("refusing a connection: %d connections already open", MAX_CONNECTIONS)
-                message = "too many connections (%d)" % MAX_CONNECTIONS
+                LOG.warning(
+                    "refusing a connection: all %d connections are running requests",
+                    MAX_CONNECTIONS,
+                )
+                message = "too many connections: all %d are running requests" % MAX_CONNECTIONS
                 body = dumps({"error": "unavailable", "details": {"message": message}})
                 _send_quietly(conn, _response(503, body, None, True))
                 conn.close()
@@ -894,6 +1302,65 @@ class Server(object):
                 target=self.serve_connection, args=(conn, state), name="asya-conn", daemon=True
             )
             thread.start()
+
+    def _evict(self, victim):
+        # type: (_Connection) -> None
+        """Close a connection that waits for its client, to make room (``lock`` held).  Its
+        body bytes are released at once; its thread sees EOF and ends."""
+        self.connections.discard(victim)
+        victim.waiting_since = 0.0
+        self.body_bytes -= victim.reserved
+        victim.reserved = 0
+        try:
+            victim.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.evicted += 1
+        now = time.monotonic()
+        if now - self.evict_warned >= 10.0:  # under a flood: one line per 10 s, not per eviction
+            LOG.warning(
+                "closed %d waiting connection(s) to make room (at most %d connections, "
+                "ASYA_MAX_INFLIGHT_BODY_BYTES=%d); a local client is opening many connections "
+                "or sending bodies slowly",
+                self.evicted,
+                MAX_CONNECTIONS,
+                self.config.max_inflight_body,
+            )
+            self.evicted = 0
+            self.evict_warned = now
+
+    def reserve(self, state, n):
+        # type: (_Connection, int) -> bool
+        """Count ``n`` more body bytes of ``state``'s request against
+        ASYA_MAX_INFLIGHT_BODY_BYTES; to make room, close connections whose body has been
+        arriving for longer (oldest first).  False when there is no room."""
+        limit = self.config.max_inflight_body
+        with self.lock:
+            if self.body_bytes + n > limit:
+                since = state.waiting_since
+                older = sorted(
+                    (
+                        c for c in self.connections
+                        if c.reserved and c.waiting_since and c.waiting_since < since
+                    ),
+                    key=_waiting_since,
+                )
+                for victim in older:
+                    if self.body_bytes + n <= limit:
+                        break
+                    self._evict(victim)
+                if self.body_bytes + n > limit:
+                    return False
+            self.body_bytes += n
+            state.reserved += n
+            return True
+
+    def release(self, state):
+        # type: (_Connection) -> None
+        if state.reserved:
+            with self.lock:
+                self.body_bytes -= state.reserved
+                state.reserved = 0
 
     def drain(self, grace, force):
         # type: (float, threading.Event) -> int
@@ -921,6 +1388,8 @@ class Server(object):
         finally:
             with self.lock:
                 self.connections.discard(state)
+                self.body_bytes -= state.reserved
+                state.reserved = 0
             conn.close()
 
     def _serve(self, conn, state):
@@ -931,8 +1400,10 @@ class Server(object):
         chunk = self.config.chunk_size
         max_body = self.config.max_body
         decode = _make_decoder()
+        monotonic = time.monotonic
         buf = b""
         while True:
+            state.waiting_since = monotonic()
             # ---- request line and headers
             end = buf.find(b"\r\n\r\n")
             while end < 0:
@@ -1008,17 +1479,27 @@ class Server(object):
                 body = buf[start:stop]  # type: Any
                 buf = buf[stop:]
             else:
-                body = bytearray(length)
-                view = memoryview(body)
-                got = len(buf) - start
-                view[:got] = buf[start:]
+                # Memory is committed as bytes arrive (a declared length allocates nothing)
+                # and counted against ASYA_MAX_INFLIGHT_BODY_BYTES until the request is done.
+                state.waiting_since = monotonic()
+                body = bytearray(buf[start:])
                 buf = b""
+                got = len(body)
                 while got < length:
-                    n = conn.recv_into(view[got:], min(chunk, length - got))
-                    if not n:
-                        return  # the host went away mid-request
-                    got += n
-                view.release()
+                    data = recv(min(chunk, length - got))
+                    if not data:
+                        return  # the client went away (or was closed to make room)
+                    if not self.reserve(state, len(data)):
+                        message = (
+                            "request bodies in flight exceed ASYA_MAX_INFLIGHT_BODY_BYTES=%d; "
+                            "retry later" % self.config.max_inflight_body
+                        )
+                        body = dumps({"error": "unavailable", "details": {"message": message}})
+                        sendall(_response(503, body, request_id, True))
+                        return
+                    body += data
+                    got += len(data)
+            state.waiting_since = 0.0
 
             # ---- dispatch
             q = target.find(b"?")
@@ -1026,28 +1507,41 @@ class Server(object):
             if path == b"/invoke" and method == b"POST":
                 state.busy = True
                 try:
-                    close = self.invoke(conn, decode, body, request_id, http11, close, keep_alive_10)
+                    close = self.invoke(
+                        conn, state, decode, body, request_id, http11, close, keep_alive_10
+                    )
                 finally:
                     state.busy = False
             elif path == b"/healthz" and method == b"GET":
+                if state.reserved:
+                    self.release(state)
                 sendall(_response(200, _HEALTH_BODY, request_id, close, keep_alive_10))
             else:
+                if state.reserved:
+                    self.release(state)
                 message = "no endpoint %s %s (expected GET /healthz or POST /invoke)" % (
                     method.decode("latin-1"),
                     path.decode("latin-1"),
                 )
                 body = dumps({"error": "not_found", "details": {"message": message}})
                 sendall(_response(404, body, request_id, close, keep_alive_10))
+            body = None
+            if state.reserved:  # released before the response in every path above
+                self.release(state)
             if close or self.draining:
                 return
 
-    def invoke(self, conn, decode, body, request_id, http11, close, keep_alive_10):
-        # type: (socket.socket, Callable[[Any], Any], Any, Optional[bytes], bool, bool, bool) -> bool
-        """Serve one POST /invoke; returns whether the connection must be closed."""
+    def invoke(self, conn, state, decode, body, request_id, http11, close, keep_alive_10):
+        # type: (socket.socket, _Connection, Callable[[Any], Any], Any, Optional[bytes], bool, bool, bool) -> bool
+        """Serve one POST /invoke; returns whether the connection must be closed.  The body's
+        bytes stay counted until the handler returns, and are released before the response
+        is sent (a client may send its next request as soon as it has the answer)."""
         invoker = self.invoker
         try:
             env = parse_envelope(body, invoker.validate, decode)
         except ValueError as exc:
+            if state.reserved:
+                self.release(state)
             if self.debug:
                 LOG.debug("rejecting malformed envelope: %s", exc)
             conn.sendall(_response(400, parsing_error_body(str(exc)), request_id, close, keep_alive_10))
@@ -1057,7 +1551,11 @@ class Server(object):
             if self.debug:
                 LOG.debug("invoke: curr=%r", env["route"]["curr"])
             try:
-                result, snapshot = invoker.call(env)
+                try:
+                    result, snapshot = invoker.call(env)
+                finally:
+                    if state.reserved:
+                        self.release(state)
                 rtype = type(result)
                 if rtype is dict or (rtype is list and result):
                     out = dumps({"frames": invoker.frames(env, result, snapshot)})
@@ -1101,16 +1599,41 @@ class Server(object):
             else:
                 sendall(event)
 
+        abi = None  # type: Optional[AbiState]  # created by the first ABI command
+        reply = None  # type: Any  # sent back into the generator (GET's value)
+        failure = None  # type: Optional[BaseException]  # a failed command, thrown back in
         try:
             while True:
                 try:
                     if is_async:
-                        item = invoker.run_async(_anext(gen, env), env)
+                        item = invoker.run_async(_asend(gen, reply, failure, env), env)
+                    elif failure is not None:
+                        exc, failure = failure, None
+                        try:
+                            item = gen.throw(exc)
+                        except StopIteration:
+                            item = _END
                     else:
-                        item = next(gen, _END)
+                        try:
+                            item = gen.send(reply)
+                        except StopIteration:
+                            item = _END
+                    reply = failure = None
                     if item is _END:
                         break
-                    event = invoker.stream_event(env, item, snapshot, base)
+                    verb = abi_command(item)
+                    if verb is not None:
+                        if abi is None:
+                            abi = AbiState(env)
+                        try:
+                            reply, event = invoker.command(abi, verb, item)
+                        except Exception as exc:  # raised inside the handler at its yield
+                            failure = exc
+                            continue
+                        if verb == "SET" or verb == "DEL":
+                            base = abi.base_frame()
+                    else:
+                        event = invoker.stream_event(env, item, snapshot, base)
                 except Exception as exc:
                     if self.debug:
                         LOG.debug("streaming handler failed", exc_info=True)
@@ -1162,6 +1685,11 @@ class Server(object):
             return close
         finally:
             _close_generator(invoker, gen, is_async, env)
+
+
+def _waiting_since(conn):
+    # type: (_Connection) -> float
+    return conn.waiting_since
 
 
 def _close_generator(invoker, gen, is_async, env):

@@ -1,4 +1,8 @@
 #![doc = include_str!("../README.md")]
+// The README's examples are whole files (`src/lib.rs` with its `#[cfg(test)]` module):
+// rustdoc compiles them, and `sdk/tests/readme.rs` builds them as a crate and runs their
+// tests.
+#![allow(clippy::test_attr_in_doctest)]
 
 use std::fmt;
 
@@ -50,6 +54,16 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route from string slices: `Route::new(&["a"], "b", &["c"])` (handy in tests).
+    pub fn new(prev: &[&str], curr: &str, next: &[&str]) -> Route {
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        Route {
+            prev: owned(prev),
+            curr: curr.to_owned(),
+            next: owned(next),
+        }
+    }
+
     /// Every actor the route names (processed, current, future), skipping an empty `curr`.
     pub fn actors(&self) -> impl Iterator<Item = &str> {
         self.prev
@@ -149,6 +163,49 @@ impl Config {
             Some(other) => Err(Error::new(format!(
                 "config {key:?} must be a string, got {other}"
             ))),
+        }
+    }
+
+    /// A number setting, or `default` when absent; an error when present but not a number.
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64, Error> {
+        self.typed_or(key, default, "a number", serde_json::Value::as_f64)
+    }
+
+    /// An integer setting, or `default` when absent; an error when present but not an
+    /// integer that fits `i64` (`2.5` and `"2"` are errors).
+    pub fn i64_or(&self, key: &str, default: i64) -> Result<i64, Error> {
+        self.typed_or(key, default, "an integer", serde_json::Value::as_i64)
+    }
+
+    /// A non-negative integer setting (sizes, milliseconds), or `default` when absent; an
+    /// error when present but not an integer in `0..=u64::MAX`.
+    pub fn u64_or(&self, key: &str, default: u64) -> Result<u64, Error> {
+        self.typed_or(
+            key,
+            default,
+            "a non-negative integer",
+            serde_json::Value::as_u64,
+        )
+    }
+
+    /// A boolean setting, or `default` when absent; an error when present but not `true`
+    /// or `false`.
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool, Error> {
+        self.typed_or(key, default, "true or false", serde_json::Value::as_bool)
+    }
+
+    fn typed_or<T>(
+        &self,
+        key: &str,
+        default: T,
+        what: &str,
+        get: impl Fn(&serde_json::Value) -> Option<T>,
+    ) -> Result<T, Error> {
+        match self.0.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => {
+                get(v).ok_or_else(|| Error::new(format!("config {key:?} must be {what}, got {v}")))
+            }
         }
     }
 
@@ -301,6 +358,33 @@ impl Envelope<'_> {
             Repr::Local(e) => local_field(&e.payload, path)?.as_str().map(str::to_owned),
         }
     }
+
+    /// The payload field at a dot-separated path when it is a JSON number, as `f64`
+    /// (`None` when absent or not a number; a string `"3"` is not a number).
+    pub fn payload_f64(&self, path: &str) -> Option<f64> {
+        self.payload_value(path)?.as_f64()
+    }
+
+    /// The payload field at a dot-separated path when it is a JSON integer that fits `i64`
+    /// (`None` when absent, not a number, or not an integer such as `2.5`).
+    pub fn payload_i64(&self, path: &str) -> Option<i64> {
+        self.payload_value(path)?.as_i64()
+    }
+
+    /// The payload field at a dot-separated path when it is `true` or `false`.
+    pub fn payload_bool(&self, path: &str) -> Option<bool> {
+        self.payload_value(path)?.as_bool()
+    }
+
+    /// The payload field at a dot-separated path, parsed (one field is copied and parsed,
+    /// not the payload).
+    pub fn payload_value(&self, path: &str) -> Option<serde_json::Value> {
+        match &self.0 {
+            #[cfg(target_arch = "wasm32")]
+            Repr::Host(e) => serde_json::from_str(&e.payload_field(path)?).ok(),
+            Repr::Local(e) => local_field(&e.payload, path).cloned(),
+        }
+    }
 }
 
 fn local_field<'v>(root: &'v serde_json::Value, path: &str) -> Option<&'v serde_json::Value> {
@@ -434,4 +518,66 @@ macro_rules! export_route_policy {
             );
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn envelope(payload: serde_json::Value) -> LocalEnvelope {
+        LocalEnvelope::new("e1", Route::default(), payload)
+    }
+
+    #[test]
+    fn payload_numbers_and_booleans() {
+        let e = envelope(json!({
+            "score": 0.75, "count": 3, "big": 18446744073709551615u64, "neg": -4,
+            "ok": true, "text": "3", "nested": {"n": 2.5, "flag": false}
+        }));
+        let v = e.view();
+        assert_eq!(v.payload_f64("score"), Some(0.75));
+        assert_eq!(v.payload_f64("count"), Some(3.0));
+        assert_eq!(v.payload_f64("nested.n"), Some(2.5));
+        assert_eq!(v.payload_i64("count"), Some(3));
+        assert_eq!(v.payload_i64("neg"), Some(-4));
+        assert_eq!(v.payload_i64("nested.n"), None, "2.5 is not an integer");
+        assert_eq!(v.payload_i64("big"), None, "does not fit i64");
+        assert_eq!(v.payload_f64("text"), None, "a string is not a number");
+        assert_eq!(v.payload_f64("missing"), None);
+        assert_eq!(v.payload_bool("ok"), Some(true));
+        assert_eq!(v.payload_bool("nested.flag"), Some(false));
+        assert_eq!(v.payload_bool("count"), None);
+        assert_eq!(
+            v.payload_value("nested"),
+            Some(json!({"n": 2.5, "flag": false}))
+        );
+    }
+
+    #[test]
+    fn config_numbers_and_booleans() {
+        let c = Config::parse(
+            r#"{"ratio": 0.5, "n": 7, "neg": -1, "on": true, "s": "7", "none": null}"#,
+        )
+        .unwrap();
+        assert_eq!(c.f64_or("ratio", 1.0), Ok(0.5));
+        assert_eq!(c.f64_or("n", 1.0), Ok(7.0));
+        assert_eq!(c.f64_or("absent", 1.5), Ok(1.5));
+        assert_eq!(c.i64_or("neg", 0), Ok(-1));
+        assert_eq!(c.i64_or("none", 9), Ok(9), "null means absent");
+        assert_eq!(c.u64_or("n", 0), Ok(7));
+        assert_eq!(c.bool_or("on", false), Ok(true));
+        assert_eq!(c.bool_or("absent", true), Ok(true));
+        let err = c.u64_or("neg", 0).unwrap_err();
+        assert_eq!(
+            err.message,
+            r#"config "neg" must be a non-negative integer, got -1"#
+        );
+        assert!(c.i64_or("ratio", 0).is_err());
+        assert!(c.f64_or("s", 0.0).is_err());
+        assert_eq!(
+            c.bool_or("n", false).unwrap_err().message,
+            r#"config "n" must be true or false, got 7"#
+        );
+    }
 }

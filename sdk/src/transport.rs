@@ -1,5 +1,7 @@
-//! Queue transports as WebAssembly components (SPEC §8): implement [`Transport`] and call
-//! [`export_transport!`](crate::export_transport) once.
+//! Queue transports as WebAssembly components (docs/SPEC.md §8): implement [`Transport`]
+//! and call [`export_transport!`](crate::export_transport) once. What each operation must
+//! do (message ids and delivery counts on a broker without them, acks of deliveries taken
+//! over elsewhere, where a nack re-enters, `close`): `docs/writing-a-transport.md`.
 //!
 //! The host creates one component instance per broker connection and calls it from one
 //! task at a time. The component reaches the network through `std::net` (WASI sockets);

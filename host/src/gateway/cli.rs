@@ -325,3 +325,82 @@ pub async fn send(
     }
     Ok(view)
 }
+
+/// Why `send --wait` stopped waiting for a task that is not final: one line naming the
+/// bound that was reached, where the task is, and how to look further.
+pub fn stopped_waiting(view: &TaskView, waited: Duration, by_timeout_flag: bool) -> String {
+    let bound = if by_timeout_flag {
+        "the --timeout"
+    } else {
+        "the default wait; set --timeout"
+    };
+    let status = view.status.as_str();
+    let place = match (&view.current_actor_name, view.status) {
+        (Some(actor), super::TaskStatus::Paused) => {
+            format!("paused at actor {actor:?} (it waits for a resume)")
+        }
+        (Some(actor), _) if !actor.is_empty() => format!(
+            "still {status} at actor {actor:?} ({} of {} actors done); is a sidecar consuming its queue, and its runtime ready?",
+            view.actors_completed, view.total_actors
+        ),
+        _ => format!("still {status}: no actor has reported it yet; are the sidecars running?"),
+    };
+    format!(
+        "stopped waiting after {} ({bound}): task {} is {place} `asya-host trace {}` shows its hops",
+        humantime::format_duration(waited),
+        view.id,
+        view.id
+    )
+}
+
+#[cfg(test)]
+mod send_tests {
+    use super::*;
+    use crate::gateway::TaskStatus;
+
+    fn view(status: TaskStatus, actor: Option<&str>) -> TaskView {
+        TaskView {
+            id: "t1".into(),
+            status,
+            current_actor_name: actor.map(str::to_owned),
+            actors_completed: 1,
+            total_actors: 2,
+            result: None,
+            error: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+            trace_id: String::new(),
+            flow: None,
+            deadline_at: None,
+        }
+    }
+
+    #[test]
+    fn stopped_waiting_names_the_bound_and_the_actor() {
+        let line = stopped_waiting(
+            &view(TaskStatus::Running, Some("count")),
+            Duration::from_secs(10),
+            true,
+        );
+        assert_eq!(
+            line,
+            "stopped waiting after 10s (the --timeout): task t1 is still running at actor \"count\" (1 of 2 actors done); is a sidecar consuming its queue, and its runtime ready? `asya-host trace t1` shows its hops"
+        );
+        let line = stopped_waiting(
+            &view(TaskStatus::Pending, None),
+            Duration::from_secs(300),
+            false,
+        );
+        assert!(
+            line.contains("5m (the default wait; set --timeout)"),
+            "{line}"
+        );
+        assert!(line.contains("no actor has reported it yet"), "{line}");
+        let line = stopped_waiting(
+            &view(TaskStatus::Paused, Some("review")),
+            Duration::from_secs(1),
+            true,
+        );
+        assert!(line.contains("paused at actor \"review\""), "{line}");
+    }
+}

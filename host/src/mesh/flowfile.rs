@@ -10,6 +10,10 @@
 //! env = { MODEL = "small" }
 //! timeout = "30s"
 //! max_attempts = 3
+//! non_retryable_errors = ["ValueError", "pipeline.BadInput"]
+//! backoff_initial = "1s"
+//! backoff_max = "60s"
+//! backoff_multiplier = 2.0
 //! policies = [{ path = "priority_router.wasm", config = { actor = "urgent" } }]
 //!
 //! [flows]
@@ -26,7 +30,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{parse_duration, validate_actor_name};
+use crate::config::{parse_duration, validate_actor_name, Resiliency};
 use crate::plugin::PolicySpec;
 
 /// Largest `concurrency` an actor may ask for.
@@ -86,6 +90,14 @@ pub struct ActorSpec {
     pub timeout: Option<Duration>,
     /// Deliveries before x-sump (`ASYA_RESILIENCY_MAX_ATTEMPTS`).
     pub max_attempts: Option<u32>,
+    /// Error types never retried (`ASYA_RESILIENCY_NON_RETRYABLE_ERRORS`).
+    pub non_retryable_errors: Vec<String>,
+    /// First retry delay (`ASYA_RESILIENCY_BACKOFF_INITIAL`).
+    pub backoff_initial: Option<Duration>,
+    /// Longest retry delay (`ASYA_RESILIENCY_BACKOFF_MAX`).
+    pub backoff_max: Option<Duration>,
+    /// Growth of the delay per attempt (`ASYA_RESILIENCY_BACKOFF_MULTIPLIER`).
+    pub backoff_multiplier: Option<f64>,
     /// Route policies, paths resolved against the flow file's directory.
     pub policies: Vec<PolicySpec>,
 }
@@ -123,6 +135,10 @@ struct RawActor {
     env: BTreeMap<String, String>,
     timeout: Option<Spanned<String>>,
     max_attempts: Option<Spanned<i64>>,
+    non_retryable_errors: Option<Vec<Spanned<String>>>,
+    backoff_initial: Option<Spanned<String>>,
+    backoff_max: Option<Spanned<String>>,
+    backoff_multiplier: Option<Spanned<toml::Value>>,
     #[serde(default)]
     policies: Vec<RawPolicy>,
 }
@@ -255,6 +271,83 @@ impl FlowFile {
                     Some(m as u32)
                 }
             };
+            let defaults = Resiliency::default();
+            let mut non_retryable_errors = Vec::new();
+            for t in a.non_retryable_errors.unwrap_or_default() {
+                let span = t.span();
+                let t = t.into_inner();
+                if t.is_empty() || t.contains(|c: char| c.is_whitespace() || c == ',') {
+                    return Err(invalid(
+                        Some(span),
+                        format!(
+                            "actor {name}: invalid error type {t:?} in non_retryable_errors (a Python type name like \"ValueError\" or \"pkg.module.MyError\")"
+                        ),
+                    ));
+                }
+                non_retryable_errors.push(t);
+            }
+            let backoff = |key: &str, v: Option<Spanned<String>>| match v {
+                None => Ok(None),
+                Some(t) => {
+                    let span = t.span();
+                    parse_duration(t.get_ref())
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .map(Some)
+                        .ok_or_else(|| {
+                            invalid(
+                                Some(span),
+                                format!(
+                                    "actor {name}: invalid {key} {:?} (use e.g. \"500ms\", \"1s\", \"2m\")",
+                                    t.get_ref()
+                                ),
+                            )
+                        })
+                }
+            };
+            let initial_span = a.backoff_initial.as_ref().map(|t| t.span());
+            let backoff_initial = backoff("backoff_initial", a.backoff_initial)?;
+            let backoff_max = backoff("backoff_max", a.backoff_max)?;
+            let (initial, max) = (
+                backoff_initial.unwrap_or(defaults.backoff_initial),
+                backoff_max.unwrap_or(defaults.backoff_max),
+            );
+            if initial > max {
+                return Err(invalid(
+                    initial_span,
+                    format!(
+                        "actor {name}: backoff_initial {initial:?} is above backoff_max {max:?}{}",
+                        if backoff_max.is_none() {
+                            " (the default)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            let backoff_multiplier = match a.backoff_multiplier {
+                None => None,
+                Some(m) => {
+                    let span = m.span();
+                    let v = match m.get_ref() {
+                        toml::Value::Float(f) => Some(*f),
+                        toml::Value::Integer(i) => Some(*i as f64),
+                        _ => None,
+                    };
+                    match v.filter(|f| f.is_finite() && (1.0..=100.0).contains(f)) {
+                        Some(f) => Some(f),
+                        None => {
+                            return Err(invalid(
+                                Some(span),
+                                format!(
+                                    "actor {name}: backoff_multiplier must be a number from 1 to 100, got {}",
+                                    m.get_ref()
+                                ),
+                            ))
+                        }
+                    }
+                }
+            };
             let mut policies = Vec::new();
             for p in a.policies {
                 let span = p.path.span();
@@ -278,6 +371,10 @@ impl FlowFile {
                 env: a.env,
                 timeout,
                 max_attempts,
+                non_retryable_errors,
+                backoff_initial,
+                backoff_max,
+                backoff_multiplier,
                 policies,
             });
         }
@@ -328,6 +425,34 @@ impl FlowFile {
     }
 }
 
+impl ActorSpec {
+    /// The sidecar's retry policy for this actor: the sidecar's defaults
+    /// ([`Resiliency::default`]) with the flow file's keys on top.
+    pub fn resiliency(&self) -> Resiliency {
+        let d = Resiliency::default();
+        Resiliency {
+            actor_timeout: self.timeout.unwrap_or(d.actor_timeout),
+            max_attempts: self.max_attempts.unwrap_or(d.max_attempts),
+            backoff_initial: self.backoff_initial.unwrap_or(d.backoff_initial),
+            backoff_max: self.backoff_max.unwrap_or(d.backoff_max),
+            backoff_multiplier: self.backoff_multiplier.unwrap_or(d.backoff_multiplier),
+            non_retryable: self.non_retryable_errors.clone(),
+            ..d
+        }
+    }
+}
+
+/// `ASYA_RESILIENCY_*` variables among `names`: the sidecar reads them, `up` does not (each
+/// actor's retry policy is in the flow file), so `up` warns about each one that is set.
+pub fn ignored_resiliency_vars(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("ASYA_RESILIENCY_"))
+        .collect();
+    v.sort();
+    v
+}
+
 /// `module.function` or `module.Class.method`, dotted Python identifiers.
 fn check_handler(handler: &str) -> Result<(), String> {
     let parts: Vec<&str> = handler.split('.').collect();
@@ -374,6 +499,10 @@ concurrency = 2
 env = { MODEL = "small" }
 timeout = "30s"
 max_attempts = 3
+non_retryable_errors = ["ValueError", "pipeline.BadInput"]
+backoff_initial = "250ms"
+backoff_max = "5s"
+backoff_multiplier = 3
 policies = [{ path = "p.wasm", config = { actor = "urgent" } }]
 [actors.store]
 handler = "pipeline.Store.put"
@@ -392,9 +521,18 @@ summarize = ["tokenize", "store"]
         assert_eq!(t.env["MODEL"], "small");
         assert_eq!(t.policies[0].path, PathBuf::from("dir/p.wasm"));
         assert_eq!(t.policies[0].config["actor"], "urgent");
+        let r = t.resiliency();
+        assert_eq!(r.actor_timeout, Duration::from_secs(30));
+        assert_eq!(r.max_attempts, 3);
+        assert_eq!(r.non_retryable, vec!["ValueError", "pipeline.BadInput"]);
+        assert_eq!(r.backoff_initial, Duration::from_millis(250));
+        assert_eq!(r.backoff_max, Duration::from_secs(5));
+        assert_eq!(r.backoff_multiplier, 3.0);
         let s = f.actor("store").unwrap();
         assert_eq!(s.mode, HandlerMode::Payload);
         assert_eq!(s.concurrency, 1);
+        // Unset keys: exactly the sidecar's defaults.
+        assert_eq!(s.resiliency(), Resiliency::default());
         assert_eq!(f.flows["summarize"], vec!["tokenize", "store"]);
     }
 
@@ -433,6 +571,36 @@ summarize = ["tokenize", "store"]
             ),
             ("[actors.x-sink]\nhandler = \"m.f\"\n", ":1:", "reserved"),
             (
+                "[actors.a]\nhandler = \"m.f\"\nnon_retryable_errors = [\"A\", \"B C\"]\n",
+                "dir/flow.toml:3:",
+                "invalid error type \"B C\"",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\nnon_retryable_errors = \"A\"\n",
+                "dir/flow.toml:3:",
+                "expected a sequence",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n\nbackoff_max = \"later\"\n",
+                "dir/flow.toml:4:",
+                "invalid backoff_max",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\nbackoff_initial = \"2m\"\n",
+                "dir/flow.toml:3:",
+                "above backoff_max 60s (the default)",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\nbackoff_multiplier = 0.5\n",
+                "dir/flow.toml:3:",
+                "backoff_multiplier must be a number from 1 to 100, got 0.5",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\nbackoff_multiplier = \"x\"\n",
+                "dir/flow.toml:3:",
+                "backoff_multiplier",
+            ),
+            (
                 "namespace = \"a b\"\n[actors.a]\nhandler = \"m.f\"\n",
                 ":1:",
                 "namespace",
@@ -446,5 +614,19 @@ summarize = ["tokenize", "store"]
             assert!(e.contains(needle), "{e}");
             assert!(!e.contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn resiliency_variables_are_named() {
+        let v = ignored_resiliency_vars(
+            [
+                "PATH",
+                "ASYA_RESILIENCY_NON_RETRYABLE_ERRORS",
+                "ASYA_HANDLER",
+            ]
+            .into_iter()
+            .map(String::from),
+        );
+        assert_eq!(v, vec!["ASYA_RESILIENCY_NON_RETRYABLE_ERRORS"]);
     }
 }

@@ -5,11 +5,13 @@
 //! - [`flowfile`]: the TOML flow file
 //! - [`supervisor`]: runtime processes (own process group, SIGTERM then SIGKILL, restarts)
 //! - [`summary`]: per-actor numbers and the table printed at the end
+//! - [`known_actors`]: a frame routed to an actor outside the mesh goes to x-sump at once
 //!
 //! Shutdown order: stop taking work (gateway, inputs) → drain every sidecar → stop the
 //! runtimes → stop x-sink / x-sump → remove the temporary directory.
 
 pub mod flowfile;
+pub mod known_actors;
 pub mod summary;
 pub mod supervisor;
 
@@ -329,6 +331,11 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     };
     let metrics = Metrics::new("asya_actor");
     let policies = load_policies(&flow, &metrics).await?;
+    for var in flowfile::ignored_resiliency_vars(
+        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+    ) {
+        warn!("{var} is not read by `up`: set the actor's retry policy in the flow file (timeout, max_attempts, non_retryable_errors, backoff_initial, backoff_max, backoff_multiplier under [actors.NAME])");
+    }
 
     // Bind listeners before starting anything, so a busy port fails fast.
     let gateway_addr = match (&opts.gateway_addr, &inputs) {
@@ -474,24 +481,28 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let mut ends = JoinSet::new();
     let mut actors = Vec::new();
     let mut checks: Vec<crate::admin::ReadyCheck> = Vec::new();
+    let known: Arc<std::collections::BTreeSet<String>> = Arc::new(
+        flow.actors
+            .iter()
+            .map(|a| a.name.clone())
+            .chain(["x-sink".to_owned(), "x-sump".to_owned()])
+            .collect(),
+    );
     for ((a, rc), proc) in flow.actors.iter().zip(runtime_cfgs).zip(procs) {
         let mut cfg = SidecarConfig::new(&a.name, &flow.namespace, &rc.socket_dir);
         cfg.transport = kind;
         cfg.concurrency = a.concurrency;
         cfg.ready_timeout = opts.ready_timeout;
         cfg.shutdown_grace = DRAIN_GRACE;
-        cfg.resiliency.backoff_initial = Duration::from_millis(500);
-        cfg.resiliency.backoff_max = Duration::from_secs(10);
-        if let Some(t) = a.timeout {
-            cfg.resiliency.actor_timeout = t;
-        }
-        if let Some(m) = a.max_attempts {
-            cfg.resiliency.max_attempts = m;
-        }
+        cfg.resiliency = a.resiliency();
         let mut deps = Deps::new(transport.clone(), metrics.clone());
         deps.inflight = inflight.clone();
         deps.reporter = Some(reporter.clone());
-        deps.policy = policies.get(&a.name).cloned();
+        // The configured chain, then the check that the next actor is in this mesh.
+        deps.policy = Some(Arc::new(known_actors::KnownActors::new(
+            policies.get(&a.name).cloned(),
+            known.clone(),
+        )));
         let readiness = deps.readiness.clone();
         checks.push((
             format!("runtime:{}", a.name),

@@ -1,6 +1,7 @@
 //! Runtime processes of the local mesh: one stock Python runtime per actor, in its own
 //! process group (killed on drop, so nothing survives a panic of the host), its output
-//! forwarded to the host's log, restarted with backoff when it dies.
+//! forwarded to the host's log, restarted with backoff when it dies. Each runtime also gets
+//! SIGKILL from the kernel when the host dies, even by SIGKILL (`PR_SET_PDEATHSIG`).
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -123,6 +124,7 @@ impl RuntimeProcess {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| RuntimeStartError::Spawn {
             actor: cfg.actor.clone(),
             python: cfg.python.to_string_lossy().into_owned(),
@@ -260,6 +262,40 @@ impl Drop for RuntimeProcess {
         }
     }
 }
+
+/// Have the kernel SIGKILL the child when the host dies, however it dies: a SIGKILL of
+/// `asya-host up` cannot run `Drop`, and its runtimes were left running.
+///
+/// The signal fires when the *thread* that forked the child exits. Runtimes are spawned from
+/// the thread running `up` (the main thread) or from tokio worker threads, which live as long
+/// as the process; nothing in the mesh moves a worker to the blocking pool.
+///
+/// The one `unsafe` block of the workspace (the lint is `deny`, allowed here only):
+/// `pre_exec` is the only way std offers to run code in the child between fork and exec, and
+/// the parent-death signal must be set there (it is cleared by fork, kept by exec).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    use rustix::process::{getpid, getppid, set_parent_process_death_signal};
+    let parent = getpid();
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2) and
+    // getppid(2) through rustix (raw syscalls: async-signal-safe, no allocation, no locks)
+    // and builds an io::Error from a raw errno or a static message, which does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            set_parent_process_death_signal(Some(Signal::KILL))?;
+            // The host may have died between fork and prctl: then no signal will come.
+            if getppid() != Some(parent) {
+                return Err(std::io::Error::from(std::io::ErrorKind::Other));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere only the process group and kill-on-drop apply (no parent-death signal).
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
 
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;

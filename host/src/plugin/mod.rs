@@ -6,6 +6,7 @@
 //! - `bindings`: the one `bindgen!` site (WIT in `wit/`), converted to domain types there
 //! - [`policy`]: `ASYA_ROUTE_POLICIES`, instance pools, the chain
 //! - [`check()`]: `asya-host plugin check`
+//! - [`scaffold`]: `asya-host plugin new`
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ pub mod check;
 pub mod engine;
 mod json_path;
 pub mod policy;
+pub mod scaffold;
 
 pub use check::{check, CheckReport, World};
 pub use engine::PluginEngine;

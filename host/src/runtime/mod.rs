@@ -366,6 +366,8 @@ impl RuntimeClient {
     ) -> Result<(), RuntimeError> {
         let start = Instant::now();
         let deadline = start + timeout;
+        // Never wait silently: say what is missing after 2 s, then every 10 s.
+        let mut next_report = start + Duration::from_secs(2);
         let mut reason;
         loop {
             reason = if !self.socket.exists() {
@@ -378,11 +380,21 @@ impl RuntimeClient {
                     Err(e) => format!("cannot connect to {}: {e}", self.socket.display()),
                 }
             };
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(RuntimeError::NotReady {
                     waited: start.elapsed(),
                     reason,
                 });
+            }
+            if now >= next_report {
+                tracing::info!(
+                    waited_s = start.elapsed().as_secs(),
+                    ?timeout,
+                    %reason,
+                    "still waiting for the runtime (is it running with the same ASYA_SOCKET_DIR? the wait is bounded by ASYA_RUNTIME_READY_TIMEOUT)"
+                );
+                next_report = now + Duration::from_secs(10);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

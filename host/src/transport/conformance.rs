@@ -46,6 +46,43 @@ impl Default for Options {
     }
 }
 
+/// The delay of the `nack_with_delay` case; a redelivery earlier than 80 % of it fails.
+pub const NACK_DELAY: Duration = Duration::from_millis(700);
+/// How long the `nack_with_delay` case waits for the redelivery after a `nack(0)`.
+pub const NACK_ZERO_WITHIN: Duration = Duration::from_secs(5);
+
+impl Options {
+    /// How long a case waits for a delivery or a redelivery.
+    pub fn delivery_wait(&self) -> Duration {
+        wait(self)
+    }
+
+    /// Every wait of the suite, in words (what `asya-host plugin test` prints first).
+    pub fn describe(&self) -> String {
+        format!(
+            "{} cases, each bounded by {:?}. A case waits up to {:?} for each delivery or \
+             redelivery (after a nack: {:?} plus the nack delay of {:?}, and a redelivery \
+             before {:?} fails; after nack(0): {:?}); \"nothing more arrives\" is watched \
+             for {:?}. Large body {} bytes, ordering {} messages, dedup_by_id {}.",
+            CASES.len(),
+            self.case_timeout,
+            self.delivery_wait(),
+            self.delivery_wait(),
+            NACK_DELAY,
+            NACK_DELAY.mul_f64(0.8),
+            NACK_ZERO_WITHIN,
+            self.quiet_period,
+            self.large_body,
+            self.ordering_count,
+            if self.deduplicates {
+                "checked"
+            } else {
+                "skipped"
+            },
+        )
+    }
+}
+
 /// Outcome of one case.
 #[derive(Debug, Clone)]
 pub struct CaseResult {
@@ -287,7 +324,7 @@ async fn nack_with_delay(t: Arc<dyn Transport>, ns: String, o: Options) -> CaseR
     send(&t, msg(&q, "m1", "retry me")).await?;
     let d = recv(&mut rx, wait(&o), "first delivery").await?;
     expect("first attempt", d.attempt, 1)?;
-    let delay = Duration::from_millis(700);
+    let delay = NACK_DELAY;
     let nacked = Instant::now();
     d.acker
         .nack(delay)
@@ -310,7 +347,7 @@ async fn nack_with_delay(t: Arc<dyn Transport>, ns: String, o: Options) -> CaseR
         .nack(Duration::ZERO)
         .await
         .map_err(|e| format!("nack(0) failed: {e}"))?;
-    let d = recv(&mut rx, Duration::from_secs(5), "redelivery after nack(0)").await?;
+    let d = recv(&mut rx, NACK_ZERO_WITHIN, "redelivery after nack(0)").await?;
     expect("attempt after nack(0)", d.attempt, 2)?;
     ack(d, "second redelivery").await
 }

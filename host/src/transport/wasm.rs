@@ -870,6 +870,14 @@ impl Acker for WasmAcker {
     }
 }
 
+/// The suite's options for `asya-host plugin test` (printed before it runs).
+pub fn plugin_test_options(deduplicates: bool) -> super::conformance::Options {
+    super::conformance::Options {
+        deduplicates,
+        ..super::conformance::Options::default()
+    }
+}
+
 /// `asya-host plugin test FILE.wasm`: run the transport conformance suite
 /// ([`super::conformance`]) against a transport component. `config` is its JSON
 /// configuration, `allow` its allow-list (`ASYA_TRANSPORT_ALLOW` syntax). Every case uses
@@ -895,10 +903,7 @@ pub async fn conformance_test(
     let pid = std::process::id();
     let fresh: conformance::NamespaceFn =
         Arc::new(move || format!("ct{pid}n{}", n.fetch_add(1, Ordering::Relaxed)));
-    let opts = conformance::Options {
-        deduplicates,
-        ..conformance::Options::default()
-    };
+    let opts = plugin_test_options(deduplicates);
     let mut report = conformance::run(t, fresh, &opts).await;
     report.transport = format!("wasm: {}", plugin.display());
     Ok(report)

@@ -41,3 +41,13 @@ def test_serialisation_and_errors_on_37(start_runtime):
     assert payload["datetime"] == "2024-05-17T12:30:45.123456+00:00" and payload["set"] == [1, 2, 3]
     rt2 = start_runtime("serial.circular", python=PY37, env={"ASYA_SOCKET_DIR": os.path.join(rt.dir, "c")})
     assert rt2.invoke(envelope(1)).json()["details"]["type"] == "asya_runtime.SerializationError"
+
+
+def test_handler_abi_on_37(start_runtime):
+    rt = start_runtime("abi.set_then_frames_async", python=PY37)
+    events = rt.invoke(envelope(1, next=["b"])).events()
+    assert [e for e, _ in events] == ["downstream"] * 3 + ["done"]
+    assert events[1][1]["route"] == {"prev": ["a"], "curr": "x", "next": ["y"]}
+    rt2 = start_runtime("abi.catch_permission", python=PY37,
+                        env={"ASYA_SOCKET_DIR": os.path.join(rt.dir, "d")})
+    assert rt2.invoke(envelope(1)).events()[0][1]["payload"]["caught"] == "PermissionError"

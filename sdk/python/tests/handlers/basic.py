@@ -100,3 +100,17 @@ class InitFails(object):
 
 
 NOT_CALLABLE = 42
+
+
+def deep_output(payload):
+    """A result nested 100,000 levels deep: too deep to serialise."""
+    out = []  # type: list
+    for _ in range(100000):
+        out = [out]
+    return out
+
+
+def deep_output_stream(payload):
+    """A generator whose second item is too deep to serialise."""
+    yield {"first": True}
+    yield deep_output(payload)
