@@ -133,6 +133,12 @@ pub struct PluginLabels {
     pub outcome: &'static str,
 }
 
+/// Label of `asya_transport_retries_total`: `setup`, `publish` or `pull`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Operation {
+    pub operation: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -170,6 +176,8 @@ pub struct Metrics {
     pub queue_depth: Family<QueueLabel, Gauge>,
     /// 1 while a readiness check passes (set when `/metrics` is scraped).
     pub ready: Family<CheckLabel, Gauge>,
+    /// Retries against the broker, by operation (NATS transport).
+    pub transport_retries: Family<Operation, Counter>,
 }
 
 impl Metrics {
@@ -191,6 +199,7 @@ impl Metrics {
         let plugin_duration = HistFamily::new_with_constructor(plugin_histogram as fn() -> _);
         let queue_depth = Family::default();
         let ready = Family::default();
+        let transport_retries = Family::default();
         let n = |s: &str| format!("{namespace}_{s}");
         registry.register(
             n("messages_received"),
@@ -263,6 +272,11 @@ impl Metrics {
             "1 while the readiness check passes, 0 otherwise (as /readyz)",
             ready.clone(),
         );
+        registry.register(
+            "asya_transport_retries",
+            "Retries against the broker (start-up, publish, pull), by operation",
+            transport_retries.clone(),
+        );
         Arc::new(Metrics {
             queue_depth,
             ready,
@@ -280,6 +294,7 @@ impl Metrics {
             runtime_id_mismatch,
             plugin_calls,
             plugin_duration,
+            transport_retries,
         })
     }
 

@@ -29,6 +29,7 @@ use super::{
     Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
 };
 use crate::config::{ConfigError, Reader, Source, Var};
+use crate::metrics::Metrics;
 use crate::queue::EndActors;
 
 /// Variables of the NATS transport.
@@ -97,6 +98,11 @@ pub mod vars {
         "file",
         "stream storage: file or memory",
     );
+    pub const STARTUP_TIMEOUT: Var = Var::new(
+        "ASYA_NATS_STARTUP_TIMEOUT",
+        "60s",
+        "how long start-up and provision retry creating the stream and consumer (a cluster electing a leader); not ready meanwhile",
+    );
 
     /// Every variable of the NATS transport, in `--help` order.
     pub const ALL: &[Var] = &[
@@ -117,6 +123,7 @@ pub mod vars {
         MAX_ACK_PENDING,
         REPLICAS,
         STORAGE,
+        STARTUP_TIMEOUT,
     ];
 }
 
@@ -126,8 +133,18 @@ pub mod vars {
 /// client-side timeout (measured: a nak'd redelivery lost until ack_wait). A lost pull
 /// request (server restart) is renewed on reconnect instead.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
-/// Pause after a failed pull before the next one.
-const PULL_RETRY: Duration = Duration::from_millis(250);
+/// Pause after the first failed pull; doubled per failure in a row up to [`PULL_RETRY_MAX`].
+const PULL_RETRY: Duration = Duration::from_millis(100);
+const PULL_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Bound on one JetStream API request while retrying (the client's own is 10 s): during a
+/// leader election a request can go unanswered, and waiting for the next try is cheaper.
+const API_TRY: Duration = Duration::from_secs(2);
+/// Backoff of start-up (stream and consumer) retries.
+const SETUP_RETRY: Duration = Duration::from_millis(100);
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Backoff of publishes answered "no responders" (the stream has no leader right now).
+const PUBLISH_RETRY: Duration = Duration::from_millis(50);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// Typed configuration of the NATS transport.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,6 +165,8 @@ pub struct NatsConfig {
     pub max_ack_pending: i64,
     pub replicas: usize,
     pub storage: stream::StorageType,
+    /// Retry budget for creating the stream and consumer (`ASYA_NATS_STARTUP_TIMEOUT`).
+    pub startup_timeout: Duration,
 }
 
 impl NatsConfig {
@@ -251,6 +270,7 @@ impl NatsConfig {
             max_ack_pending: r.parse(vars::MAX_ACK_PENDING)?,
             replicas: r.parse(vars::REPLICAS)?,
             storage,
+            startup_timeout: r.duration(vars::STARTUP_TIMEOUT)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -287,6 +307,9 @@ impl NatsConfig {
         }
         if self.connect_timeout.is_zero() {
             return err(vars::CONNECT_TIMEOUT, "must be greater than zero".into());
+        }
+        if self.startup_timeout.is_zero() {
+            return err(vars::STARTUP_TIMEOUT, "must be greater than zero".into());
         }
         Ok(())
     }
@@ -337,6 +360,8 @@ struct Inner {
     streams: Mutex<HashSet<String>>,
     /// Notified after every (re)connect: waiting pulls were forgotten by the server.
     reconnected: Arc<Notify>,
+    /// Counts retries against the broker once metrics are attached.
+    retries: Retries,
 }
 
 impl NatsTransport {
@@ -402,6 +427,7 @@ impl NatsTransport {
                 js,
                 streams: Mutex::new(HashSet::new()),
                 reconnected,
+                retries: Retries::default(),
             }),
         })
     }
@@ -477,12 +503,64 @@ impl NatsTransport {
         Ok(())
     }
 
-    /// Create or update the stream and the durable consumer of `queue` (idempotent).
+    /// Create or update the stream and the durable consumer of `queue` (idempotent),
+    /// retrying with backoff while the broker does not answer, for up to
+    /// `ASYA_NATS_STARTUP_TIMEOUT`.
     async fn ensure_queue(
         &self,
         queue: &QueueName,
     ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
         let loc = Location::of(queue);
+        self.setup_retrying(queue.as_str(), || self.ensure_queue_once(&loc))
+            .await
+    }
+
+    /// Run `attempt` (one create-or-update) until it succeeds, each try bounded by
+    /// [`API_TRY`], backing off between tries, for up to `ASYA_NATS_STARTUP_TIMEOUT`.
+    async fn setup_retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<T, TransportError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, TransportError>>,
+    {
+        let budget = self.inner.cfg.startup_timeout;
+        let deadline = Instant::now() + budget;
+        let mut backoff = Backoff::new(SETUP_RETRY, SETUP_RETRY_MAX);
+        let mut outage = Outage::new("setup", what, &self.inner.retries);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = match tokio::time::timeout(left.min(API_TRY), attempt()).await {
+                Ok(Ok(v)) => {
+                    outage.recovered();
+                    return Ok(v);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => broker("JetStream API request", "timed out"),
+            };
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
+                return Err(TransportError::Queue {
+                    queue: what.to_owned(),
+                    message: format!(
+                        "{e} (retried for {budget:?}, {}; raise it if the cluster needs longer to elect a leader)",
+                        vars::STARTUP_TIMEOUT.name
+                    ),
+                });
+            }
+            outage.failed(&e);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One try of [`Self::ensure_queue`].
+    async fn ensure_queue_once(
+        &self,
+        loc: &Location,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, TransportError> {
+        let loc = loc.clone();
         self.ensure_stream(&loc, false).await?;
         let stream = self
             .inner
@@ -494,7 +572,7 @@ impl NatsTransport {
             .create_consumer(self.consumer_config(&loc))
             .await
             .map_err(|e| TransportError::Queue {
-                queue: queue.to_string(),
+                queue: loc.stream.clone(),
                 message: format!("cannot create or update consumer {}: {e}", loc.consumer),
             })
     }
@@ -542,6 +620,67 @@ impl NatsTransport {
             None => Ok(missing),
         }
     }
+
+    /// Publishes answered "no responders": the namespace stream does not exist yet, or it
+    /// has no leader (a cluster electing one). Create the stream (once, then only while it
+    /// is not known to exist; each try bounded by [`API_TRY`]) and publish them again with
+    /// backoff — the same `Nats-Msg-Id`, so nothing is stored twice — for up to half of
+    /// `ASYA_NATS_ACK_WAIT` (the input is not redelivered meanwhile).
+    async fn republish_missing(&self, mut pending: Vec<OutMessage>) -> Result<(), TransportError> {
+        let budget = self.inner.cfg.ack_wait / 2;
+        let deadline = Instant::now() + budget;
+        let mut backoff = Backoff::new(PUBLISH_RETRY, PUBLISH_RETRY_MAX);
+        let first_queue = pending[0].queue.to_string();
+        let mut outage = Outage::new("publish", &first_queue, &self.inner.retries);
+        let mut first = true;
+        loop {
+            let mut streams: Vec<Location> = Vec::new();
+            for m in &pending {
+                let loc = Location::of(&m.queue);
+                if !streams.iter().any(|l| l.stream == loc.stream) {
+                    streams.push(loc);
+                }
+            }
+            for loc in streams {
+                if !first && self.stream_known(&loc.stream) {
+                    continue;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left.min(API_TRY), self.ensure_stream(&loc, true)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(stream = %loc.stream, error = %e, "stream not created"),
+                    Err(_) => debug!(stream = %loc.stream, "stream create or update timed out"),
+                }
+            }
+            first = false;
+            let still = self.publish_all(&pending).await?;
+            if still.is_empty() {
+                outage.recovered();
+                return Ok(());
+            }
+            pending = still.into_iter().map(|i| pending[i].clone()).collect();
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
+                return Err(TransportError::Queue {
+                    queue: pending[0].queue.to_string(),
+                    message: format!(
+                        "no stream accepted this subject within {budget:?} (the stream is missing, or its cluster has no leader)"
+                    ),
+                });
+            }
+            outage.failed(&"no responders (no stream, or its leader is being elected)");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn stream_known(&self, stream: &str) -> bool {
+        self.inner
+            .streams
+            .lock()
+            .expect("streams lock")
+            .contains(stream)
+    }
 }
 
 /// Create the stream and the durable consumers of `actors` of `namespace` and of its end
@@ -559,7 +698,10 @@ pub async fn provision(
     for (i, q) in queues.iter().enumerate() {
         let loc = Location::of(q);
         // Update the stream once per run so changed settings (duplicate window) apply.
-        t.ensure_stream(&loc, i == 0).await?;
+        if i == 0 {
+            t.setup_retrying(&loc.stream, || t.ensure_stream(&loc, true))
+                .await?;
+        }
         t.ensure_queue(q).await?;
         out.push(loc);
     }
@@ -608,6 +750,7 @@ impl Transport for NatsTransport {
             tx,
             self.inner.reconnected.clone(),
             queue.to_string(),
+            self.inner.retries.clone(),
         ));
         Ok(Box::new(NatsReceiver {
             rx,
@@ -626,20 +769,8 @@ impl Transport for NatsTransport {
         if missing.is_empty() {
             return Ok(());
         }
-        // The namespace stream does not exist yet: create it and publish those again.
         let retry: Vec<OutMessage> = missing.into_iter().map(|i| msgs[i].clone()).collect();
-        for m in &retry {
-            let loc = Location::of(&m.queue);
-            self.ensure_stream(&loc, true).await?;
-        }
-        let still = self.publish_all(&retry).await?;
-        match still.first() {
-            None => Ok(()),
-            Some(&i) => Err(TransportError::Queue {
-                queue: retry[i].queue.to_string(),
-                message: "no stream accepts this subject".into(),
-            }),
-        }
+        self.republish_missing(retry).await
     }
 
     async fn ensure_queues(&self, queues: &[QueueName]) -> Result<(), TransportError> {
@@ -671,6 +802,10 @@ impl Transport for NatsTransport {
             Err(e) => Err(broker("cannot read the consumer's counts", e)),
         }
     }
+
+    fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.inner.retries.0.set(metrics);
+    }
 }
 
 /// A pulled message and the prefetch slot it occupies.
@@ -684,7 +819,11 @@ async fn pull_loop(
     tx: mpsc::Sender<Pulled>,
     reconnected: Arc<Notify>,
     queue: String,
+    retries: Retries,
 ) {
+    // A consumer without a leader answers at once (503): back off, or we spin.
+    let mut backoff = Backoff::new(PULL_RETRY, PULL_RETRY_MAX);
+    let mut outage = Outage::new("pull", &queue, &retries);
     loop {
         let first = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -706,14 +845,15 @@ async fn pull_loop(
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                debug!(%queue, error = %e, "pull request failed");
                 drop(held);
-                tokio::select! {
-                    _ = tokio::time::sleep(PULL_RETRY) => continue,
-                    _ = tx.closed() => return,
+                outage.failed(&e);
+                if !pull_pause(&mut backoff, &tx).await {
+                    return;
                 }
+                continue;
             }
         };
+        let mut failed = None;
         loop {
             let next = tokio::select! {
                 n = batch.next() => n,
@@ -734,16 +874,135 @@ async fn pull_loop(
             match next {
                 None => break,
                 Some(Ok(msg)) => {
+                    outage.recovered();
+                    backoff.reset();
                     let permit = held.pop().expect("one slot per requested message");
                     if tx.send((msg, permit)).await.is_err() {
                         return;
                     }
                 }
                 Some(Err(e)) => {
-                    debug!(%queue, error = %e, "pull ended with an error");
+                    failed = Some(e);
                     break;
                 }
             }
+        }
+        match failed {
+            Some(e) => {
+                drop(held);
+                outage.failed(&e);
+                if !pull_pause(&mut backoff, &tx).await {
+                    return;
+                }
+            }
+            None => {
+                outage.recovered();
+                backoff.reset();
+            }
+        }
+    }
+}
+
+/// After a failed pull: wait the next backoff step. False when the receiver is gone.
+async fn pull_pause(backoff: &mut Backoff, tx: &mpsc::Sender<Pulled>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(backoff.next_delay()) => true,
+        _ = tx.closed() => false,
+    }
+}
+
+/// Exponential backoff: `initial`, doubled per step, capped at `max`.
+struct Backoff {
+    initial: Duration,
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            next: initial,
+            max,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+/// The `asya_transport_retries_total{operation}` counter, once metrics are attached.
+#[derive(Clone, Default)]
+struct Retries(Arc<std::sync::OnceLock<Arc<Metrics>>>);
+
+impl Retries {
+    fn inc(&self, operation: &'static str) {
+        if let Some(m) = self.0.get() {
+            m.transport_retries
+                .get_or_create(&crate::metrics::Operation { operation })
+                .inc();
+        }
+    }
+}
+
+/// One run of failures of an operation against the broker: a WARN when it starts (one per
+/// outage, not per retry), every retry counted, an INFO when it ends. Start-up retries also
+/// log their progress every [`Outage::PROGRESS`].
+struct Outage<'a> {
+    operation: &'static str,
+    what: String,
+    retries: &'a Retries,
+    since: Option<Instant>,
+    last_progress: Instant,
+    count: u64,
+}
+
+impl<'a> Outage<'a> {
+    const PROGRESS: Duration = Duration::from_secs(5);
+
+    fn new(operation: &'static str, what: &str, retries: &'a Retries) -> Self {
+        Outage {
+            operation,
+            what: what.to_owned(),
+            retries,
+            since: None,
+            last_progress: Instant::now(),
+            count: 0,
+        }
+    }
+
+    fn failed(&mut self, error: &dyn std::fmt::Display) {
+        self.retries.inc(self.operation);
+        self.count += 1;
+        let now = Instant::now();
+        match self.since {
+            None => {
+                self.since = Some(now);
+                self.last_progress = now;
+                warn!(operation = self.operation, target = %self.what, %error, "NATS not answering; retrying with backoff");
+            }
+            Some(since) => {
+                if self.operation == "setup" && now - self.last_progress >= Self::PROGRESS {
+                    self.last_progress = now;
+                    info!(operation = self.operation, target = %self.what, %error, waited = ?(now - since), retries = self.count, "still waiting for NATS");
+                } else {
+                    debug!(operation = self.operation, target = %self.what, %error, "retrying");
+                }
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some(since) = self.since.take() {
+            info!(operation = self.operation, target = %self.what, waited = ?since.elapsed(), retries = self.count, "NATS answering again");
+            self.count = 0;
         }
     }
 }
@@ -822,6 +1081,7 @@ impl NatsAcker {
         // Several short tries rather than one long one: a request sent just before a
         // connection drops gets no answer, and one try must not use up the whole budget.
         let per_try = (within / 6).clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let try_for = left.min(per_try).max(Duration::from_millis(50));
@@ -835,11 +1095,12 @@ impl NatsAcker {
                 Ok(Err(e)) => broker("acknowledgement not confirmed", e),
                 Err(_) => broker("acknowledgement not confirmed", "timed out"),
             };
-            if Instant::now() + Duration::from_millis(100) >= deadline {
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
                 return Err(e);
             }
             debug!(error = %e, "retrying acknowledgement");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -920,6 +1181,16 @@ mod tests {
     }
 
     #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(100), ms(500));
+        let steps: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        assert_eq!(steps, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
+        b.reset();
+        assert_eq!(b.next_delay(), ms(100));
+    }
+
+    #[test]
     fn config_errors_name_the_variable() {
         let c = NatsConfig::from_source(&[("ASYA_NAMESPACE", "n")]).unwrap();
         assert_eq!(c, NatsConfig::new("nats://127.0.0.1:4222"));
@@ -934,6 +1205,7 @@ mod tests {
             (vars::STORAGE, "disk", vars::STORAGE),
             (vars::TLS_CERT, "c.pem", vars::TLS_KEY),
             (vars::REPLICAS, "7", vars::REPLICAS),
+            (vars::STARTUP_TIMEOUT, "0s", vars::STARTUP_TIMEOUT),
         ] {
             let e = NatsConfig::from_source(&[(var.name, val)]).unwrap_err();
             assert_eq!(e.var, named, "{e}");

@@ -136,6 +136,13 @@ impl Actor {
             .collect()
     }
 
+    /// The current sidecar's exit status if it has exited (it should not).
+    pub fn sidecar_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.sidecar
+            .as_mut()
+            .and_then(|p| p.0.try_wait().ok().flatten())
+    }
+
     /// The tails of every sidecar generation's log and of the runtime's log.
     pub fn logs(&self) -> String {
         fn tail(text: &str, n: usize) -> String {

@@ -1,0 +1,63 @@
+//! Inputs found by the fuzz targets in `fuzz/` (`.ci/fuzz`), kept as tests: each one
+//! panicked before its fix.
+
+use std::sync::Arc;
+
+use asya_host::gateway::store::MemoryStore;
+use asya_host::gateway::{Flows, Gateway, SubmitRequest};
+use asya_host::transport::memory::MemoryTransport;
+
+/// `POST /tasks` with `"timeout": 1e300` panicked in `Duration::from_secs_f64`.
+#[test]
+fn submit_timeout_too_large_is_an_error() {
+    for body in [r#"{"flow":"f","timeout":1e300}"#, r#"{"timeout":"1e300"}"#] {
+        let r = serde_json::from_str::<SubmitRequest>(body);
+        assert!(r.is_err(), "{body} parsed: {r:?}");
+    }
+}
+
+/// `"timeout": 1e15` (31 million years) parsed, then overflowed the deadline date in
+/// `Gateway::submit`.
+#[tokio::test]
+async fn submit_timeout_beyond_the_calendar_is_capped() {
+    let flows: Flows = [("f".to_owned(), vec!["a".to_owned()])]
+        .into_iter()
+        .collect();
+    let gw = Gateway::new(
+        Arc::new(MemoryStore::new()),
+        Arc::new(MemoryTransport::new()),
+        "fz".into(),
+        flows,
+        "x-sink".into(),
+        "x-sump".into(),
+    );
+    let sub: SubmitRequest =
+        serde_json::from_str(r#"{"flow":"f","payload":1,"timeout":1e15}"#).unwrap();
+    let view = gw.submit(sub).await.unwrap();
+    let deadline = view.deadline_at.expect("a deadline");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&deadline).is_ok(),
+        "{deadline}"
+    );
+}
+
+/// Found by the `envelope` target on its first run: a header integer beyond 64 bits becomes
+/// a float (`1.2345678901234567e+23`) and is not even stable through a second hop. Issue #12
+/// item 1 (integers beyond 64 bits come back exactly) is h1a's; un-ignore with that fix.
+#[test]
+#[ignore = "issue #12 item 1: integers beyond 64 bits in headers (envelope.rs)"]
+fn header_integer_beyond_64_bits_round_trips() {
+    let input = br#"{"id":"e","route":{"prev":[],"curr":"a","next":[]},"headers":{"big":123456789012345678901234},"payload":1}"#;
+    let once = asya_host::envelope::Envelope::parse(input)
+        .unwrap()
+        .to_vec();
+    assert!(
+        String::from_utf8_lossy(&once).contains("123456789012345678901234"),
+        "{}",
+        String::from_utf8_lossy(&once)
+    );
+    let twice = asya_host::envelope::Envelope::parse(&once)
+        .unwrap()
+        .to_vec();
+    assert_eq!(once, twice);
+}
