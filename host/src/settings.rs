@@ -149,7 +149,11 @@ mod tests {
     fn every_default_is_valid() {
         let unset: [(&str, &str); 0] = [];
         SidecarSettings::from_source(&[("ASYA_ACTOR_NAME", "a")]).unwrap();
-        GatewaySettings::from_source(&unset).unwrap();
+        // The default address is every interface, which needs a token (or the explicit
+        // opt-out); with the opt-out every other default must parse.
+        let e = GatewaySettings::from_source(&unset).unwrap_err();
+        assert_eq!(e.var, "ASYA_GATEWAY_TOKEN", "{e}");
+        GatewaySettings::from_source(&[("ASYA_GATEWAY_AUTH", "none")]).unwrap();
         UpSettings::from_source(&unset, true).unwrap();
         let wasm = SidecarSettings::from_source(&[
             ("ASYA_ACTOR_NAME", "a"),
