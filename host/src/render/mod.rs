@@ -133,6 +133,16 @@ pub fn write_dir(
     Ok(out)
 }
 
+/// The queue of `actor` in `namespace` as text, for manifests. Names come from a validated
+/// flow file; one that cannot be a queue is printed as it would be formed, and the
+/// sidecar's own start-up check names it.
+fn queue_name(namespace: &str, actor: &str) -> String {
+    match crate::queue::QueueName::new(namespace, actor) {
+        Ok(q) => q.to_string(),
+        Err(_) => format!("asya-{namespace}-{actor}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,15 +155,5 @@ mod tests {
             "nats.nats.svc:8222"
         );
         assert_eq!(monitoring_endpoint("tls://10.0.0.1"), "10.0.0.1:8222");
-    }
-}
-
-/// The queue of `actor` in `namespace` as text, for manifests. Names come from a validated
-/// flow file; one that cannot be a queue is printed as it would be formed, and the
-/// sidecar's own start-up check names it.
-fn queue_name(namespace: &str, actor: &str) -> String {
-    match crate::queue::QueueName::new(namespace, actor) {
-        Ok(q) => q.to_string(),
-        Err(_) => format!("asya-{namespace}-{actor}"),
     }
 }

@@ -155,6 +155,8 @@ impl std::fmt::Debug for Delivery {
 
 /// A standalone sidecar's transport as configured (`ASYA_TRANSPORT` and its variables).
 #[derive(Debug, Clone, PartialEq)]
+// Built once at start-up and moved, never copied per message: the size gap is harmless.
+#[allow(clippy::large_enum_variant)]
 pub enum TransportSettings {
     /// Only inside one process (`asya-host up`); refused by [`connect`].
     Memory,
