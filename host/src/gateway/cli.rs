@@ -653,14 +653,26 @@ mod send_tests {
 }
 
 #[cfg(test)]
-mod payload_cap_tests {
+mod default_tests {
     use super::*;
+    use crate::config::parse_duration;
 
+    /// The library's defaults (used by `up`'s embedded gateway and by `Gateway::new`) and
+    /// the variables' defaults (used by `asya-host gateway` and `--help`) are one value.
     #[test]
-    fn the_payload_cap_default_is_the_gateways() {
+    fn the_library_defaults_are_the_variables_defaults() {
+        let n = |v: crate::config::Var| v.default_value().unwrap().parse::<usize>().unwrap();
+        let d = |v: crate::config::Var| parse_duration(v.default_value().unwrap()).unwrap();
         assert_eq!(
-            gvars::MAX_PAYLOAD_BYTES.default_value(),
-            Some(super::super::DEFAULT_MAX_PAYLOAD_BYTES.to_string().as_str())
+            n(gvars::MAX_PAYLOAD_BYTES),
+            super::super::DEFAULT_MAX_PAYLOAD_BYTES
         );
+        assert_eq!(
+            n(gvars::MAX_CONNECTIONS),
+            super::super::DEFAULT_MAX_CONNECTIONS
+        );
+        assert_eq!(n(gvars::MAX_TASKS), super::super::store::DEFAULT_MAX_TASKS);
+        assert_eq!(d(gvars::READ_TIMEOUT), super::super::DEFAULT_READ_TIMEOUT);
+        assert_eq!(d(gvars::RETENTION), super::super::store::DEFAULT_RETENTION);
     }
 }
