@@ -35,6 +35,12 @@ pub trait Runtime: Send + Sync {
     fn reset(&self);
     /// Wait until the runtime can take calls.
     async fn wait_ready(&self, ready_file: &Path, timeout: Duration) -> Result<(), RuntimeError>;
+    /// Is a runtime there right now (its ready file exists and something accepts
+    /// connections on its socket)? A runtime busy with long calls is there. `Err` says what
+    /// is missing. The sidecar probes this every second while it consumes.
+    async fn reachable(&self, _ready_file: &Path) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The events of a streaming (SSE) answer.
@@ -46,6 +52,9 @@ pub trait EventStream: Send + std::fmt::Debug {
     /// The next event if it has already arrived (no waiting, no I/O); `None` otherwise.
     fn next_buffered(&mut self) -> Option<Result<Option<SseEvent>, RuntimeError>>;
 }
+
+/// Bound of one reachability probe's connect.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Header carrying the per-request id.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -76,6 +85,21 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// The runtime is not there (no socket, connection refused) or went away during the
+    /// call before answering anything: a fault of the pair, not of the handler — the call
+    /// did not happen or did not finish, and the sidecar waits for the runtime instead of
+    /// counting a failure. See [`RuntimeError::is_lost`] for the second kind.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RuntimeError::Connect { .. }) || self.is_lost()
+    }
+
+    /// The connection ended before any byte of the answer (the runtime died or restarted
+    /// during the call — which a handler can cause, e.g. by running out of memory, so the
+    /// sidecar bounds how often one envelope may meet it).
+    pub fn is_lost(&self) -> bool {
+        matches!(self, RuntimeError::Http(e) if !e.is_parse() && !e.is_user() && !e.is_timeout())
+    }
+
     /// The error `type` recorded on an envelope that failed this way.
     pub fn error_type(&self) -> &'static str {
         match self {
@@ -201,6 +225,25 @@ impl RuntimeClient {
         &self.socket
     }
 
+    /// The pool (a panic elsewhere never poisons it for good: it only holds connections).
+    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`Runtime::reachable`].
+    pub async fn reachable(&self, ready_file: &Path) -> Result<(), String> {
+        if !ready_file.exists() {
+            return Err(format!("ready file {} does not exist", ready_file.display()));
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT, UnixStream::connect(&self.socket)).await {
+            Ok(Ok(_)) => Ok(()),
+            // A full accept backlog: the runtime is there, busy.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.socket.display())),
+        }
+    }
+
     async fn connect(&self) -> Result<Conn, RuntimeError> {
         let stream =
             UnixStream::connect(&self.socket)
@@ -222,7 +265,7 @@ impl RuntimeClient {
     /// A ready connection: a pooled one if any is still usable, else a new one.
     async fn checkout(&self) -> Result<Conn, RuntimeError> {
         loop {
-            let pooled = self.pool.lock().expect("pool lock").pop();
+            let pooled = self.pool().pop();
             match pooled {
                 Some(mut c) => {
                     if c.closed || c.sender.is_closed() {
@@ -239,13 +282,13 @@ impl RuntimeClient {
 
     fn checkin(&self, c: Conn) {
         if !c.closed && !c.sender.is_closed() {
-            self.pool.lock().expect("pool lock").push(c);
+            self.pool().push(c);
         }
     }
 
     /// Drop every pooled connection (after a timeout the runtime may still answer late).
     pub fn reset(&self) {
-        self.pool.lock().expect("pool lock").clear();
+        self.pool().clear();
     }
 
     async fn request(
@@ -435,5 +478,9 @@ impl Runtime for RuntimeClient {
 
     async fn wait_ready(&self, ready_file: &Path, timeout: Duration) -> Result<(), RuntimeError> {
         RuntimeClient::wait_ready(self, ready_file, timeout).await
+    }
+
+    async fn reachable(&self, ready_file: &Path) -> Result<(), String> {
+        RuntimeClient::reachable(self, ready_file).await
     }
 }
