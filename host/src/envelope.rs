@@ -246,7 +246,7 @@ impl Envelope {
             headers: Map::new(),
             payload,
             status: None,
-            extra: Map::new(),
+            extra: RawMap::new(),
         }
     }
 
@@ -552,8 +552,8 @@ mod tests {
         assert!(with_id(&long).unwrap_err().to_string().contains("1024"));
         assert!(with_id(&long[1..]).is_ok());
         assert!(with_id("ordinary-id_42:ünïcode").is_ok());
-        let e = Envelope::parse(br#"{"id":"e","parent_id":"p\r","route":{"curr":"a"}}"#)
-            .unwrap_err();
+        let e =
+            Envelope::parse(br#"{"id":"e","parent_id":"p\r","route":{"curr":"a"}}"#).unwrap_err();
         assert!(e.to_string().contains("parent_id"), "{e}");
     }
 
@@ -571,16 +571,28 @@ mod tests {
                 r#"{"id":"e","route":{"curr":"b"},"status":{"deadline_at":"tomorrow"}}"#,
                 "deadline_at \"tomorrow\"",
             ),
-            (r#"{"id":"e","route":{"curr":"b","next":["c",""]}}"#, "route.next[1]"),
-            (r#"{"id":"e","route":{"curr":"b","next":["a.b"]}}"#, "route.next[0]"),
-            (r#"{"id":"e","route":{"curr":"b","next":[">"]}}"#, "route.next[0]"),
+            (
+                r#"{"id":"e","route":{"curr":"b","next":["c",""]}}"#,
+                "route.next[1]",
+            ),
+            (
+                r#"{"id":"e","route":{"curr":"b","next":["a.b"]}}"#,
+                "route.next[0]",
+            ),
+            (
+                r#"{"id":"e","route":{"curr":"b","next":[">"]}}"#,
+                "route.next[0]",
+            ),
             (r#"{"id":"e","route":{"curr":"b c"}}"#, "route.curr"),
         ] {
             let e = env(text).check(256).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
         // the end of the route is not an actor name
-        assert_eq!(env(r#"{"id":"e","route":{"prev":["a"],"curr":""}}"#).check(9), Ok(()));
+        assert_eq!(
+            env(r#"{"id":"e","route":{"prev":["a"],"curr":""}}"#).check(9),
+            Ok(())
+        );
     }
 
     #[test]

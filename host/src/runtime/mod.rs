@@ -165,42 +165,45 @@ type Connection = hyper::client::conn::http1::Connection<TokioIo<UnixStream>, Fu
 /// costs no cross-task wake-ups, which is most of an HTTP client's overhead on a socket.
 pub(crate) struct Conn {
     sender: Sender,
-    conn: std::pin::Pin<Box<Connection>>,
-    closed: bool,
+    /// `None` once the connection ended: it is dropped at once, because hyper fails the
+    /// requests still waiting on a connection only when the connection is dropped — kept,
+    /// a request on a connection the runtime closed waited for ever (a dead runtime became
+    /// "did not answer within <timeout>").
+    conn: Option<std::pin::Pin<Box<Connection>>>,
 }
 
 impl Conn {
     /// Await `fut` while polling the connection (reads, writes, keep-alive bookkeeping).
-    /// Once the connection has ended, `fut` still completes from what was already read.
+    /// Once the connection has ended, `fut` still completes from what was already read (or
+    /// fails: the connection is gone).
     pub(crate) async fn drive<F: std::future::Future>(&mut self, fut: F) -> F::Output {
-        drive(&mut self.conn, &mut self.closed, fut).await
+        drive(&mut self.conn, fut).await
     }
 
-    /// Wait until the connection can take a request.
-    async fn ready(&mut self) -> Result<(), hyper::Error> {
-        let Conn {
-            sender,
-            conn,
-            closed,
-        } = self;
-        drive(conn, closed, sender.ready()).await
+    fn is_closed(&self) -> bool {
+        self.conn.is_none() || self.sender.is_closed()
+    }
+
+    /// Wait until the connection can take a request; false when it cannot (it ended).
+    async fn ready(&mut self) -> bool {
+        let ok = drive(&mut self.conn, self.sender.ready()).await.is_ok();
+        ok && !self.is_closed()
     }
 }
 
 async fn drive<F: std::future::Future>(
-    conn: &mut std::pin::Pin<Box<Connection>>,
-    closed: &mut bool,
+    conn: &mut Option<std::pin::Pin<Box<Connection>>>,
     fut: F,
 ) -> F::Output {
     tokio::pin!(fut);
     loop {
-        if *closed {
+        let Some(c) = conn.as_mut() else {
             return fut.await;
-        }
+        };
         tokio::select! {
             biased;
             out = &mut fut => return out,
-            _ = conn.as_mut() => *closed = true,
+            _ = c.as_mut() => *conn = None,
         }
     }
 }
@@ -233,7 +236,10 @@ impl RuntimeClient {
     /// See [`Runtime::reachable`].
     pub async fn reachable(&self, ready_file: &Path) -> Result<(), String> {
         if !ready_file.exists() {
-            return Err(format!("ready file {} does not exist", ready_file.display()));
+            return Err(format!(
+                "ready file {} does not exist",
+                ready_file.display()
+            ));
         }
         match tokio::time::timeout(PROBE_TIMEOUT, UnixStream::connect(&self.socket)).await {
             Ok(Ok(_)) => Ok(()),
@@ -257,8 +263,7 @@ impl RuntimeClient {
             .await?;
         Ok(Conn {
             sender,
-            conn: Box::pin(conn),
-            closed: false,
+            conn: Some(Box::pin(conn)),
         })
     }
 
@@ -268,10 +273,10 @@ impl RuntimeClient {
             let pooled = self.pool().pop();
             match pooled {
                 Some(mut c) => {
-                    if c.closed || c.sender.is_closed() {
+                    if c.is_closed() {
                         continue;
                     }
-                    if c.ready().await.is_ok() && !c.closed {
+                    if c.ready().await {
                         return Ok(c);
                     }
                 }
@@ -281,7 +286,7 @@ impl RuntimeClient {
     }
 
     fn checkin(&self, c: Conn) {
-        if !c.closed && !c.sender.is_closed() {
+        if !c.is_closed() {
             self.pool().push(c);
         }
     }

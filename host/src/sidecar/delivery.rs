@@ -489,7 +489,8 @@ async fn publish(s: &Shared, log: &mut HopLog, outputs: Vec<Output>) -> Result<(
             let took = t.elapsed();
             for i in accepted.duplicates {
                 s.metrics.duplicates.inc();
-                if let (Some((queue, _, _, envelope_id)), Some(msg_id)) = (sent.get(i), ids.get(i)) {
+                if let (Some((queue, _, _, envelope_id)), Some(msg_id)) = (sent.get(i), ids.get(i))
+                {
                     debug!(%queue, %envelope_id, %msg_id, "the broker already had this output (a redelivery): not stored twice");
                 }
             }
@@ -500,7 +501,7 @@ async fn publish(s: &Shared, log: &mut HopLog, outputs: Vec<Output>) -> Result<(
             Ok(())
         }
         Err(e) if !e.is_retryable() => {
-            s.metrics.failed(FailReason::TransportError);
+            // Counted with the x-sump plan that follows (`plan::unsendable`).
             debug!(error = %e, "an output can never be sent; the input goes to x-sump");
             Err(Unpublished::Never(e))
         }

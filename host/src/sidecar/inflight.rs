@@ -109,22 +109,14 @@ pub struct InflightGuard {
 
 impl InflightGuard {
     pub fn identify(&self, envelope_id: &str, trace_id: &str) {
-        if let Some(e) = self
-            .registry
-            .entries()
-            .get_mut(&self.key)
-        {
+        if let Some(e) = self.registry.entries().get_mut(&self.key) {
             e.envelope_id = envelope_id.to_owned();
             e.trace_id = trace_id.to_owned();
         }
     }
 
     pub fn stage(&self, stage: Stage) {
-        if let Some(e) = self
-            .registry
-            .entries()
-            .get_mut(&self.key)
-        {
+        if let Some(e) = self.registry.entries().get_mut(&self.key) {
             e.stage = stage;
         }
     }
@@ -132,8 +124,6 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.registry
-            .entries()
-            .remove(&self.key);
+        self.registry.entries().remove(&self.key);
     }
 }

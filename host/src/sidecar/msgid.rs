@@ -160,7 +160,10 @@ mod tests {
             MsgId::expired("e", g, 0).to_string(),
             format!("e:{g}:0:expired")
         );
-        assert_eq!(MsgId::abort("e", g, 4).to_string(), format!("e:{g}:4:abort"));
+        assert_eq!(
+            MsgId::abort("e", g, 4).to_string(),
+            format!("e:{g}:4:abort")
+        );
         assert_eq!(MsgId::unparseable("u").to_string(), "u:sump");
         assert_eq!(g.to_string().len(), 16);
         // XXH3-64 as specified (its published test vector for the empty input): the

@@ -306,8 +306,10 @@ pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
     let res = &h.rules.resiliency;
     if let Err(msg) = input.check(h.rules.max_hops) {
         let err = ErrorInfo::new("ValidationError", msg.clone());
-        let plan = sump_input(h, Reason::ValidationError, Some(err))
-            .failed(FailReason::ValidationError, format!("invalid envelope: {msg}"));
+        let plan = sump_input(h, Reason::ValidationError, Some(err)).failed(
+            FailReason::ValidationError,
+            format!("invalid envelope: {msg}"),
+        );
         return Err(Box::new(plan));
     }
     if input.route.curr != *h.rules.actor {

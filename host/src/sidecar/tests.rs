@@ -155,6 +155,15 @@ impl Loop {
         out
     }
 
+    /// Wait until the sidecar consumes (its runtime answered).
+    async fn ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.readiness.is_ready() {
+            assert!(Instant::now() < deadline, "sidecar not ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn batches(&self) -> Vec<usize> {
         self.t.batches.lock().unwrap().clone()
     }
@@ -403,6 +412,7 @@ async fn an_unreachable_runtime_holds_the_delivery_until_it_is_back() {
     // Ready at start, off before the delivery arrives.
     on.store(true, SeqCst);
     let l = start(Arc::new(rt), |c| c.ready_timeout = Duration::from_secs(30));
+    l.ready().await;
     on.store(false, SeqCst);
     l.send(input("e1")).await;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -432,7 +442,10 @@ async fn a_runtime_that_stays_away_hands_the_delivery_back() {
         on: on.clone(),
         calls: Default::default(),
     };
-    let l = start(Arc::new(rt), |c| c.ready_timeout = Duration::from_millis(300));
+    let l = start(Arc::new(rt), |c| {
+        c.ready_timeout = Duration::from_millis(300)
+    });
+    l.ready().await;
     on.store(false, SeqCst);
     l.send(input("e1")).await;
     let exit = tokio::time::timeout(Duration::from_secs(5), l.task)

@@ -589,8 +589,13 @@ impl NatsTransport {
         };
         // The fallible constructor: `From<&str>` asserts on CR/LF (ids are validated before
         // they get here; this keeps a bug from becoming a panic).
-        let id = async_nats::HeaderValue::from_str(&msg.id)
-            .map_err(|e| rejected(format!("message id {:?} is not a header value: {e}", msg.id)))?;
+        let id =
+            <async_nats::HeaderValue as std::str::FromStr>::from_str(&msg.id).map_err(|e| {
+                rejected(format!(
+                    "message id {:?} is not a header value: {e}",
+                    msg.id
+                ))
+            })?;
         let publish = jetstream::message::PublishMessage::build()
             .payload(msg.body.clone())
             .header(async_nats::header::NATS_MESSAGE_ID, id);
@@ -681,7 +686,11 @@ impl NatsTransport {
                 outage.recovered();
                 return Ok(());
             }
-            pending = out.missing.into_iter().map(|i| pending[i].clone()).collect();
+            pending = out
+                .missing
+                .into_iter()
+                .map(|i| pending[i].clone())
+                .collect();
             let delay = backoff.next_delay();
             if Instant::now() + delay >= deadline {
                 return Err(TransportError::Queue {
@@ -803,7 +812,11 @@ impl Transport for NatsTransport {
         if out.missing.is_empty() {
             return Ok(sent);
         }
-        let retry = out.missing.into_iter().map(|i| (i, msgs[i].clone())).collect();
+        let retry = out
+            .missing
+            .into_iter()
+            .map(|i| (i, msgs[i].clone()))
+            .collect();
         self.republish_missing(retry, &mut sent).await?;
         Ok(sent)
     }

@@ -277,7 +277,10 @@ fn a_frame_that_rewrites_history_sends_the_input_to_sump_and_skips_the_policy() 
         "as before: the hop itself succeeded"
     );
     let [o] = &p.outputs[..] else { panic!() };
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, mid("1:0:sump").as_str()));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sump, mid("1:0:sump").as_str())
+    );
     assert_eq!(
         o.envelope.payload.get(),
         r#"{"k":1}"#,
@@ -321,7 +324,10 @@ fn a_frame_for_an_actor_no_queue_can_name_goes_to_sump() {
     assert_eq!(reasons(&p), [FailReason::RouteMismatch]);
     assert_eq!(p.outputs[0].kind, MessageType::Routing);
     let o = &p.outputs[1];
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, mid("1:1:sump").as_str()));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sump, mid("1:1:sump").as_str())
+    );
     assert_eq!(status(o).reason, Some(Reason::RouteMismatch));
 }
 
@@ -408,7 +414,10 @@ fn policy_send_to_sink_ends_the_route_succeeded() {
         ))),
     );
     let o = &p.outputs[0];
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sink, mid("1:0").as_str()));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sink, mid("1:0").as_str())
+    );
     assert_eq!(status(o).phase, Some(Phase::Succeeded));
 }
 
@@ -427,7 +436,10 @@ fn policy_rejections_and_failures_send_the_frame_to_sump_with_the_reason() {
         );
         assert_eq!(reasons(&p), [FailReason::PolicyRejected]);
         let o = &p.outputs[0];
-        assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, mid("1:0:sump").as_str()));
+        assert_eq!(
+            (o.kind, o.id.as_str()),
+            (MessageType::Sump, mid("1:0:sump").as_str())
+        );
         assert_eq!(o.envelope.payload.get(), "2", "the frame, not the input");
         let st = status(o);
         assert_eq!(st.reason, Some(Reason::PolicyRejected));
@@ -441,7 +453,10 @@ fn no_frames_or_204_send_the_input_to_sink_as_succeeded() {
     let h = hop(&r, &i, 1);
     let p = after_invoke(&h, call(Answer::Abort));
     let [o] = &p.outputs[..] else { panic!() };
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sink, mid("1:abort").as_str()));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sink, mid("1:abort").as_str())
+    );
     assert_eq!(o.envelope.payload.get(), r#"{"k":1}"#);
     assert_eq!(status(o).reason, Some(Reason::Completed));
     assert_eq!(p.processed, Some(Processed::Success));
@@ -591,7 +606,10 @@ fn a_call_cut_by_the_deadline_is_a_runtime_timeout() {
         assert!(p.reset_runtime);
         assert_eq!(reasons(&p), [FailReason::Timeout]);
         let o = &p.outputs[0];
-        assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, mid("1:sump").as_str()));
+        assert_eq!(
+            (o.kind, o.id.as_str()),
+            (MessageType::Sump, mid("1:sump").as_str())
+        );
         let st = status(o);
         assert_eq!(st.reason, Some(Reason::Timeout));
         let msg = &st.error.as_ref().unwrap().message;
@@ -607,8 +625,14 @@ fn invalid_envelopes_go_to_sump_before_anything_else() {
             r#"{"id":"e1","route":{"curr":"a"},"status":{"deadline_at":"soon"}}"#,
             "deadline_at",
         ),
-        (r#"{"id":"e1","route":{"curr":"a","next":["b.c"]}}"#, "route.next[0]"),
-        (r#"{"id":"e1","route":{"curr":"a","next":[""]}}"#, "route.next[0]"),
+        (
+            r#"{"id":"e1","route":{"curr":"a","next":["b.c"]}}"#,
+            "route.next[0]",
+        ),
+        (
+            r#"{"id":"e1","route":{"curr":"a","next":[""]}}"#,
+            "route.next[0]",
+        ),
         // validation comes before the route check (`curr` is not even a name)
         (r#"{"id":"e1","route":{"curr":"a b"}}"#, "route.curr"),
     ] {
@@ -638,7 +662,12 @@ fn too_many_frames_send_the_input_to_sump_once() {
     assert_eq!(p.settle, Settlement::Ack, "never retried");
     let st = status(&p.outputs[0]);
     assert_eq!(st.reason, Some(Reason::NonRetryableFailure));
-    assert!(st.error.as_ref().unwrap().message.contains("ASYA_MAX_FRAMES (1024)"));
+    assert!(st
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("ASYA_MAX_FRAMES (1024)"));
 }
 
 #[test]
@@ -657,7 +686,11 @@ fn an_unsendable_output_sends_the_input_to_sump_cut_to_fit() {
     assert_eq!(o.kind, MessageType::Sump);
     let bytes = o.envelope.to_vec();
     assert!(bytes.len() <= 64 * 1024 - FIT_MARGIN, "{}", bytes.len());
-    assert!(bytes.len() > 32 * 1024, "kept as much as fits: {}", bytes.len());
+    assert!(
+        bytes.len() > 32 * 1024,
+        "kept as much as fits: {}",
+        bytes.len()
+    );
     let st = status(o);
     let msg = &st.error.as_ref().unwrap().message;
     assert!(msg.contains("max payload size exceeded"), "{msg}");
