@@ -56,8 +56,8 @@ pub(super) fn handle(s: &Shared, delivery: Delivery) -> impl Future<Output = Han
 /// What [`process`] works with for one delivery.
 struct Ctx<'a> {
     s: &'a Shared,
+    /// `hop.input` is the envelope with its processing status stamped.
     hop: Hop<'a>,
-    body: &'a Bytes,
     guard: &'a InflightGuard,
 }
 
@@ -89,14 +89,14 @@ async fn handle_in(s: &Shared, delivery: Delivery, span: Span) -> Handled {
             let plan = plan::unparseable(&hop, &e);
             (apply(s, &mut log, plan).await, None)
         }
-        Ok(env) => {
+        Ok(mut env) => {
             guard.identify(&env.id, env.trace_id());
             span.record("envelope_id", env.id.as_str());
             span.record("trace_id", env.trace_id());
             if s.cfg.is_end_actor {
                 debug!("end of route");
                 let settle = apply(s, &mut log, plan::end_of_route(&s.rules)).await;
-                if let Some(r) = &s.reporter {
+                if let Some(r) = s.reporter.as_ref().filter(|_| plan::reports_wanted(&env)) {
                     r.report(Report::Final {
                         actor: s.actor.to_string(),
                         envelope: env,
@@ -104,6 +104,9 @@ async fn handle_in(s: &Shared, delivery: Delivery, span: Span) -> Handled {
                 }
                 (settle, None)
             } else {
+                let now = Utc::now();
+                let traceparent = hop_traceparent(&env, &span);
+                plan::stamp_processing(&s.rules, &mut env, attempt, now);
                 let cx = Ctx {
                     s,
                     hop: Hop {
@@ -111,10 +114,9 @@ async fn handle_in(s: &Shared, delivery: Delivery, span: Span) -> Handled {
                         input: &env,
                         hop: env.route.prev.len(),
                         attempt,
-                        now: Utc::now(),
-                        traceparent: hop_traceparent(&env, &span),
+                        now,
+                        traceparent,
                     },
-                    body: &body,
                     guard: &guard,
                 };
                 // Keep the broker from redelivering while we work (NATS: +WPI every ack_wait/2).
@@ -153,10 +155,12 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
         Err(plan) => return apply(s, log, *plan).await,
     };
     cx.guard.stage(Stage::Invoking);
+    // The handler sees the stamped status: one serialisation of the envelope.
+    let body = Bytes::from(cx.hop.input.to_vec());
     let call_start = Instant::now();
     let reply = s
         .runtime
-        .invoke(cx.body.clone(), call_start + invoke.timeout)
+        .invoke(body, call_start + invoke.timeout)
         .await;
     cx.guard.stage(Stage::Routing);
     let called = |log: &mut HopLog| {
@@ -171,8 +175,7 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
         }
         Ok(Reply::Frames(frames)) => {
             called(log);
-            let fanout = frames.len() > 1;
-            Answer::Frames(route_frames(&cx, frames, 0, fanout).await)
+            Answer::Frames(route_frames(&cx, frames, 0).await)
         }
         Ok(Reply::Stream(stream)) => {
             let answer = stream_frames(&cx, log, stream).await;
@@ -203,10 +206,10 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
 
 /// Route frames (numbered from `first`): the pure rules per frame, with the policy's
 /// decision for those that keep the route rules.
-async fn route_frames(cx: &Ctx<'_>, frames: Vec<Frame>, first: usize, fanout: bool) -> Routed {
+async fn route_frames(cx: &Ctx<'_>, frames: Vec<Frame>, first: usize) -> Routed {
     let mut routed = Routed::default();
     for (i, frame) in frames.into_iter().enumerate() {
-        let cand = plan::candidate(&cx.hop, first + i, fanout, frame);
+        let cand = plan::candidate(&cx.hop, first + i, frame);
         let decision = match &cx.s.policy {
             Some(p) if cand.wants_policy() => Some(
                 p.decide(cx.hop.input, &cand.envelope)
@@ -247,9 +250,12 @@ async fn stream_frames(cx: &Ctx<'_>, log: &mut HopLog, mut stream: Box<dyn Event
         };
         if !batch.is_empty() {
             let n = batch.len();
-            let routed = route_frames(cx, batch, index, true).await;
+            let routed = route_frames(cx, batch, index).await;
             index += n;
             count_failures(cx.s, &routed.failures);
+            if log.paused.is_none() {
+                log.paused = routed.paused;
+            }
             if let Err(info) = publish(cx.s, log, routed.outputs).await {
                 return Answer::Unpublished(info);
             }
@@ -262,7 +268,7 @@ async fn stream_frames(cx: &Ctx<'_>, log: &mut HopLog, mut stream: Box<dyn Event
 
 fn upstream(cx: &Ctx<'_>, payload: serde_json::Value) {
     debug!("upstream event");
-    if let Some(r) = &cx.s.reporter {
+    if let Some(r) = cx.s.reporter.as_ref().filter(|_| plan::reports_wanted(cx.hop.input)) {
         r.report(Report::Upstream {
             envelope_id: cx.hop.input.id.clone(),
             trace_id: cx.hop.input.trace_id().to_owned(),
@@ -285,6 +291,7 @@ async fn apply(s: &Shared, log: &mut HopLog, plan: Plan) -> Settlement {
         reset_runtime,
         id_mismatch,
         on_publish_failure,
+        paused,
     } = plan;
     count_failures(s, &failures);
     if id_mismatch {
@@ -295,6 +302,9 @@ async fn apply(s: &Shared, log: &mut HopLog, plan: Plan) -> Settlement {
     }
     if error.is_some() {
         log.error = error;
+    }
+    if paused.is_some() {
+        log.paused = paused;
     }
     if publish(s, log, outputs).await.is_err() {
         return Settlement::Retry(on_publish_failure);
@@ -380,6 +390,7 @@ async fn settle_in(s: &Shared, h: Handled) {
     let settled = match settle {
         Settlement::Ack | Settlement::AckThenExit => acker.ack().await,
         Settlement::Retry(delay) => {
+            let delay = s.rules.resiliency.jittered(delay, unit_sample());
             debug!(attempt, ?delay, "retrying");
             m.sent(
                 s.queue.as_str(),
@@ -400,11 +411,13 @@ async fn settle_in(s: &Shared, h: Handled) {
     m.processing_duration.observe(took.as_secs_f64());
     m.active.dec();
     drop(guard);
+    let report = report.filter(|(env, _)| plan::reports_wanted(env));
     if let (Some(r), Some((env, received_at))) = (&s.reporter, report) {
         let HopLog {
             sent,
             runtime,
             error,
+            paused,
         } = log;
         r.report(Report::Hop(HopReport {
             actors_completed: env.route.prev.len() + 1,
@@ -420,8 +433,14 @@ async fn settle_in(s: &Shared, h: Handled) {
             retried: matches!(settle, Settlement::Retry(_)),
             attempt,
             error,
+            paused,
         }));
     }
+}
+
+/// A random number in [0, 1) for the retry jitter.
+fn unit_sample() -> f64 {
+    (uuid::Uuid::new_v4().as_u64_pair().0 >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Run `work`, calling [`Acker::in_progress`] every [`Acker::progress_interval`] meanwhile

@@ -29,6 +29,8 @@ enum Kind {
     Expired { hop: usize },
     /// The input sent to x-sink because the handler returned nothing: `<id>:<hop>:abort`.
     Abort { hop: usize },
+    /// The input sent to its `_on_error` actor at hop `hop`: `<id>:<hop>:on_error`.
+    OnError { hop: usize },
     /// Bytes that are not an envelope, sent to x-sump: `<uuid of the bytes>:sump`.
     Unparseable,
 }
@@ -70,6 +72,13 @@ impl<'a> MsgId<'a> {
         }
     }
 
+    pub fn on_error(input: &'a str, hop: usize) -> Self {
+        MsgId {
+            input,
+            kind: Kind::OnError { hop },
+        }
+    }
+
     /// The x-sump message of bytes that are not an envelope; `envelope_id` is
     /// [`unparseable_envelope_id`] of those bytes.
     pub fn unparseable(envelope_id: &'a str) -> Self {
@@ -95,6 +104,7 @@ impl fmt::Display for MsgId<'_> {
             Kind::Sump { hop } => write!(f, "{id}:{hop}:sump"),
             Kind::Expired { hop } => write!(f, "{id}:{hop}:expired"),
             Kind::Abort { hop } => write!(f, "{id}:{hop}:abort"),
+            Kind::OnError { hop } => write!(f, "{id}:{hop}:on_error"),
             Kind::Unparseable => write!(f, "{id}:sump"),
         }
     }
@@ -117,6 +127,7 @@ mod tests {
         assert_eq!(MsgId::sump("e", 1).to_string(), "e:1:sump");
         assert_eq!(MsgId::expired("e", 0).to_string(), "e:0:expired");
         assert_eq!(MsgId::abort("e", 4).to_string(), "e:4:abort");
+        assert_eq!(MsgId::on_error("e", 4).to_string(), "e:4:on_error");
         assert_eq!(MsgId::unparseable("u").to_string(), "u:sump");
     }
 
