@@ -171,7 +171,7 @@ impl Mesh {
         let actor = Actor {
             stop,
             task,
-            _runtime: runtime,
+            _runtime: Proc(runtime),
             dir,
         };
         let started = Instant::now();

@@ -432,7 +432,12 @@ fn policy_rejections_and_failures_send_the_frame_to_sump_with_the_reason() {
         assert_eq!(reasons(&p), [FailReason::PolicyRejected]);
         let o = &p.outputs[0];
         assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, "e1:1:0:sump"));
-        assert_eq!(o.envelope.payload.get(), "2", "the frame, not the input");
+        assert_eq!(
+            sump_shape(o)["original_payload"],
+            2,
+            "the frame, not the input"
+        );
+        assert_eq!(sump_shape(o)["error"], "policy_rejected");
         let st = status(o);
         assert_eq!(st.reason, Some(Reason::PolicyRejected));
         assert_eq!(st.error.as_ref().unwrap().message, "no");
