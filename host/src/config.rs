@@ -549,9 +549,9 @@ impl Resiliency {
         // Upstream Asya's names are aliases: each read in place of ours when ours is unset.
         let pick = |ours: Var, theirs: Var| -> Result<Var, ConfigError> {
             match (r.raw(ours), r.raw(theirs)) {
-                (Some(_), Some(_)) => Err(theirs.error(format!(
-                    "is an alias of {ours}; set only one of the two"
-                ))),
+                (Some(_), Some(_)) => {
+                    Err(theirs.error(format!("is an alias of {ours}; set only one of the two")))
+                }
                 (None, Some(_)) => Ok(theirs),
                 _ => Ok(ours),
             }
@@ -911,9 +911,18 @@ mod tests {
         assert_eq!(r.backoff(9), Duration::from_secs(3));
         assert!(r.jitter);
         // Jitter: [0.5, 1.5) of the delay, never above the cap.
-        assert_eq!(r.jittered(Duration::from_secs(1), 0.0), Duration::from_millis(500));
-        assert_eq!(r.jittered(Duration::from_secs(1), 0.5), Duration::from_secs(1));
-        assert_eq!(r.jittered(Duration::from_secs(3), 0.99), Duration::from_secs(3));
+        assert_eq!(
+            r.jittered(Duration::from_secs(1), 0.0),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            r.jittered(Duration::from_secs(1), 0.5),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            r.jittered(Duration::from_secs(3), 0.99),
+            Duration::from_secs(3)
+        );
         assert_eq!(
             Resiliency::default().jittered(Duration::from_secs(1), 0.0),
             Duration::from_secs(1),
@@ -939,8 +948,8 @@ mod tests {
         let zero =
             Resiliency::from_source(&[("ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS", "0")]).unwrap_err();
         assert_eq!(zero.var, "ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS");
-        let bad = Resiliency::from_source(&[("ASYA_RESILIENCY_RETRY_POLICY", "linear")])
-            .unwrap_err();
+        let bad =
+            Resiliency::from_source(&[("ASYA_RESILIENCY_RETRY_POLICY", "linear")]).unwrap_err();
         assert_eq!(bad.var, "ASYA_RESILIENCY_RETRY_POLICY");
     }
 }

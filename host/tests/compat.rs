@@ -188,7 +188,10 @@ impl Mesh {
 
     async fn send(&self, env: Value) {
         let q = self.queue(env["route"]["curr"].as_str().unwrap());
-        self.t.ensure_queues(std::slice::from_ref(&q)).await.unwrap();
+        self.t
+            .ensure_queues(std::slice::from_ref(&q))
+            .await
+            .unwrap();
         self.t
             .send(OutMessage {
                 id: format!("in-{}", env["id"].as_str().unwrap()),
@@ -297,8 +300,14 @@ def handler(payload):
     assert_eq!(out["id"], "e1");
     let st = &out["status"];
     assert_eq!(st["phase"], "succeeded");
-    assert_eq!((st["attempt"].clone(), st["max_attempts"].clone()), (json!(3), json!(3)));
-    let (created, updated) = (st["created_at"].as_str().unwrap(), st["updated_at"].as_str().unwrap());
+    assert_eq!(
+        (st["attempt"].clone(), st["max_attempts"].clone()),
+        (json!(3), json!(3))
+    );
+    let (created, updated) = (
+        st["created_at"].as_str().unwrap(),
+        st["updated_at"].as_str().unwrap(),
+    );
     assert!(created <= updated, "{created} <= {updated}");
     m.stop().await;
 }
@@ -326,7 +335,11 @@ async fn a_route_override_reaches_the_physical_actor_with_the_audit_header() {
     .await;
     let out = sink.next("x-sink").await;
     assert_eq!(out["payload"], json!({"k": 1, "by": "b2"}), "{}", m.logs());
-    assert_eq!(out["route"]["prev"], json!(["a", "b"]), "the route keeps the logical name");
+    assert_eq!(
+        out["route"]["prev"],
+        json!(["a", "b"]),
+        "the route keeps the logical name"
+    );
     assert_eq!(
         out["headers"]["x-asya-route-resolved"],
         json!({"b": {"target": "b2", "by": "a"}})
@@ -393,12 +406,20 @@ async fn non_retryable_matches_the_mro_and_sump_has_upstreams_shape() {
     )
     .await;
     let mut sump = m.consumer("x-sump").await;
-    m.send(envelope("e1", &["a", "b"], json!({}), json!({"doc": [1, 2]})))
-        .await;
+    m.send(envelope(
+        "e1",
+        &["a", "b"],
+        json!({}),
+        json!({"doc": [1, 2]}),
+    ))
+    .await;
     let out = sump.next("x-sump").await;
     let st = &out["status"];
     assert_eq!(st["reason"], "NonRetryableFailure", "{out}\n{}", m.logs());
-    assert_eq!((st["attempt"].clone(), st["max_attempts"].clone()), (json!(1), json!(3)));
+    assert_eq!(
+        (st["attempt"].clone(), st["max_attempts"].clone()),
+        (json!(1), json!(3))
+    );
     assert_eq!(st["error"]["type"], "MemoryError");
     let p = &out["payload"];
     assert_eq!(p["error"], "processing_error");
@@ -408,7 +429,10 @@ async fn non_retryable_matches_the_mro_and_sump_has_upstreams_shape() {
         .as_array()
         .unwrap()
         .contains(&json!("Exception")));
-    assert!(p["details"]["traceback"].as_str().unwrap().contains("MemoryError"));
+    assert!(p["details"]["traceback"]
+        .as_str()
+        .unwrap()
+        .contains("MemoryError"));
     assert_eq!(p["original_payload"], json!({"doc": [1, 2]}));
     assert_eq!(out["id"], "e1");
     m.stop().await;
@@ -430,8 +454,13 @@ def handler(payload):
     )
     .await;
     let mut sink = m.consumer("x-sink").await;
-    m.send(envelope("quiet", &["a"], json!({"x-asya-mesh-status": "off"}), json!({"n": 1})))
-        .await;
+    m.send(envelope(
+        "quiet",
+        &["a"],
+        json!({"x-asya-mesh-status": "off"}),
+        json!({"n": 1}),
+    ))
+    .await;
     let out = sink.next("x-sink").await;
     assert_eq!(out["id"], "quiet", "{}", m.logs());
     m.send(envelope("one", &["a"], json!({}), json!({"n": 1})))

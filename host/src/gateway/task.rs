@@ -308,10 +308,7 @@ impl Task {
         // The first frame of a call keeps the input's id, so one id can end twice: a streamed
         // frame at x-sink and the input at x-sump when the stream then failed. The end actor
         // and the reason tell them apart; a redelivered copy has the same ones.
-        let key = format!(
-            "final:{}:{}:{:?}",
-            f.actor, f.envelope_id, f.reason
-        );
+        let key = format!("final:{}:{}:{:?}", f.actor, f.envelope_id, f.reason);
         if !self.counted.insert(key) {
             return;
         }

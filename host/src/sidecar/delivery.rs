@@ -158,10 +158,7 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
     // The handler sees the stamped status: one serialisation of the envelope.
     let body = Bytes::from(cx.hop.input.to_vec());
     let call_start = Instant::now();
-    let reply = s
-        .runtime
-        .invoke(body, call_start + invoke.timeout)
-        .await;
+    let reply = s.runtime.invoke(body, call_start + invoke.timeout).await;
     cx.guard.stage(Stage::Routing);
     let called = |log: &mut HopLog| {
         let took = call_start.elapsed();
@@ -268,7 +265,11 @@ async fn stream_frames(cx: &Ctx<'_>, log: &mut HopLog, mut stream: Box<dyn Event
 
 fn upstream(cx: &Ctx<'_>, payload: serde_json::Value) {
     debug!("upstream event");
-    if let Some(r) = cx.s.reporter.as_ref().filter(|_| plan::reports_wanted(cx.hop.input)) {
+    if let Some(r) =
+        cx.s.reporter
+            .as_ref()
+            .filter(|_| plan::reports_wanted(cx.hop.input))
+    {
         r.report(Report::Upstream {
             envelope_id: cx.hop.input.id.clone(),
             trace_id: cx.hop.input.trace_id().to_owned(),

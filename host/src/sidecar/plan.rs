@@ -293,7 +293,12 @@ pub(crate) fn end_of_route(rules: &Rules) -> Plan {
 /// this actor, the attempt (1-based delivery count) and `max_attempts`, `created_at` when
 /// missing (kept otherwise), `updated_at` now. A previous `status.error` is kept (an
 /// `_on_error` handler reads it); `reason` is cleared.
-pub(crate) fn stamp_processing(rules: &Rules, env: &mut Envelope, attempt: u32, now: DateTime<Utc>) {
+pub(crate) fn stamp_processing(
+    rules: &Rules,
+    env: &mut Envelope,
+    attempt: u32,
+    now: DateTime<Utc>,
+) {
     let ts = timestamp(now);
     let st = env.status_mut();
     st.phase = Some(Phase::Processing);
@@ -440,7 +445,11 @@ pub(crate) fn route_frame(
     } else {
         let logical = out.route.curr.clone();
         let physical = route_override(&out, &logical).map(str::to_owned);
-        match h.rules.queue.sibling(physical.as_deref().unwrap_or(&logical)) {
+        match h
+            .rules
+            .queue
+            .sibling(physical.as_deref().unwrap_or(&logical))
+        {
             Ok(queue) => {
                 if let Some(target) = physical {
                     resolved(h, &mut out, logical, target);
@@ -547,9 +556,7 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
             plan.id_mismatch = matches!(e, RuntimeError::RequestIdMismatch { .. });
             plan
         }
-        Answer::Handler(info) => {
-            failed_call(h, info, FailReason::RuntimeError, Some(CODE_HANDLER))
-        }
+        Answer::Handler(info) => failed_call(h, info, FailReason::RuntimeError, Some(CODE_HANDLER)),
     };
     plan.error = error;
     plan

@@ -730,7 +730,10 @@ fn the_processing_status_is_stamped_before_the_call() {
     stamp_processing(&r, &mut e, 0, now());
     let st = e.status.as_ref().unwrap();
     assert_eq!(st.created_at.as_deref(), Some("2029-12-31T00:00:00.000Z"));
-    assert!(st.created_at <= st.updated_at, "same format: ordered as strings");
+    assert!(
+        st.created_at <= st.updated_at,
+        "same format: ordered as strings"
+    );
     assert_eq!(st.reason, None);
     assert_eq!(st.attempt, Some(1), "attempt is 1-based");
     assert_eq!(st.error.as_ref().unwrap().kind, "T");
@@ -765,7 +768,9 @@ fn a_handler_failure_reaches_sump_in_upstreams_shape() {
     assert_eq!(sump_shape(&p.outputs[0])["error"], "msg_parsing_error");
     let p = after_invoke(
         &h,
-        call(Answer::Runtime(RuntimeError::Timeout(Duration::from_secs(1)))),
+        call(Answer::Runtime(RuntimeError::Timeout(Duration::from_secs(
+            1,
+        )))),
     );
     assert_eq!(sump_shape(&p.outputs[0])["error"], "max_retries_exhausted");
 }
@@ -814,7 +819,10 @@ fn a_route_override_sends_the_next_hop_to_the_physical_queue_and_records_it() {
         (o.kind, o.queue.as_str()),
         (MessageType::Routing, "asya-ns-b-canary")
     );
-    assert_eq!(o.envelope.route.curr, "b", "the route keeps the logical name");
+    assert_eq!(
+        o.envelope.route.curr, "b",
+        "the route keeps the logical name"
+    );
     assert_eq!(
         o.envelope.headers[HEADER_ROUTE_RESOLVED],
         serde_json::json!({"b": {"target": "b-canary", "by": "a"}})
@@ -822,7 +830,10 @@ fn a_route_override_sends_the_next_hop_to_the_physical_queue_and_records_it() {
     // Without an entry for the next actor: routed as usual, no audit.
     let p = after_invoke(&h, call(Answer::Frames(routed(&h, vec![to_b()], None))));
     assert_eq!(p.outputs[0].queue.as_str(), "asya-ns-b");
-    assert!(!p.outputs[0].envelope.headers.contains_key(HEADER_ROUTE_RESOLVED));
+    assert!(!p.outputs[0]
+        .envelope
+        .headers
+        .contains_key(HEADER_ROUTE_RESOLVED));
 }
 
 #[test]
@@ -881,10 +892,7 @@ fn a_frame_with_a_pause_header_is_parked_not_routed() {
     let f = frame(
         r#"{"route":{"prev":["p","a"],"curr":"b"},"payload":2,"headers":{"x-asya-pause":{"prompt":"approve?"}}}"#,
     );
-    let p = after_invoke(
-        &h,
-        call(Answer::Frames(routed(&h, vec![f, to_b()], None))),
-    );
+    let p = after_invoke(&h, call(Answer::Frames(routed(&h, vec![f, to_b()], None))));
     assert_eq!(p.paused, Some(serde_json::json!({"prompt": "approve?"})));
     let o = &p.outputs[0];
     assert_eq!(
@@ -894,7 +902,11 @@ fn a_frame_with_a_pause_header_is_parked_not_routed() {
     assert_eq!(o.envelope.route.curr, "b", "kept for the resume");
     assert_eq!(status(o).phase, Some(Phase::Paused));
     assert_eq!(status(o).reason, None);
-    assert_eq!(p.outputs[1].queue.as_str(), "asya-ns-b", "other frames route");
+    assert_eq!(
+        p.outputs[1].queue.as_str(),
+        "asya-ns-b",
+        "other frames route"
+    );
 }
 
 #[test]
