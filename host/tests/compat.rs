@@ -472,7 +472,7 @@ def handler(payload):
 
     m.send(envelope("two", &["a"], json!({}), json!({"n": 2})))
         .await;
-    let mut outs = vec![sink.next("x-sink").await, sink.next("x-sink").await];
+    let mut outs = [sink.next("x-sink").await, sink.next("x-sink").await];
     outs.sort_by_key(|o| o["payload"]["i"].as_u64());
     assert_eq!(outs[0]["id"], "two");
     assert!(outs[0].get("parent_id").is_none());
