@@ -186,6 +186,36 @@ pub mod vars {
         "ASYA_RESILIENCY_NON_RETRYABLE_ERRORS",
         "comma-separated error types that go straight to x-sump",
     );
+    pub const RETRY_POLICY: Var = Var::new(
+        "ASYA_RESILIENCY_RETRY_POLICY",
+        "exponential",
+        "exponential (initial x multiplier^(attempt-1), capped) or constant (initial)",
+    );
+    pub const RETRY_JITTER: Var = Var::new(
+        "ASYA_RESILIENCY_RETRY_JITTER",
+        "false",
+        "scale each retry delay by a random factor in [0.5, 1.5), capped",
+    );
+    /// Upstream Asya's name of [`MAX_ATTEMPTS`] (an alias; set one of the two).
+    pub const RETRY_MAX_ATTEMPTS: Var = Var::optional(
+        "ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS",
+        "alias of ASYA_RESILIENCY_MAX_ATTEMPTS (upstream Asya's name)",
+    );
+    /// Upstream Asya's name of [`BACKOFF_INITIAL`].
+    pub const RETRY_INITIAL_INTERVAL: Var = Var::optional(
+        "ASYA_RESILIENCY_RETRY_INITIAL_INTERVAL",
+        "alias of ASYA_RESILIENCY_BACKOFF_INITIAL (upstream Asya's name)",
+    );
+    /// Upstream Asya's name of [`BACKOFF_MAX`].
+    pub const RETRY_MAX_INTERVAL: Var = Var::optional(
+        "ASYA_RESILIENCY_RETRY_MAX_INTERVAL",
+        "alias of ASYA_RESILIENCY_BACKOFF_MAX (upstream Asya's name)",
+    );
+    /// Upstream Asya's name of [`BACKOFF_MULTIPLIER`].
+    pub const RETRY_BACKOFF_COEFFICIENT: Var = Var::optional(
+        "ASYA_RESILIENCY_RETRY_BACKOFF_COEFFICIENT",
+        "alias of ASYA_RESILIENCY_BACKOFF_MULTIPLIER (upstream Asya's name)",
+    );
     pub const CRASH_ON_TIMEOUT: Var = Var::new(
         "ASYA_RESILIENCY_CRASH_ON_TIMEOUT",
         "true",
@@ -262,6 +292,12 @@ pub mod vars {
         BACKOFF_INITIAL,
         BACKOFF_MAX,
         BACKOFF_MULTIPLIER,
+        RETRY_POLICY,
+        RETRY_JITTER,
+        RETRY_MAX_ATTEMPTS,
+        RETRY_INITIAL_INTERVAL,
+        RETRY_MAX_INTERVAL,
+        RETRY_BACKOFF_COEFFICIENT,
         NON_RETRYABLE_ERRORS,
         CRASH_ON_TIMEOUT,
         CONCURRENCY,
@@ -490,10 +526,24 @@ pub struct Resiliency {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub backoff_multiplier: f64,
-    /// Error types (the runtime's `type`) that are never retried.
+    /// How the delay grows with the attempt.
+    pub retry_policy: RetryPolicy,
+    /// Scale each delay by a random factor in [0.5, 1.5) (capped at `backoff_max`).
+    pub jitter: bool,
+    /// Error types never retried: matched against the runtime's `type` and every entry of
+    /// its `mro`.
     pub non_retryable: Vec<String>,
     /// Exit after a runtime timeout so the orchestrator restarts the pair.
     pub crash_on_timeout: bool,
+}
+
+/// How the retry delay grows (`ASYA_RESILIENCY_RETRY_POLICY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// `backoff_initial × backoff_multiplier^(attempt − 1)`, capped at `backoff_max`.
+    Exponential,
+    /// `backoff_initial` every time (capped at `backoff_max`).
+    Constant,
 }
 
 impl Default for Resiliency {
@@ -508,17 +558,56 @@ impl Resiliency {
     /// Read `ASYA_RESILIENCY_*` from `src`.
     pub fn from_source(src: &dyn Source) -> Result<Resiliency, ConfigError> {
         let r = Reader(src);
+        // Upstream Asya's names are aliases: each read in place of ours when ours is unset.
+        let pick = |ours: Var, theirs: Var| -> Result<Var, ConfigError> {
+            match (r.raw(ours), r.raw(theirs)) {
+                (Some(_), Some(_)) => {
+                    Err(theirs.error(format!("is an alias of {ours}; set only one of the two")))
+                }
+                (None, Some(_)) => Ok(theirs),
+                _ => Ok(ours),
+            }
+        };
+        let max_attempts = pick(vars::MAX_ATTEMPTS, vars::RETRY_MAX_ATTEMPTS)?;
+        let retry_policy = match r
+            .string(vars::RETRY_POLICY)
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "exponential" => RetryPolicy::Exponential,
+            "constant" => RetryPolicy::Constant,
+            other => {
+                return Err(vars::RETRY_POLICY.error(format!(
+                    "unknown retry policy {other:?} (use exponential or constant)"
+                )))
+            }
+        };
         let resiliency = Resiliency {
             actor_timeout: r.duration(vars::ACTOR_TIMEOUT)?,
-            max_attempts: r.parse(vars::MAX_ATTEMPTS)?,
-            backoff_initial: r.duration(vars::BACKOFF_INITIAL)?,
-            backoff_max: r.duration(vars::BACKOFF_MAX)?,
-            backoff_multiplier: r.parse(vars::BACKOFF_MULTIPLIER)?,
+            max_attempts: r.parse(Var {
+                fallback: vars::MAX_ATTEMPTS.fallback,
+                ..max_attempts
+            })?,
+            backoff_initial: r.duration(Var {
+                fallback: vars::BACKOFF_INITIAL.fallback,
+                ..pick(vars::BACKOFF_INITIAL, vars::RETRY_INITIAL_INTERVAL)?
+            })?,
+            backoff_max: r.duration(Var {
+                fallback: vars::BACKOFF_MAX.fallback,
+                ..pick(vars::BACKOFF_MAX, vars::RETRY_MAX_INTERVAL)?
+            })?,
+            backoff_multiplier: r.parse(Var {
+                fallback: vars::BACKOFF_MULTIPLIER.fallback,
+                ..pick(vars::BACKOFF_MULTIPLIER, vars::RETRY_BACKOFF_COEFFICIENT)?
+            })?,
+            retry_policy,
+            jitter: r.bool(vars::RETRY_JITTER)?,
             non_retryable: r.list(vars::NON_RETRYABLE_ERRORS),
             crash_on_timeout: r.bool(vars::CRASH_ON_TIMEOUT)?,
         };
         if resiliency.max_attempts == 0 {
-            return Err(vars::MAX_ATTEMPTS.error("must be at least 1"));
+            return Err(max_attempts.error("must be at least 1"));
         }
         if resiliency.actor_timeout.is_zero() {
             return Err(vars::ACTOR_TIMEOUT.error("must be greater than zero"));
@@ -529,22 +618,46 @@ impl Resiliency {
         Ok(resiliency)
     }
 
-    /// Delay before delivery number `attempt + 1`, after `attempt` failed.
+    /// Delay before delivery number `attempt + 1`, after `attempt` failed (without
+    /// jitter: [`Resiliency::jittered`] applies it where the delay is used).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .backoff_multiplier
-            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = match self.retry_policy {
+            RetryPolicy::Exponential => self
+                .backoff_multiplier
+                .powi(attempt.saturating_sub(1).min(64) as i32),
+            RetryPolicy::Constant => 1.0,
+        };
         let secs = self.backoff_initial.as_secs_f64() * exp;
         Duration::try_from_secs_f64(secs)
             .unwrap_or(self.backoff_max)
             .min(self.backoff_max)
     }
 
-    pub fn is_retryable(&self, error_type: &str) -> bool {
-        !self
-            .non_retryable
-            .iter()
-            .any(|t| t == error_type || error_type.rsplit('.').next() == Some(t.as_str()))
+    /// `delay` with the jitter applied when it is on: scaled by `0.5 + sample` (`sample` in
+    /// [0, 1)), capped at `backoff_max`.
+    pub fn jittered(&self, delay: Duration, sample: f64) -> Duration {
+        if !self.jitter {
+            return delay;
+        }
+        let factor = 0.5 + sample.clamp(0.0, 1.0);
+        Duration::try_from_secs_f64(delay.as_secs_f64() * factor)
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max)
+    }
+
+    /// False when the error's `type` or any entry of its `mro` (the runtime's list of the
+    /// exception's classes) is listed as non-retryable. A listed name with a dot must equal
+    /// the entry; one without a dot also matches the last dotted part (`ValueError` matches
+    /// `json.decoder.JSONDecodeError`'s `ValueError` and `mod.ValueError`).
+    pub fn is_retryable(&self, error_type: &str, mro: &[String]) -> bool {
+        let matches = |t: &str, candidate: &str| {
+            candidate == t || (!t.contains('.') && candidate.rsplit('.').next() == Some(t))
+        };
+        !self.non_retryable.iter().any(|t| {
+            std::iter::once(error_type)
+                .chain(mro.iter().map(String::as_str))
+                .any(|c| matches(t, c))
+        })
     }
 }
 
@@ -784,8 +897,88 @@ mod tests {
             non_retryable: vec!["ValueError".into()],
             ..Resiliency::default()
         };
-        assert!(!r.is_retryable("ValueError"));
-        assert!(!r.is_retryable("mod.ValueError"));
-        assert!(r.is_retryable("KeyError"));
+        assert!(!r.is_retryable("ValueError", &[]));
+        assert!(!r.is_retryable("mod.ValueError", &[]));
+        assert!(r.is_retryable("KeyError", &[]));
+        // Any class of the MRO matches (the stock runtime lists the class itself first,
+        // upstream's only the bases).
+        let mro = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(!r.is_retryable(
+            "json.decoder.JSONDecodeError",
+            &mro(&["ValueError", "Exception"])
+        ));
+        let exc = Resiliency {
+            non_retryable: vec!["Exception".into()],
+            ..Resiliency::default()
+        };
+        assert!(!exc.is_retryable("MemoryError", &mro(&["Exception"])));
+        assert!(exc.is_retryable("MemoryError", &[]));
+        let dotted = Resiliency {
+            non_retryable: vec!["pkg.Bad".into()],
+            ..Resiliency::default()
+        };
+        assert!(!dotted.is_retryable("X", &mro(&["pkg.Bad"])));
+        assert!(dotted.is_retryable("X", &mro(&["other.Bad", "Bad"])));
+    }
+
+    #[test]
+    fn upstream_retry_names_are_aliases() {
+        let r = Resiliency::from_source(&[
+            ("ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS", "5"),
+            ("ASYA_RESILIENCY_RETRY_INITIAL_INTERVAL", "200ms"),
+            ("ASYA_RESILIENCY_RETRY_MAX_INTERVAL", "3s"),
+            ("ASYA_RESILIENCY_RETRY_BACKOFF_COEFFICIENT", "3"),
+            ("ASYA_RESILIENCY_RETRY_POLICY", "exponential"),
+            ("ASYA_RESILIENCY_RETRY_JITTER", "true"),
+        ])
+        .unwrap();
+        assert_eq!(r.max_attempts, 5);
+        assert_eq!(r.backoff_initial, Duration::from_millis(200));
+        assert_eq!(r.backoff_max, Duration::from_secs(3));
+        assert_eq!(r.backoff_multiplier, 3.0);
+        assert_eq!(r.backoff(2), Duration::from_millis(600));
+        assert_eq!(r.backoff(9), Duration::from_secs(3));
+        assert!(r.jitter);
+        // Jitter: [0.5, 1.5) of the delay, never above the cap.
+        assert_eq!(
+            r.jittered(Duration::from_secs(1), 0.0),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            r.jittered(Duration::from_secs(1), 0.5),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            r.jittered(Duration::from_secs(3), 0.99),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            Resiliency::default().jittered(Duration::from_secs(1), 0.0),
+            Duration::from_secs(1),
+            "off by default"
+        );
+
+        let c = Resiliency::from_source(&[
+            ("ASYA_RESILIENCY_RETRY_POLICY", "constant"),
+            ("ASYA_RESILIENCY_BACKOFF_INITIAL", "2s"),
+        ])
+        .unwrap();
+        assert_eq!(c.retry_policy, RetryPolicy::Constant);
+        assert_eq!(c.backoff(1), Duration::from_secs(2));
+        assert_eq!(c.backoff(7), Duration::from_secs(2));
+
+        let both = Resiliency::from_source(&[
+            ("ASYA_RESILIENCY_MAX_ATTEMPTS", "2"),
+            ("ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS", "5"),
+        ])
+        .unwrap_err();
+        assert_eq!(both.var, "ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS");
+        assert!(both.message.contains("set only one"), "{both}");
+        let zero =
+            Resiliency::from_source(&[("ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS", "0")]).unwrap_err();
+        assert_eq!(zero.var, "ASYA_RESILIENCY_RETRY_MAX_ATTEMPTS");
+        let bad =
+            Resiliency::from_source(&[("ASYA_RESILIENCY_RETRY_POLICY", "linear")]).unwrap_err();
+        assert_eq!(bad.var, "ASYA_RESILIENCY_RETRY_POLICY");
     }
 }

@@ -437,7 +437,11 @@ async fn an_output_the_broker_cannot_take_sends_the_input_to_sump_at_once() {
         "{msg}"
     );
     assert!(msg.contains("payload cut from"), "{msg}");
-    assert!(s["payload"].is_string(), "the payload became its cut text");
+    assert_eq!(s["payload"]["error"], "transport_error");
+    assert!(
+        s["payload"]["original_payload"].is_string(),
+        "the payload became its cut text"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "at once, not after retries"

@@ -337,7 +337,7 @@ async fn route_allowlist_rejects_routes_naming_other_actors() {
     let out = sump.next().await;
     assert_eq!(out["id"], "bad");
     assert!(sump_reason(&out).contains("\"evil\""), "{out}");
-    assert_eq!(out["payload"]["k"], 1);
+    assert_eq!(out["payload"]["original_payload"]["k"], 1);
 
     // end of route: x-sink is always allowed
     mesh.send("done", &[], json!({})).await;

@@ -619,6 +619,7 @@ mod send_tests {
             trace_id: String::new(),
             flow: None,
             deadline_at: None,
+            pause_metadata: None,
         }
     }
 

@@ -96,6 +96,7 @@ impl WireReport {
                         next_actor,
                         actors_completed: h.actors_completed,
                         total_actors: h.total_actors,
+                        pause: h.paused,
                         entry: HopEntry {
                             actor: h.actor,
                             envelope_id: h.envelope_id,
@@ -128,12 +129,18 @@ impl WireReport {
             Report::Final { actor, envelope } => {
                 let st = envelope.status.clone().unwrap_or_default();
                 let payload = serde_json::from_str(envelope.payload.get()).unwrap_or(Value::Null);
+                let to_sump = actor == naming.sump;
+                let payload = if to_sump {
+                    unwrap_sump_payload(payload)
+                } else {
+                    payload
+                };
                 let processed =
                     envelope.route.prev.len() + usize::from(!envelope.route.curr.is_empty());
                 WireReport::Final {
                     trace_id: envelope.trace_id().to_owned(),
                     fin: FinalUpdate {
-                        to_sump: actor == naming.sump,
+                        to_sump,
                         actor,
                         envelope_id: envelope.id.clone(),
                         parent_id: envelope.parent_id.clone(),
@@ -149,6 +156,17 @@ impl WireReport {
                 }
             }
         }
+    }
+}
+
+/// The payload an x-sump envelope failed with: x-sump payloads have upstream's shape
+/// `{"error", "details", "original_payload"}`; anything else is taken as it is.
+pub fn unwrap_sump_payload(payload: Value) -> Value {
+    match payload {
+        Value::Object(mut m) if m.contains_key("original_payload") && m.contains_key("error") => {
+            m.remove("original_payload").unwrap_or(Value::Null)
+        }
+        other => other,
     }
 }
 
@@ -210,6 +228,7 @@ fn clone_report(r: &Report) -> Report {
             retried: h.retried,
             attempt: h.attempt,
             error: h.error.clone(),
+            paused: h.paused.clone(),
             actors_completed: h.actors_completed,
             total_actors: h.total_actors,
         }),

@@ -82,6 +82,9 @@ pub struct TaskView {
     pub flow: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<String>,
+    /// The `x-asya-pause` metadata of the frame that paused the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_metadata: Option<Value>,
 }
 
 /// One entry of the hop-by-hop timeline.
@@ -122,6 +125,10 @@ pub struct HopUpdate {
     pub next_actor: Option<String>,
     pub actors_completed: usize,
     pub total_actors: usize,
+    /// A frame of the hop carried `x-asya-pause` (this metadata) and was parked on the
+    /// `x-pause` queue: the task is paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Value>,
 }
 
 /// A final envelope as the gateway receives it.
@@ -179,6 +186,9 @@ pub struct Task {
     /// More than one branch was created.
     pub fanned_out: bool,
     pub timeline: Vec<HopEntry>,
+    /// The `x-asya-pause` metadata of the frame that paused the task.
+    #[serde(default)]
+    pub pause_metadata: Option<Value>,
 }
 
 /// Timeline entries kept per task (a runaway fan-out must not grow a record forever).
@@ -214,6 +224,7 @@ impl Task {
             results: Vec::new(),
             fanned_out: false,
             timeline: Vec::new(),
+            pause_metadata: None,
         }
     }
 
@@ -231,6 +242,7 @@ impl Task {
             trace_id: self.trace_id.clone(),
             flow: self.flow.clone(),
             deadline_at: self.deadline_at.clone(),
+            pause_metadata: self.pause_metadata.clone(),
         }
     }
 
@@ -275,6 +287,12 @@ impl Task {
         if self.status == TaskStatus::Pending {
             self.status = TaskStatus::Running;
         }
+        if let Some(meta) = h.pause {
+            // The parked frame stays an outstanding branch: the task cannot finish while
+            // paused.
+            self.status = TaskStatus::Paused;
+            self.pause_metadata = Some(meta);
+        }
         if h.actors_completed >= self.actors_completed {
             self.actors_completed = h.actors_completed;
             self.total_actors = h.total_actors.max(h.actors_completed);
@@ -287,7 +305,11 @@ impl Task {
 
     /// Apply a final (x-sink / x-sump) report.
     pub fn apply_final(&mut self, f: FinalUpdate) {
-        if !self.counted.insert(format!("final:{}", f.envelope_id)) {
+        // The first frame of a call keeps the input's id, so one id can end twice: a streamed
+        // frame at x-sink and the input at x-sump when the stream then failed. The end actor
+        // and the reason tell them apart; a redelivered copy has the same ones.
+        let key = format!("final:{}:{}:{:?}", f.actor, f.envelope_id, f.reason);
+        if !self.counted.insert(key) {
             return;
         }
         self.updated_at = now_rfc3339();
@@ -433,6 +455,7 @@ mod tests {
             next_actor: None,
             actors_completed: done,
             total_actors: 2,
+            pause: None,
         }
     }
 

@@ -80,8 +80,8 @@ pub(super) fn handle<'a>(
 /// What [`process`] works with for one delivery.
 struct Ctx<'a> {
     s: &'a Shared,
+    /// `hop.input` is the envelope with its processing status stamped.
     hop: Hop<'a>,
-    body: &'a Bytes,
     guard: &'a InflightGuard,
 }
 
@@ -112,23 +112,23 @@ async fn handle_in(s: &Shared, body: Bytes, attempt: u32, acker: &dyn Acker) -> 
             let plan = plan::unparseable(&hop, &e);
             (apply(s, &hop, &mut log, plan).await, None)
         }
-        Ok(env) => {
+        Ok(mut env) => {
             guard.identify(&env.id, env.trace_id());
             span.record("envelope_id", env.id.as_str());
             span.record("trace_id", env.trace_id());
-            let hop = Hop {
-                rules: &s.rules,
-                input: &env,
-                hop: env.route.prev.len(),
-                attempt,
-                digest,
-                now: Utc::now(),
-                traceparent: None,
-            };
             if s.cfg.is_end_actor {
                 debug!("end of route");
+                let hop = Hop {
+                    rules: &s.rules,
+                    input: &env,
+                    hop: env.route.prev.len(),
+                    attempt,
+                    digest,
+                    now: Utc::now(),
+                    traceparent: None,
+                };
                 let settle = apply(s, &hop, &mut log, plan::end_of_route(&s.rules)).await;
-                if let Some(r) = &s.reporter {
+                if let Some(r) = s.reporter.as_ref().filter(|_| plan::reports_wanted(&env)) {
                     r.report(Report::Final {
                         actor: s.actor.to_string(),
                         envelope: env,
@@ -136,13 +136,20 @@ async fn handle_in(s: &Shared, body: Bytes, attempt: u32, acker: &dyn Acker) -> 
                 }
                 (settle, None)
             } else {
+                let now = Utc::now();
+                let traceparent = hop_traceparent(&env, &span);
+                plan::stamp_processing(&s.rules, &mut env, attempt, now);
                 let cx = Ctx {
                     s,
                     hop: Hop {
-                        traceparent: hop_traceparent(&env, &span),
-                        ..hop
+                        rules: &s.rules,
+                        input: &env,
+                        hop: env.route.prev.len(),
+                        attempt,
+                        digest,
+                        now,
+                        traceparent,
                     },
-                    body: &body,
                     guard: &guard,
                 };
                 // Keep the broker from redelivering while we work (NATS: +WPI every ack_wait/2).
@@ -224,6 +231,8 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
     let s = cx.s;
     // Times this delivery's call lost its runtime mid-way (see `RuntimeError::is_lost`).
     let mut lost = 0;
+    // The handler sees the stamped status: one serialisation of the envelope.
+    let body = Bytes::from(cx.hop.input.to_vec());
     let (invoke, reply, call_start, gave_up) = loop {
         let invoke = match plan::before_invoke(&cx.hop) {
             Ok(invoke) => invoke,
@@ -233,7 +242,7 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
         let call_start = Instant::now();
         let reply = s
             .runtime
-            .invoke(cx.body.clone(), call_start + invoke.timeout)
+            .invoke(body.clone(), call_start + invoke.timeout)
             .await;
         match reply {
             Err(e) if e.is_unreachable() => {
@@ -276,8 +285,7 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
         }
         Ok(Reply::Frames(frames)) => {
             called(log);
-            let fanout = frames.len() > 1;
-            Answer::Frames(route_frames(&cx, frames, 0, fanout).await)
+            Answer::Frames(route_frames(&cx, frames, 0).await)
         }
         Ok(Reply::Stream(stream)) => {
             let answer = stream_frames(&cx, log, stream).await;
@@ -312,10 +320,10 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
 
 /// Route frames (numbered from `first`): the pure rules per frame, with the policy's
 /// decision for those that keep the route rules.
-async fn route_frames(cx: &Ctx<'_>, frames: Vec<Frame>, first: usize, fanout: bool) -> Routed {
+async fn route_frames(cx: &Ctx<'_>, frames: Vec<Frame>, first: usize) -> Routed {
     let mut routed = Routed::default();
     for (i, frame) in frames.into_iter().enumerate() {
-        let cand = plan::candidate(&cx.hop, first + i, fanout, frame);
+        let cand = plan::candidate(&cx.hop, first + i, frame);
         let decision = match &cx.s.policy {
             Some(p) if cand.wants_policy() => Some(
                 p.decide(cx.hop.input, &cand.envelope)
@@ -360,9 +368,12 @@ async fn stream_frames(cx: &Ctx<'_>, log: &mut HopLog, mut stream: Box<dyn Event
                 // The rest of the stream is not read: the call is abandoned.
                 return Answer::TooManyFrames;
             }
-            let routed = route_frames(cx, batch, index, true).await;
+            let routed = route_frames(cx, batch, index).await;
             index += n;
             count_failures(cx.s, &routed.failures);
+            if log.paused.is_none() {
+                log.paused = routed.paused;
+            }
             match publish(cx.s, log, routed.outputs).await {
                 Ok(()) => {}
                 Err(Unpublished::Later(info)) => return Answer::Unpublished(info),
@@ -377,7 +388,11 @@ async fn stream_frames(cx: &Ctx<'_>, log: &mut HopLog, mut stream: Box<dyn Event
 
 fn upstream(cx: &Ctx<'_>, payload: serde_json::Value) {
     debug!("upstream event");
-    if let Some(r) = &cx.s.reporter {
+    if let Some(r) =
+        cx.s.reporter
+            .as_ref()
+            .filter(|_| plan::reports_wanted(cx.hop.input))
+    {
         r.report(Report::Upstream {
             envelope_id: cx.hop.input.id.clone(),
             trace_id: cx.hop.input.trace_id().to_owned(),
@@ -400,6 +415,7 @@ async fn apply(s: &Shared, h: &Hop<'_>, log: &mut HopLog, plan: Plan) -> Settlem
         reset_runtime,
         id_mismatch,
         on_publish_failure,
+        paused,
     } = plan;
     count_failures(s, &failures);
     if id_mismatch {
@@ -410,6 +426,9 @@ async fn apply(s: &Shared, h: &Hop<'_>, log: &mut HopLog, plan: Plan) -> Settlem
     }
     if error.is_some() {
         log.error = error;
+    }
+    if paused.is_some() {
+        log.paused = paused;
     }
     match publish(s, log, outputs).await {
         Ok(()) => {}
@@ -538,6 +557,7 @@ async fn settle_in(s: &Shared, h: Handled) {
     let settled = match settle {
         Settlement::Ack | Settlement::AckThenExit => acker.ack().await,
         Settlement::Retry(delay) => {
+            let delay = s.rules.resiliency.jittered(delay, unit_sample());
             debug!(attempt, ?delay, "retrying");
             m.sent(
                 s.queue.as_str(),
@@ -560,11 +580,13 @@ async fn settle_in(s: &Shared, h: Handled) {
     m.processing_duration.observe(took.as_secs_f64());
     m.active.dec();
     drop(guard);
+    let report = report.filter(|(env, _)| plan::reports_wanted(env));
     if let (Some(r), Some((env, received_at))) = (&s.reporter, report) {
         let HopLog {
             sent,
             runtime,
             error,
+            paused,
         } = log;
         r.report(Report::Hop(HopReport {
             actors_completed: env.route.prev.len() + 1,
@@ -580,8 +602,14 @@ async fn settle_in(s: &Shared, h: Handled) {
             retried: matches!(settle, Settlement::Retry(_) | Settlement::HandBack),
             attempt,
             error,
+            paused,
         }));
     }
+}
+
+/// A random number in [0, 1) for the retry jitter.
+fn unit_sample() -> f64 {
+    (uuid::Uuid::new_v4().as_u64_pair().0 >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Run `work`, calling [`Acker::in_progress`] every [`Acker::progress_interval`] meanwhile

@@ -53,6 +53,8 @@ enum Kind {
     /// The input sent to x-sink because the handler returned nothing:
     /// `<id>:<digest>:<hop>:abort`.
     Abort { hop: usize },
+    /// The input sent to its `_on_error` actor at hop `hop`: `<id>:<digest>:<hop>:on_error`.
+    OnError { hop: usize },
     /// Bytes that are not an envelope, sent to x-sump: `<uuid of the bytes>:sump`.
     Unparseable,
 }
@@ -99,6 +101,14 @@ impl<'a> MsgId<'a> {
         }
     }
 
+    pub fn on_error(input: &'a str, digest: Digest, hop: usize) -> Self {
+        MsgId {
+            input,
+            digest: Some(digest),
+            kind: Kind::OnError { hop },
+        }
+    }
+
     /// The x-sump message of bytes that are not an envelope; `envelope_id` is
     /// [`unparseable_envelope_id`] of those bytes.
     pub fn unparseable(envelope_id: &'a str) -> Self {
@@ -129,6 +139,7 @@ impl fmt::Display for MsgId<'_> {
             Kind::Expired { hop } => write!(f, ":{hop}:expired"),
             Kind::Abort { hop } => write!(f, ":{hop}:abort"),
             Kind::Unparseable => f.write_str(":sump"),
+            Kind::OnError { hop } => write!(f, ":{hop}:on_error"),
         }
     }
 }
@@ -163,6 +174,10 @@ mod tests {
         assert_eq!(
             MsgId::abort("e", g, 4).to_string(),
             format!("e:{g}:4:abort")
+        );
+        assert_eq!(
+            MsgId::on_error("e", g, 4).to_string(),
+            format!("e:{g}:4:on_error")
         );
         assert_eq!(MsgId::unparseable("u").to_string(), "u:sump");
         assert_eq!(g.to_string().len(), 16);

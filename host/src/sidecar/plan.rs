@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::msgid::{unparseable_envelope_id, Digest, MsgId};
 use crate::config::{Resiliency, SidecarConfig};
@@ -22,6 +23,34 @@ use crate::metrics::{FailReason, MessageType};
 use crate::plugin::Decision;
 use crate::queue::{InvalidName, QueueName};
 use crate::runtime::RuntimeError;
+
+/// `{"<logical actor>": "<physical actor>"}`: the next hop to `<logical>` goes to the queue
+/// of `<physical>` instead (the route keeps the logical name).
+pub(crate) const HEADER_ROUTE_OVERRIDE: &str = "x-asya-route-override";
+/// Audit of applied overrides: `{"<logical>": {"target": "<physical>", "by": "<actor>"}}`.
+pub(crate) const HEADER_ROUTE_RESOLVED: &str = "x-asya-route-resolved";
+/// `"<actor>"`: where a handler failure goes instead of x-sump.
+pub(crate) const HEADER_ON_ERROR: &str = "_on_error";
+/// `"off"`: no gateway reports for this envelope.
+pub(crate) const HEADER_MESH_STATUS: &str = "x-asya-mesh-status";
+/// On a frame: the task pauses; the value is the pause metadata for the gateway.
+pub(crate) const HEADER_PAUSE: &str = "x-asya-pause";
+/// The sibling queue where paused frames are parked (until the gateway resumes them).
+pub(crate) const PAUSE_ACTOR: &str = "x-pause";
+
+/// `x-asya-mesh-status: off` turns the gateway's reports off for an envelope.
+pub(crate) fn reports_wanted(env: &Envelope) -> bool {
+    env.headers.get(HEADER_MESH_STATUS).and_then(Value::as_str) != Some("off")
+}
+
+/// The physical actor `x-asya-route-override` names for `logical`, when it names one.
+fn route_override<'e>(env: &'e Envelope, logical: &str) -> Option<&'e str> {
+    env.headers
+        .get(HEADER_ROUTE_OVERRIDE)?
+        .get(logical)?
+        .as_str()
+        .filter(|t| !t.is_empty())
+}
 
 /// What the decisions need from the sidecar's configuration.
 #[derive(Debug, Clone)]
@@ -130,6 +159,8 @@ pub(crate) struct Plan {
     pub id_mismatch: bool,
     /// The redelivery delay when publishing the outputs fails.
     pub on_publish_failure: Duration,
+    /// A frame carried `x-asya-pause` (its value): the task is reported paused.
+    pub paused: Option<Value>,
 }
 
 impl Plan {
@@ -143,6 +174,7 @@ impl Plan {
             reset_runtime: false,
             id_mismatch: false,
             on_publish_failure: rules.resiliency.backoff(1),
+            paused: None,
         }
     }
 
@@ -216,6 +248,8 @@ pub(crate) struct Call {
 pub(crate) struct Routed {
     pub outputs: Vec<Output>,
     pub failures: Vec<Failed>,
+    /// The `x-asya-pause` metadata of a parked frame (the first one).
+    pub paused: Option<Value>,
 }
 
 /// One frame turned into an outgoing envelope, before the policy has seen it.
@@ -267,7 +301,7 @@ pub(crate) fn panicked(h: &Hop) -> Plan {
     let why = Why {
         reason: Reason::NonRetryableFailure,
         error: None,
-        with_attempt: true,
+        code: Some("sidecar_panic"),
     };
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error));
     plan.outputs.push(to_sump(h, h.input.clone(), id, why));
@@ -284,7 +318,7 @@ pub(crate) fn unparseable(h: &Hop, e: &EnvelopeError) -> Plan {
     let why = Why {
         reason,
         error: None,
-        with_attempt: true,
+        code: None,
     };
     let id = MsgId::unparseable(&h.input.id).to_string();
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error))
@@ -298,9 +332,33 @@ pub(crate) fn end_of_route(rules: &Rules) -> Plan {
     Plan::new(rules, Settlement::Ack, Some(Processed::Success))
 }
 
+/// Step 4, before the runtime is called: the status the handler sees — phase `processing`,
+/// this actor, the attempt (1-based delivery count) and `max_attempts`, `created_at` when
+/// missing (kept otherwise), `updated_at` now. A previous `status.error` is kept (an
+/// `_on_error` handler reads it); `reason` is cleared.
+pub(crate) fn stamp_processing(
+    rules: &Rules,
+    env: &mut Envelope,
+    attempt: u32,
+    now: DateTime<Utc>,
+) {
+    let ts = timestamp(now);
+    let st = env.status_mut();
+    st.phase = Some(Phase::Processing);
+    st.reason = None;
+    st.actor = Some(rules.actor.to_string());
+    st.attempt = Some(attempt.max(1));
+    st.max_attempts = Some(rules.resiliency.max_attempts);
+    if st.created_at.is_none() {
+        st.created_at = Some(ts.clone());
+    }
+    st.updated_at = Some(ts);
+}
+
 /// Steps 2–4 before the runtime is called: the input may be done with already (wrong actor,
 /// past its deadline, delivered too often: `Err` with its plan); else how to call the
-/// runtime.
+/// runtime. An envelope for another actor is accepted when its `x-asya-route-override`
+/// maps that actor to this one.
 pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
     let input = h.input;
     let res = &h.rules.resiliency;
@@ -312,7 +370,9 @@ pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
         );
         return Err(Box::new(plan));
     }
-    if input.route.curr != *h.rules.actor {
+    if input.route.curr != *h.rules.actor
+        && route_override(input, &input.route.curr) != Some(&*h.rules.actor)
+    {
         let msg = format!(
             "envelope for actor {:?} arrived at actor {:?}",
             input.route.curr, h.rules.actor
@@ -347,11 +407,12 @@ pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
     })
 }
 
-/// Frame `index` of the answer as an outgoing envelope (fan-out children get their own id
-/// and the input as parent), checked against the route rules.
-pub(crate) fn candidate(h: &Hop, index: usize, fanout: bool, frame: Frame) -> Candidate {
+/// Frame `index` of the answer as an outgoing envelope, checked against the route rules.
+/// The first frame of a call (JSON or streamed) keeps the input's id; every later one is a
+/// child: a deterministic id of its own and the input as parent.
+pub(crate) fn candidate(h: &Hop, index: usize, frame: Frame) -> Candidate {
     let mut out = frame.into_envelope(h.input);
-    if fanout {
+    if index > 0 {
         out.parent_id = Some(h.input.id.clone());
         out.id = MsgId::frame(&h.input.id, h.digest, h.hop, index).child_id();
     }
@@ -381,7 +442,7 @@ pub(crate) fn route_frame(
         let why = Why {
             reason: Reason::RouteMismatch,
             error: Some(ErrorInfo::new("RouteMismatch", v.to_string())),
-            with_attempt: false,
+            code: None,
         };
         routed.outputs.push(to_sump(h, input.clone(), sump_id, why));
         return;
@@ -412,18 +473,40 @@ pub(crate) fn route_frame(
         let why = Why {
             reason: Reason::PolicyRejected,
             error: Some(ErrorInfo::new("PolicyRejected", why)),
-            with_attempt: false,
+            code: None,
         };
         routed.outputs.push(to_sump(h, out, sump_id, why));
         return;
     }
     let id = MsgId::frame(&input.id, h.digest, h.hop, cand.index).to_string();
+    if let Some(meta) = out.headers.get(HEADER_PAUSE).cloned() {
+        // Not routed: parked on the pause queue (the gateway resumes it), status paused.
+        if let Ok(queue) = h.rules.queue.sibling(PAUSE_ACTOR) {
+            stamp_phase(h, &mut out, Phase::Paused).reason = None;
+            routed.paused.get_or_insert(meta);
+            routed
+                .outputs
+                .push(emit(h, (MessageType::Routing, queue), id, out));
+            return;
+        }
+    }
     let dest = if to_sink {
         stamp(h, &mut out, Phase::Succeeded, Reason::Completed);
         (MessageType::Sink, h.rules.sink_queue.clone())
     } else {
-        match h.rules.queue.sibling(&out.route.curr) {
-            Ok(queue) => (MessageType::Routing, queue),
+        let logical = out.route.curr.clone();
+        let physical = route_override(&out, &logical).map(str::to_owned);
+        match h
+            .rules
+            .queue
+            .sibling(physical.as_deref().unwrap_or(&logical))
+        {
+            Ok(queue) => {
+                if let Some(target) = physical {
+                    resolved(h, &mut out, logical, target);
+                }
+                (MessageType::Routing, queue)
+            }
             Err(e) => {
                 // No queue can carry it: this frame (only) goes to x-sump.
                 routed.failures.push(Failed {
@@ -433,7 +516,7 @@ pub(crate) fn route_frame(
                 let why = Why {
                     reason: Reason::RouteMismatch,
                     error: Some(ErrorInfo::new("RouteMismatch", e.to_string())),
-                    with_attempt: false,
+                    code: None,
                 };
                 routed.outputs.push(to_sump(h, out, sump_id, why));
                 return;
@@ -441,6 +524,21 @@ pub(crate) fn route_frame(
         }
     };
     routed.outputs.push(emit(h, dest, id, out));
+}
+
+/// Record an applied route override in `x-asya-route-resolved` (kept across hops).
+fn resolved(h: &Hop, out: &mut Envelope, logical: String, target: String) {
+    let entry = serde_json::json!({"target": target, "by": &*h.rules.actor});
+    let audit = out
+        .headers
+        .entry(HEADER_ROUTE_RESOLVED)
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !audit.is_object() {
+        *audit = Value::Object(Default::default());
+    }
+    if let Value::Object(m) = audit {
+        m.insert(logical, entry);
+    }
 }
 
 /// Steps 5–7 after the runtime call: what its answer means for the input.
@@ -453,6 +551,7 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
             let mut plan = succeeded(h);
             plan.outputs = routed.outputs;
             plan.failures = routed.failures;
+            plan.paused = routed.paused;
             plan
         }
         Answer::Abort => {
@@ -471,7 +570,12 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
         ),
         Answer::Rejected(info) => {
             let msg = format!("runtime rejected the envelope: {}", info.message);
-            sump_input(h, Reason::ParseError, Some(info)).failed(FailReason::ParseError, msg)
+            let why = Why {
+                reason: Reason::ParseError,
+                error: Some(info),
+                code: Some(CODE_REJECTED),
+            };
+            sump_input_why(h, why).failed(FailReason::ParseError, msg)
         }
         // The call was cut while the handler ran: the runtime is in an unknown state (still
         // busy with it), so a deadline cut is a runtime timeout like the actor timeout.
@@ -522,12 +626,12 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
             } else {
                 FailReason::RuntimeError
             };
-            let mut plan = failed_call(h, runtime_error_info(&e), reason);
+            let mut plan = failed_call(h, runtime_error_info(&e), reason, None);
             plan.reset_runtime = timeout;
             plan.id_mismatch = matches!(e, RuntimeError::RequestIdMismatch { .. });
             plan
         }
-        Answer::Handler(info) => failed_call(h, info, FailReason::RuntimeError),
+        Answer::Handler(info) => failed_call(h, info, FailReason::RuntimeError, Some(CODE_HANDLER)),
     };
     plan.error = error;
     plan
@@ -545,55 +649,51 @@ fn too_many_frames_info(max: usize) -> ErrorInfo {
 /// fit the transport's limit when it would not fit either.
 pub(crate) fn unsendable(h: &Hop, error: &str) -> Plan {
     let msg = format!("an output cannot be sent: {error}");
-    let info = ErrorInfo::new("TransportError", msg.clone());
-    let mut plan = sump_input(h, Reason::NonRetryableFailure, Some(info))
-        .failed(FailReason::TransportError, msg);
-    if let Some(limit) = h.rules.max_output_bytes {
-        for o in &mut plan.outputs {
-            fit(&mut o.envelope, limit);
-        }
-    }
-    plan
-}
-
-/// Room left for headers and transport framing below a transport's limit.
-const FIT_MARGIN: usize = 4096;
-
-/// Cut `env`'s payload so that the envelope serialises within `limit` bytes (less a
-/// margin): the payload becomes a JSON string holding the start of its JSON text, and
-/// `status.error.message` says so. Everything else is kept.
-pub(crate) fn fit(env: &mut Envelope, limit: usize) {
+    let sump = |input: &Envelope, msg: &str| {
+        let info = ErrorInfo::new("TransportError", msg);
+        let h = Hop { input, ..h.clone() };
+        let why = Why {
+            reason: Reason::NonRetryableFailure,
+            error: Some(info),
+            code: Some("transport_error"),
+        };
+        sump_input_why(&h, why).failed(FailReason::TransportError, msg)
+    };
+    let plan = sump(h.input, &msg);
+    let Some(limit) = h.rules.max_output_bytes else {
+        return plan;
+    };
     let budget = limit.saturating_sub(FIT_MARGIN);
-    let size = env.to_vec().len();
+    let size = plan.outputs[0].envelope.to_vec().len();
     if size <= budget {
-        return;
+        return plan;
     }
-    let original = env.payload.get().to_owned();
-    let note = format!(
-        " (x-sump copy: payload cut from {} bytes to fit the transport's limit of {limit} bytes; it is now a string holding the start of the payload's JSON text)",
+    // Cut the original payload (inside the x-sump shape) by what is too much.
+    let original = h.input.payload.get();
+    let msg = format!(
+        "{msg} (x-sump copy: original_payload cut from {} bytes to fit the transport's limit of {limit} bytes; it is now a string holding the start of the payload's JSON text)",
         original.len()
     );
-    if let Some(err) = env.status_mut().error.as_mut() {
-        err.message.push_str(&note);
-    }
-    let overhead = {
-        env.payload = RawValue::from_string("\"\"".to_owned()).expect("a JSON string");
-        env.to_vec().len()
-    };
-    // Escaping can grow the text (up to 6x for control characters): shrink until it fits.
-    let mut keep = budget.saturating_sub(overhead).min(original.len());
+    let mut input = h.input.clone();
+    let mut keep = original.len().saturating_sub(size - budget + msg.len());
     loop {
         while !original.is_char_boundary(keep) {
             keep -= 1;
         }
         let text = serde_json::to_string(&original[..keep]).expect("a string serialises");
-        if overhead + text.len() - 2 <= budget || keep == 0 {
-            env.payload = RawValue::from_string(text).expect("a JSON string");
-            return;
+        input.payload = RawValue::from_string(text).expect("a JSON string is JSON");
+        let plan = sump(&input, &msg);
+        let size = plan.outputs[0].envelope.to_vec().len();
+        if size <= budget || keep == 0 {
+            return plan;
         }
-        keep = keep.saturating_sub((overhead + text.len() - 2 - budget).max(1));
+        // Escaping grew the text: cut the excess too.
+        keep = keep.saturating_sub(size - budget);
     }
 }
+
+/// Room left for headers and transport framing below a transport's limit.
+const FIT_MARGIN: usize = 4096;
 
 /// The runtime call succeeded: ack once the outputs are accepted; a failed publish is
 /// retried with the backoff of this attempt.
@@ -603,10 +703,11 @@ fn succeeded(h: &Hop) -> Plan {
     plan
 }
 
-/// Step 6: retry while allowed, else x-sump.
-fn failed_call(h: &Hop, info: ErrorInfo, reason: FailReason) -> Plan {
+/// Step 6: retry while allowed, else x-sump — or the `_on_error` actor when the input
+/// names one. `code` is the x-sump payload's `error` (`None`: from the reason).
+fn failed_call(h: &Hop, info: ErrorInfo, reason: FailReason, code: Option<&'static str>) -> Plan {
     let res = &h.rules.resiliency;
-    let retryable = res.is_retryable(&info.kind);
+    let retryable = res.is_retryable(&info.kind, &info.mro);
     if retryable && h.attempt < res.max_attempts {
         let delay = res.backoff(h.attempt);
         return Plan::new(h.rules, Settlement::Retry(delay), None);
@@ -627,8 +728,45 @@ fn failed_call(h: &Hop, info: ErrorInfo, reason: FailReason) -> Plan {
     } else {
         Reason::RuntimeError
     };
-    let mut plan = sump_input(h, status_reason, Some(info));
+    let why = Why {
+        reason: status_reason,
+        error: Some(info),
+        code,
+    };
+    let mut plan = match on_error(h) {
+        Some(queue) => to_error_handler(h, queue, why),
+        None => sump_input_why(h, why),
+    };
     plan.failures.splice(0..0, failures);
+    plan
+}
+
+/// The queue of the input's `_on_error` actor, when it names one a queue can carry.
+fn on_error(h: &Hop) -> Option<(String, QueueName)> {
+    let actor = h.input.headers.get(HEADER_ON_ERROR)?.as_str()?;
+    let queue = h.rules.queue.sibling(actor).ok()?;
+    Some((actor.to_owned(), queue))
+}
+
+/// A failure that would go to x-sump goes to the `_on_error` actor instead: the input's
+/// payload untouched, status failed with the reason and error, the route shifted past this
+/// actor with the handler as `curr` (and nothing after it), the header removed (a failing
+/// handler ends in x-sump, not in a loop).
+fn to_error_handler(h: &Hop, (actor, queue): (String, QueueName), why: Why) -> Plan {
+    let mut out = h.input.clone();
+    out.headers.remove(HEADER_ON_ERROR);
+    let mut route = h.input.route.shifted();
+    route.curr = actor;
+    route.next.clear();
+    out.route = route;
+    let st = stamp(h, &mut out, Phase::Failed, why.reason);
+    if why.error.is_some() {
+        st.error = why.error;
+    }
+    let id = MsgId::on_error(&h.input.id, h.digest, h.hop).to_string();
+    let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error));
+    plan.outputs
+        .push(emit(h, (MessageType::Routing, queue), id, out));
     plan
 }
 
@@ -652,12 +790,18 @@ fn expired(h: &Hop) -> Plan {
 
 /// The input to x-sump (failed, `reason`, `error`), then ack.
 fn sump_input(h: &Hop, reason: Reason, error: Option<ErrorInfo>) -> Plan {
+    sump_input_why(
+        h,
+        Why {
+            reason,
+            error,
+            code: None,
+        },
+    )
+}
+
+fn sump_input_why(h: &Hop, why: Why) -> Plan {
     let id = MsgId::sump(&h.input.id, h.digest, h.hop).to_string();
-    let why = Why {
-        reason,
-        error,
-        with_attempt: true,
-    };
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error));
     plan.outputs.push(to_sump(h, h.input.clone(), id, why));
     plan
@@ -668,33 +812,100 @@ struct Why {
     reason: Reason,
     /// Replaces the envelope's `status.error` when given.
     error: Option<ErrorInfo>,
-    /// Record the delivery count (`attempt`, `max_attempts`) in the status.
-    with_attempt: bool,
+    /// The x-sump payload's `error`; `None`: [`reason_code`] of the reason.
+    code: Option<&'static str>,
 }
 
-/// The x-sump message for `env` (the input, or a rejected frame): failed status with the
-/// reason and error, everything else as it was.
+/// `error` of the x-sump payload when the handler raised (the runtime's 500 code).
+const CODE_HANDLER: &str = "processing_error";
+/// `error` of the x-sump payload when the runtime rejected the envelope (its 400 code).
+const CODE_REJECTED: &str = "msg_parsing_error";
+
+/// The x-sump payload's `error` for a failure the host found itself.
+fn reason_code(reason: Reason) -> &'static str {
+    match reason {
+        Reason::Completed => "completed",
+        Reason::RuntimeError => "runtime_error",
+        Reason::Timeout => "timeout",
+        Reason::ParseError => "parse_error",
+        Reason::ValidationError => "validation_error",
+        Reason::RouteMismatch => "route_mismatch",
+        Reason::PolicyRejected => "policy_rejected",
+        Reason::MaxRetriesExhausted => "max_retries_exhausted",
+        Reason::NonRetryableFailure => "non_retryable_failure",
+    }
+}
+
+/// The x-sump message for `env` (the input, a rejected frame, or unparseable bytes): failed
+/// status with the reason, the error and this hop's attempt; the payload in upstream's
+/// shape `{"error": code, "details": {message, type, mro, traceback}, "original_payload":
+/// payload}` (`details` null when there is no error); everything else as it was.
 fn to_sump(h: &Hop, mut env: Envelope, id: String, why: Why) -> Output {
     let st = stamp(h, &mut env, Phase::Failed, why.reason);
-    if why.with_attempt && h.attempt > 0 {
-        st.attempt = Some(h.attempt);
-        st.max_attempts = Some(h.rules.resiliency.max_attempts);
-    }
     if why.error.is_some() {
         st.error = why.error;
     }
+    let error = st.error.clone();
+    let code = why.code.unwrap_or_else(|| reason_code(why.reason));
+    let payload = sump_payload(code, error.as_ref(), &env.payload);
+    env.payload = payload;
     let dest = (MessageType::Sump, h.rules.sump_queue.clone());
     emit(h, dest, id, env)
 }
 
-/// The one status stamp: phase, reason, this actor, now. Returns the status for the rest.
+/// Upstream's x-sump payload around `original` (kept as its raw text).
+pub(crate) fn sump_payload(
+    code: &str,
+    error: Option<&ErrorInfo>,
+    original: &RawValue,
+) -> Box<RawValue> {
+    let details = error.map(|e| {
+        serde_json::json!({
+            "message": e.message,
+            "type": e.kind,
+            "mro": e.mro,
+            "traceback": e.traceback,
+        })
+    });
+    let text = format!(
+        r#"{{"error":{},"details":{},"original_payload":{}}}"#,
+        Value::from(code),
+        details.unwrap_or(Value::Null),
+        original.get()
+    );
+    RawValue::from_string(text).expect("parts that are JSON make JSON")
+}
+
+/// The one status stamp: phase, reason, this actor, this hop's attempt, now. Returns the
+/// status for the rest.
 fn stamp<'e>(h: &Hop, env: &'e mut Envelope, phase: Phase, reason: Reason) -> &'e mut Status {
+    let st = stamp_phase(h, env, phase);
+    st.reason = Some(reason);
+    st
+}
+
+/// [`stamp`] without the reason: phase, actor, attempt and `max_attempts` (when the delivery
+/// count is known), `created_at` when missing, `updated_at`.
+fn stamp_phase<'e>(h: &Hop, env: &'e mut Envelope, phase: Phase) -> &'e mut Status {
+    let ts = timestamp(h.now);
     let st = env.status_mut();
     st.phase = Some(phase);
-    st.reason = Some(reason);
     st.actor = Some(h.rules.actor.to_string());
-    st.updated_at = Some(h.now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    if h.attempt > 0 {
+        st.attempt = Some(h.attempt);
+        st.max_attempts = Some(h.rules.resiliency.max_attempts);
+    }
+    if st.created_at.is_none() {
+        st.created_at = Some(ts.clone());
+    }
+    st.updated_at = Some(ts);
     st
+}
+
+/// Every status time the sidecar writes: RFC 3339 UTC, milliseconds, `Z` (one format, so
+/// `created_at <= updated_at` holds as strings too).
+fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// An output of this hop: carries the hop's `traceparent`.

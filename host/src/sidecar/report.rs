@@ -49,6 +49,9 @@ pub struct HopReport {
     /// Delivery count of the input.
     pub attempt: u32,
     pub error: Option<ErrorInfo>,
+    /// A frame carried `x-asya-pause`: its metadata (the task is paused; the frame is parked
+    /// on the `x-pause` queue instead of being routed).
+    pub paused: Option<Value>,
     /// Actors that have processed the envelope, this one included.
     pub actors_completed: usize,
     /// Actors named by the input route.
@@ -61,4 +64,5 @@ pub(super) struct HopLog {
     pub sent: Vec<(QueueName, MessageType)>,
     pub runtime: Option<Duration>,
     pub error: Option<ErrorInfo>,
+    pub paused: Option<Value>,
 }

@@ -270,7 +270,11 @@ async fn a_panic_fails_the_delivery_and_the_worker_goes_on() {
         .as_str()
         .unwrap()
         .contains("a dependency asserted"));
-    assert!(sump[0]["payload"].as_str().unwrap().contains("poison"));
+    assert!(sump[0]["payload"]["original_payload"]
+        .as_str()
+        .unwrap()
+        .contains("poison"));
+    assert_eq!(sump[0]["payload"]["error"], "sidecar_panic");
     let text = l.metrics.encode();
     assert!(
         text.contains(r#"asya_actor_worker_panics_total{queue="asya-ns-a"} 2"#),

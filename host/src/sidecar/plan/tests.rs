@@ -78,10 +78,9 @@ fn call(answer: Answer) -> Call {
 }
 
 fn routed(h: &Hop, frames: Vec<Frame>, policy: Option<Result<Decision, String>>) -> Routed {
-    let fanout = frames.len() > 1;
     let mut r = Routed::default();
     for (i, f) in frames.into_iter().enumerate() {
-        let c = candidate(h, i, fanout, f);
+        let c = candidate(h, i, f);
         let d = if c.wants_policy() {
             policy.clone()
         } else {
@@ -98,6 +97,11 @@ fn status(o: &Output) -> &Status {
 
 fn reasons(p: &Plan) -> Vec<FailReason> {
     p.failures.iter().map(|f| f.reason).collect()
+}
+
+/// The payload of an x-sump output, parsed.
+fn sump_shape(o: &Output) -> serde_json::Value {
+    serde_json::from_str(o.envelope.payload.get()).unwrap()
 }
 
 // --- before the call ---
@@ -177,7 +181,8 @@ fn a_passed_deadline_goes_to_sink_as_failed_timeout_with_the_payload_untouched()
     );
     assert_eq!(st.error.as_ref().unwrap().kind, "Timeout");
     assert_eq!(st.updated_at.as_deref(), Some("2030-01-01T12:00:00.000Z"));
-    assert_eq!(st.attempt, None);
+    assert_eq!(st.created_at.as_deref(), Some("2030-01-01T12:00:00.000Z"));
+    assert_eq!((st.attempt, st.max_attempts), (Some(1), Some(3)));
 }
 
 #[test]
@@ -238,7 +243,7 @@ fn a_frame_at_the_end_of_its_route_goes_to_sink_as_succeeded() {
 }
 
 #[test]
-fn fan_out_children_get_derived_ids_and_the_input_as_parent() {
+fn fan_out_keeps_the_input_id_on_the_first_frame_and_derives_the_children() {
     let (r, i) = (rules(), input());
     let h = hop(&r, &i, 1);
     let frames = (0..10).map(|_| to_b()).collect();
@@ -247,11 +252,20 @@ fn fan_out_children_get_derived_ids_and_the_input_as_parent() {
     let mut ids = std::collections::HashSet::new();
     for (n, o) in p.outputs.iter().enumerate() {
         assert_eq!(o.id, mid(&format!("1:{n}")));
-        assert_eq!(o.envelope.parent_id.as_deref(), Some("e1"));
-        assert_eq!(o.envelope.id, MsgId::frame("e1", digest(), 1, n).child_id());
+        if n == 0 {
+            assert_eq!(o.envelope.id, "e1");
+            assert_eq!(o.envelope.parent_id, None, "the input's own parent");
+        } else {
+            assert_eq!(o.envelope.parent_id.as_deref(), Some("e1"));
+            assert_eq!(o.envelope.id, MsgId::frame("e1", digest(), 1, n).child_id());
+        }
         ids.insert(o.envelope.id.clone());
     }
     assert_eq!(ids.len(), 10);
+    // A later batch of a stream (frames numbered from 3) are all children.
+    let c = candidate(&h, 3, to_b());
+    assert_eq!(c.envelope.id, MsgId::frame("e1", digest(), 1, 3).child_id());
+    assert_eq!(c.envelope.parent_id.as_deref(), Some("e1"));
     // A redelivered input makes the same children.
     let again = after_invoke(
         &h,
@@ -265,7 +279,7 @@ fn a_frame_that_rewrites_history_sends_the_input_to_sump_and_skips_the_policy() 
     let (r, i) = (rules(), input());
     let h = hop(&r, &i, 2);
     let bad = frame(r#"{"route":{"prev":["zz","a"],"curr":"b"},"payload":9}"#);
-    let c = candidate(&h, 0, false, bad);
+    let c = candidate(&h, 0, bad);
     assert!(!c.wants_policy());
     let mut rt = Routed::default();
     route_frame(&h, &mut rt, c, None);
@@ -282,13 +296,14 @@ fn a_frame_that_rewrites_history_sends_the_input_to_sump_and_skips_the_policy() 
         (MessageType::Sump, mid("1:0:sump").as_str())
     );
     assert_eq!(
-        o.envelope.payload.get(),
-        r#"{"k":1}"#,
+        sump_shape(o)["original_payload"],
+        serde_json::json!({"k": 1}),
         "the input, not the frame"
     );
+    assert_eq!(sump_shape(o)["error"], "route_mismatch");
     let st = status(o);
     assert_eq!(st.reason, Some(Reason::RouteMismatch));
-    assert_eq!(st.attempt, None, "frame sumps carry no delivery count");
+    assert_eq!(st.attempt, Some(2), "this hop's delivery count");
 }
 
 #[test]
@@ -440,7 +455,12 @@ fn policy_rejections_and_failures_send_the_frame_to_sump_with_the_reason() {
             (o.kind, o.id.as_str()),
             (MessageType::Sump, mid("1:0:sump").as_str())
         );
-        assert_eq!(o.envelope.payload.get(), "2", "the frame, not the input");
+        assert_eq!(
+            sump_shape(o)["original_payload"],
+            2,
+            "the frame, not the input"
+        );
+        assert_eq!(sump_shape(o)["error"], "policy_rejected");
         let st = status(o);
         assert_eq!(st.reason, Some(Reason::PolicyRejected));
         assert_eq!(st.error.as_ref().unwrap().message, "no");
@@ -694,13 +714,18 @@ fn an_unsendable_output_sends_the_input_to_sump_cut_to_fit() {
     let st = status(o);
     let msg = &st.error.as_ref().unwrap().message;
     assert!(msg.contains("max payload size exceeded"), "{msg}");
-    assert!(msg.contains("payload cut from"), "{msg}");
-    let payload: String = serde_json::from_str(o.envelope.payload.get()).unwrap();
-    assert!(i.payload.get().starts_with(&payload));
+    assert!(msg.contains("original_payload cut from"), "{msg}");
+    let shape = sump_shape(o);
+    assert_eq!(shape["error"], "transport_error");
+    let cut = shape["original_payload"].as_str().unwrap();
+    assert!(i.payload.get().starts_with(cut));
     // a small input is not cut
     let small = input();
     let p = unsendable(&hop(&r, &small, 1), "rejected");
-    assert_eq!(p.outputs[0].envelope.payload.get(), small.payload.get());
+    assert_eq!(
+        sump_shape(&p.outputs[0])["original_payload"],
+        serde_json::json!({"k": 1})
+    );
 }
 
 #[test]
@@ -815,4 +840,216 @@ fn every_output_of_a_hop_carries_the_hops_traceparent() {
         p.outputs[0].envelope.headers["traceparent"],
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     );
+}
+
+// --- upstream-compatible envelope semantics (issue #15) ---
+
+#[test]
+fn the_processing_status_is_stamped_before_the_call() {
+    let r = rules();
+    let mut e = input();
+    stamp_processing(&r, &mut e, 2, now());
+    let st = e.status.as_ref().unwrap();
+    assert_eq!(st.phase, Some(Phase::Processing));
+    assert_eq!(st.actor.as_deref(), Some("a"));
+    assert_eq!((st.attempt, st.max_attempts), (Some(2), Some(3)));
+    assert_eq!(st.created_at.as_deref(), Some("2030-01-01T12:00:00.000Z"));
+    assert_eq!(st.updated_at, st.created_at);
+    // created_at is kept; reason cleared; a previous error kept (for _on_error handlers).
+    let mut e = env(
+        r#"{"id":"e1","route":{"curr":"a"},"payload":1,"status":{"phase":"failed","reason":"RuntimeError","created_at":"2029-12-31T00:00:00.000Z","error":{"message":"m","type":"T"},"attempt":7,"custom":1}}"#,
+    );
+    stamp_processing(&r, &mut e, 0, now());
+    let st = e.status.as_ref().unwrap();
+    assert_eq!(st.created_at.as_deref(), Some("2029-12-31T00:00:00.000Z"));
+    assert!(
+        st.created_at <= st.updated_at,
+        "same format: ordered as strings"
+    );
+    assert_eq!(st.reason, None);
+    assert_eq!(st.attempt, Some(1), "attempt is 1-based");
+    assert_eq!(st.error.as_ref().unwrap().kind, "T");
+    assert_eq!(st.extra["custom"].get(), "1");
+}
+
+#[test]
+fn a_handler_failure_reaches_sump_in_upstreams_shape() {
+    let (r, i) = (rules(), input());
+    let h = hop(&r, &i, 3);
+    let mut info = handler_error("ValueError");
+    info.mro = vec!["ValueError".into(), "Exception".into()];
+    info.traceback = Some("tb".into());
+    let p = after_invoke(&h, call(Answer::Handler(info.clone())));
+    let o = &p.outputs[0];
+    assert_eq!(o.kind, MessageType::Sump);
+    let v = sump_shape(o);
+    assert_eq!(v["error"], "processing_error");
+    assert_eq!(
+        v["details"],
+        serde_json::json!({"message": info.message, "type": "ValueError", "mro": ["ValueError", "Exception"], "traceback": "tb"})
+    );
+    assert_eq!(v["original_payload"], serde_json::json!({"k": 1}));
+    let st = status(o);
+    assert_eq!(st.error.as_ref(), Some(&info), "status.error is kept too");
+    assert_eq!((st.attempt, st.max_attempts), (Some(3), Some(3)));
+
+    let p = after_invoke(
+        &h,
+        call(Answer::Rejected(ErrorInfo::new("ValueError", "bad"))),
+    );
+    assert_eq!(sump_shape(&p.outputs[0])["error"], "msg_parsing_error");
+    let p = after_invoke(
+        &h,
+        call(Answer::Runtime(RuntimeError::Timeout(Duration::from_secs(
+            1,
+        )))),
+    );
+    assert_eq!(sump_shape(&p.outputs[0])["error"], "max_retries_exhausted");
+}
+
+#[test]
+fn unparseable_bytes_reach_sump_with_the_raw_text_as_original_payload() {
+    let r = rules();
+    let e = Envelope::parse(b"{nope").unwrap_err();
+    let input = unparseable_envelope(b"{nope", &e);
+    let p = unparseable(&hop(&r, &input, 1), &e);
+    let v = sump_shape(&p.outputs[0]);
+    assert_eq!(v["error"], "parse_error");
+    assert_eq!(v["original_payload"], "{nope");
+    assert_eq!(v["details"]["type"], "ParseError");
+}
+
+#[test]
+fn non_retryable_types_match_any_class_of_the_mro() {
+    let mut r = rules();
+    r.resiliency.non_retryable = vec!["Exception".into()];
+    let i = input();
+    let h = hop(&r, &i, 1);
+    let mut info = handler_error("MemoryError");
+    info.mro = vec!["Exception".into()];
+    let p = after_invoke(&h, call(Answer::Handler(info.clone())));
+    assert_eq!(p.settle, Settlement::Ack, "not retried");
+    assert_eq!(
+        status(&p.outputs[0]).reason,
+        Some(Reason::NonRetryableFailure)
+    );
+    info.mro.clear();
+    let p = after_invoke(&h, call(Answer::Handler(info)));
+    assert!(matches!(p.settle, Settlement::Retry(_)));
+}
+
+#[test]
+fn a_route_override_sends_the_next_hop_to_the_physical_queue_and_records_it() {
+    let (r, i) = (rules(), input());
+    let h = hop(&r, &i, 1);
+    let f = frame(
+        r#"{"route":{"prev":["p","a"],"curr":"b","next":["c"]},"payload":2,"headers":{"x-asya-route-override":{"b":"b-canary","c":"c2"}}}"#,
+    );
+    let p = after_invoke(&h, call(Answer::Frames(routed(&h, vec![f], None))));
+    let [o] = &p.outputs[..] else { panic!() };
+    assert_eq!(
+        (o.kind, o.queue.as_str()),
+        (MessageType::Routing, "asya-ns-b-canary")
+    );
+    assert_eq!(
+        o.envelope.route.curr, "b",
+        "the route keeps the logical name"
+    );
+    assert_eq!(
+        o.envelope.headers[HEADER_ROUTE_RESOLVED],
+        serde_json::json!({"b": {"target": "b-canary", "by": "a"}})
+    );
+    // Without an entry for the next actor: routed as usual, no audit.
+    let p = after_invoke(&h, call(Answer::Frames(routed(&h, vec![to_b()], None))));
+    assert_eq!(p.outputs[0].queue.as_str(), "asya-ns-b");
+    assert!(!p.outputs[0]
+        .envelope
+        .headers
+        .contains_key(HEADER_ROUTE_RESOLVED));
+}
+
+#[test]
+fn an_envelope_for_a_logical_actor_mapped_to_this_one_is_accepted() {
+    let r = rules();
+    let i = env(
+        r#"{"id":"e1","route":{"curr":"logical"},"headers":{"x-asya-route-override":{"logical":"a"}},"payload":1}"#,
+    );
+    assert!(before_invoke(&hop(&r, &i, 1)).is_ok());
+    let other = env(
+        r#"{"id":"e1","route":{"curr":"logical"},"headers":{"x-asya-route-override":{"logical":"z"}},"payload":1}"#,
+    );
+    assert!(before_invoke(&hop(&r, &other, 1)).is_err());
+}
+
+#[test]
+fn on_error_sends_a_failure_to_the_handler_actor_instead_of_sump() {
+    let r = rules();
+    let i = env(
+        r#"{"id":"e1","route":{"prev":["p"],"curr":"a","next":["b"]},"headers":{"_on_error":"fix","k":1},"payload":{"k":1}}"#,
+    );
+    let h = hop(&r, &i, 3);
+    let info = handler_error("ValueError");
+    let p = after_invoke(&h, call(Answer::Handler(info.clone())));
+    assert_eq!(reasons(&p)[0], FailReason::RuntimeError);
+    assert_eq!(p.processed, Some(Processed::Error));
+    let [o] = &p.outputs[..] else { panic!() };
+    assert_eq!(
+        (o.kind, o.queue.as_str(), o.id.as_str()),
+        (
+            MessageType::Routing,
+            "asya-ns-fix",
+            mid("1:on_error").as_str()
+        )
+    );
+    assert_eq!(
+        o.envelope.route,
+        Route {
+            prev: vec!["p".into(), "a".into()],
+            curr: "fix".into(),
+            next: vec![],
+        }
+    );
+    assert!(!o.envelope.headers.contains_key(HEADER_ON_ERROR));
+    assert_eq!(o.envelope.headers["k"], 1);
+    assert_eq!(o.envelope.payload.get(), r#"{"k":1}"#, "payload untouched");
+    let st = status(o);
+    assert_eq!(st.phase, Some(Phase::Failed));
+    assert_eq!(st.reason, Some(Reason::MaxRetriesExhausted));
+    assert_eq!(st.error.as_ref(), Some(&info));
+    // While attempts are left it is retried as usual.
+    let p = after_invoke(&hop(&r, &i, 1), call(Answer::Handler(info)));
+    assert!(matches!(p.settle, Settlement::Retry(_)));
+}
+
+#[test]
+fn a_frame_with_a_pause_header_is_parked_not_routed() {
+    let (r, i) = (rules(), input());
+    let h = hop(&r, &i, 1);
+    let f = frame(
+        r#"{"route":{"prev":["p","a"],"curr":"b"},"payload":2,"headers":{"x-asya-pause":{"prompt":"approve?"}}}"#,
+    );
+    let p = after_invoke(&h, call(Answer::Frames(routed(&h, vec![f, to_b()], None))));
+    assert_eq!(p.paused, Some(serde_json::json!({"prompt": "approve?"})));
+    let o = &p.outputs[0];
+    assert_eq!(
+        (o.kind, o.queue.as_str(), o.id.as_str()),
+        (MessageType::Routing, "asya-ns-x-pause", mid("1:0").as_str())
+    );
+    assert_eq!(o.envelope.route.curr, "b", "kept for the resume");
+    assert_eq!(status(o).phase, Some(Phase::Paused));
+    assert_eq!(status(o).reason, None);
+    assert_eq!(
+        p.outputs[1].queue.as_str(),
+        "asya-ns-b",
+        "other frames route"
+    );
+}
+
+#[test]
+fn mesh_status_off_turns_reports_off() {
+    assert!(reports_wanted(&input()));
+    let off = env(r#"{"id":"e","route":{"curr":"a"},"headers":{"x-asya-mesh-status":"off"}}"#);
+    assert!(!reports_wanted(&off));
+    let on = env(r#"{"id":"e","route":{"curr":"a"},"headers":{"x-asya-mesh-status":"on"}}"#);
+    assert!(reports_wanted(&on));
 }
