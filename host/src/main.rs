@@ -432,9 +432,21 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         _ => TransportKind::Memory,
     };
     let wasm_flags = [
-        ("--transport-plugin", wasm::vars::PLUGIN.name, args.transport_plugin),
-        ("--transport-config", wasm::vars::CONFIG.name, args.transport_config),
-        ("--transport-allow", wasm::vars::ALLOW.name, args.transport_allow),
+        (
+            "--transport-plugin",
+            wasm::vars::PLUGIN.name,
+            args.transport_plugin,
+        ),
+        (
+            "--transport-config",
+            wasm::vars::CONFIG.name,
+            args.transport_config,
+        ),
+        (
+            "--transport-allow",
+            wasm::vars::ALLOW.name,
+            args.transport_allow,
+        ),
     ];
     let mut set = Vec::new();
     for (flag, var, value) in wasm_flags {

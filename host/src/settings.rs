@@ -112,9 +112,7 @@ impl UpSettings {
 
 /// `provision`: the transport (`ASYA_TRANSPORT`, default nats, and its variables) and the
 /// end actors.
-pub fn provision_settings(
-    src: &dyn Source,
-) -> Result<(TransportSettings, EndActors), ConfigError> {
+pub fn provision_settings(src: &dyn Source) -> Result<(TransportSettings, EndActors), ConfigError> {
     Ok((
         TransportSettings::from_source(TransportKind::from_source(src)?, src)?,
         config::end_actors(src)?,

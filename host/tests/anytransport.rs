@@ -209,7 +209,10 @@ fn provision_creates_the_rabbitmq_layout() {
     );
     let expected = ["a", "b-c", "x-sink", "x-sump"];
     for a in expected {
-        assert!(stdout.contains(&format!("queue asya-shop-{a}\n")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("queue asya-shop-{a}\n")),
+            "{stdout}"
+        );
     }
     // Upstream's layout: a durable topic exchange `asya`, a durable queue per actor bound
     // to it with the actor as routing key.
@@ -226,7 +229,10 @@ fn provision_creates_the_rabbitmq_layout() {
         expected.map(|a| format!("asya-shop-{a}")).to_vec(),
         "{queues:?}"
     );
-    assert!(queues.iter().all(|r| r[1] == "true" && r[2] == "0"), "{queues:?}");
+    assert!(
+        queues.iter().all(|r| r[1] == "true" && r[2] == "0"),
+        "{queues:?}"
+    );
     let bindings = rabbitmq_list(
         &vhost,
         "list_bindings",

@@ -170,7 +170,11 @@ fn help_lists_the_variables_with_their_defaults() {
         ("gateway", "ASYA_TRANSPORT", "[default nats]"),
         ("gateway", "ASYA_TRANSPORT_PLUGIN", "ASYA_TRANSPORT=wasm"),
         ("provision", "ASYA_TRANSPORT", "[default nats]"),
-        ("provision", "ASYA_NATS_URL", "[default nats://127.0.0.1:4222]"),
+        (
+            "provision",
+            "ASYA_NATS_URL",
+            "[default nats://127.0.0.1:4222]",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_asya-host"))
             .args([cmd, "--help"])
