@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
+pub mod provision;
 pub mod queue;
 pub mod queue_depth;
 pub mod render;

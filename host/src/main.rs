@@ -26,20 +26,23 @@ enum Command {
     /// Run the sidecar next to one actor's runtime (configured by ASYA_* variables).
     #[command(after_help = settings::help(&settings::sidecar_vars()))]
     Sidecar,
-    /// Create the NATS JetStream stream and consumers of a namespace (idempotent; x-sink
-    /// and x-sump included).
+    /// Create a namespace's queues on the transport of ASYA_TRANSPORT (idempotent; x-sink
+    /// and x-sump included): NATS JetStream's stream and consumers, or what a transport
+    /// component creates (RabbitMQ: exchange, queues, bindings).
+    #[command(after_help = settings::help(&settings::provision_vars()))]
     Provision {
-        /// Namespace (stream `asya-<namespace>`).
+        /// Namespace (queues `asya-<namespace>-<actor>`).
         #[arg(long, env = "ASYA_NAMESPACE")]
         namespace: String,
         /// Actor names, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         actors: Vec<String>,
-        /// Server URL(s); overrides ASYA_NATS_URL.
+        /// NATS server URL(s) with ASYA_TRANSPORT=nats; overrides ASYA_NATS_URL.
         #[arg(long)]
         nats_url: Option<String>,
     },
-    /// Serve the task API (ASYA_GATEWAY_* variables; first envelopes go out over NATS).
+    /// Serve the task API (ASYA_GATEWAY_* variables; first envelopes go out over the
+    /// transport of ASYA_TRANSPORT, as the sidecars'; tasks kept in memory or NATS KV).
     #[command(after_help = settings::help(&settings::gateway_vars()))]
     Gateway,
     /// Print the hop-by-hop timeline of a task (actor, received, runtime, routed to, errors).
@@ -351,16 +354,15 @@ async fn provision(
     actors: &[String],
     nats_url: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    let (mut cfg, ends) = settings::provision_settings(&ProcessEnv)?;
-    if let Some(u) = nats_url {
-        cfg.url = u.to_owned();
+    use asya_host::transport::TransportSettings;
+    let (mut transport, ends) = settings::provision_settings(&ProcessEnv)?;
+    match (&mut transport, nats_url) {
+        (TransportSettings::Nats(cfg), Some(u)) => cfg.url = u.to_owned(),
+        (_, Some(_)) => anyhow::bail!("--nats-url: only with ASYA_TRANSPORT=nats"),
+        _ => {}
     }
-    let locs = asya_host::transport::nats::provision(cfg, namespace, actors, &ends).await?;
-    for l in locs {
-        println!(
-            "stream {} subject {} consumer {}",
-            l.stream, l.subject, l.consumer
-        );
+    for line in asya_host::provision::provision(&transport, namespace, actors, &ends).await? {
+        println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -389,12 +391,21 @@ struct UpArgs {
     /// One admin server (/metrics, /readyz, /debug/inflight) for every actor.
     #[arg(long)]
     metrics_addr: Option<String>,
-    /// Queue transport: memory (in process) or nats.
-    #[arg(long, default_value = "memory", value_parser = ["memory", "nats"])]
+    /// Queue transport: memory (in process), nats, or wasm (a transport component).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "nats", "wasm"])]
     transport: String,
     /// NATS server(s) with --transport nats; overrides ASYA_NATS_URL.
     #[arg(long)]
     nats_url: Option<String>,
+    /// The transport component (.wasm) with --transport wasm; overrides ASYA_TRANSPORT_PLUGIN.
+    #[arg(long)]
+    transport_plugin: Option<String>,
+    /// Its JSON configuration; overrides ASYA_TRANSPORT_CONFIG.
+    #[arg(long)]
+    transport_config: Option<String>,
+    /// Addresses it may connect to (host:port, comma-separated); overrides ASYA_TRANSPORT_ALLOW.
+    #[arg(long)]
+    transport_allow: Option<String>,
     /// Deadline of each input task.
     #[arg(long, default_value = "5m")]
     timeout: String,
@@ -418,7 +429,47 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     opts.gateway_token = args.gateway_token.filter(|t| !t.is_empty());
     opts.metrics_addr = addr("--metrics-addr", args.metrics_addr)?;
     opts.python = args.python;
-    let vars = UpSettings::from_source(&ProcessEnv, args.transport == "nats")?;
+    use asya_host::transport::{wasm, TransportKind, TransportSettings};
+    let kind = match args.transport.as_str() {
+        "nats" => TransportKind::Nats,
+        "wasm" => TransportKind::Wasm,
+        _ => TransportKind::Memory,
+    };
+    let wasm_flags = [
+        (
+            "--transport-plugin",
+            wasm::vars::PLUGIN.name,
+            args.transport_plugin,
+        ),
+        (
+            "--transport-config",
+            wasm::vars::CONFIG.name,
+            args.transport_config,
+        ),
+        (
+            "--transport-allow",
+            wasm::vars::ALLOW.name,
+            args.transport_allow,
+        ),
+    ];
+    let mut set = Vec::new();
+    for (flag, var, value) in wasm_flags {
+        match value {
+            Some(_) if kind != TransportKind::Wasm => {
+                anyhow::bail!("{flag}: only with --transport wasm")
+            }
+            Some(v) => set.push((var, v)),
+            None => {}
+        }
+    }
+    if args.nats_url.is_some() && kind != TransportKind::Nats {
+        anyhow::bail!("--nats-url: only with --transport nats");
+    }
+    let src = settings::Flags {
+        set,
+        under: &ProcessEnv,
+    };
+    let vars = UpSettings::from_source(&src, kind)?;
     opts.ends = vars.ends;
     opts.pythonpath = vars.pythonpath;
     opts.plugin_cache_dir = vars.plugin_cache_dir;
@@ -429,12 +480,16 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| anyhow::anyhow!("--timeout: invalid duration {:?}", args.timeout))?;
-    if let Some(mut cfg) = vars.nats {
-        if let Some(u) = args.nats_url {
-            cfg.url = u;
+    opts.transport = match vars.transport {
+        TransportSettings::Memory => MeshTransport::Memory,
+        TransportSettings::Nats(mut cfg) => {
+            if let Some(u) = args.nats_url {
+                cfg.url = u;
+            }
+            MeshTransport::Nats(Box::new(cfg))
         }
-        opts.transport = MeshTransport::Nats(Box::new(cfg));
-    }
+        TransportSettings::Wasm(w) => MeshTransport::Wasm(Box::new(w)),
+    };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     match asya_host::mesh::up(opts, shutdown).await {
@@ -491,7 +546,7 @@ async fn gateway() -> anyhow::Result<ExitCode> {
     let s = GatewaySettings::from_source(&ProcessEnv)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    asya_host::gateway::cli::run_gateway(s.gateway, s.nats, shutdown).await?;
+    asya_host::gateway::cli::run_gateway(s.gateway, s.transport, s.kv_nats, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

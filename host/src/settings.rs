@@ -6,11 +6,11 @@
 use std::path::PathBuf;
 
 use crate::config::{self, help_table, vars, ConfigError, LogSettings, Source, Var};
-use crate::gateway::cli::{gvars, GatewayConfig, ReporterSettings};
+use crate::gateway::cli::{gvars, GatewayConfig, ReporterSettings, StoreKind};
 use crate::plugin::PolicySettings;
 use crate::queue::EndActors;
 use crate::transport::nats::{self, NatsConfig};
-use crate::transport::{wasm, TransportSettings};
+use crate::transport::{wasm, TransportKind, TransportSettings};
 
 /// `PYTHONPATH` of `up`'s runtimes: after the flow file's folder.
 pub const PYTHONPATH: Var = Var::optional(
@@ -43,48 +43,80 @@ impl SidecarSettings {
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub gateway: GatewayConfig,
-    pub nats: NatsConfig,
+    /// Where the first envelopes go: `ASYA_TRANSPORT` (`nats` or `wasm`) and its variables,
+    /// as a sidecar reads them.
+    pub transport: TransportSettings,
+    /// `ASYA_NATS_*` for the NATS key-value store beside a non-NATS transport (with
+    /// `ASYA_TRANSPORT=nats` the store uses the transport's connection).
+    pub kv_nats: Option<NatsConfig>,
 }
 
 impl GatewaySettings {
     pub fn from_source(src: &dyn Source) -> Result<GatewaySettings, ConfigError> {
+        let gateway = GatewayConfig::from_source(src)?;
+        let transport = TransportSettings::from_source(TransportKind::from_source(src)?, src)?;
+        let kv_nats = match (&transport, gateway.store) {
+            (TransportSettings::Nats(_), _) | (_, StoreKind::Memory) => None,
+            (_, StoreKind::Nats) => Some(NatsConfig::from_source(src)?),
+        };
         Ok(GatewaySettings {
-            gateway: GatewayConfig::from_source(src)?,
-            nats: NatsConfig::from_source(src)?,
+            gateway,
+            transport,
+            kv_nats,
         })
     }
 }
 
-/// What `asya-host up` reads from variables (its flags are parsed by `main`).
+/// Flags that stand for variables (`up --transport-plugin` for `ASYA_TRANSPORT_PLUGIN`),
+/// over another source: a flag given wins over its variable, and both are parsed by the
+/// variable's code.
+pub struct Flags<'a> {
+    pub set: Vec<(&'static str, String)>,
+    pub under: &'a dyn Source,
+}
+
+impl Source for Flags<'_> {
+    fn get(&self, key: &str) -> Option<String> {
+        self.set
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+            .or_else(|| self.under.get(key))
+    }
+}
+
+/// What `asya-host up` reads from variables (its flags are parsed by `main`; those that
+/// stand for variables come in through [`Flags`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpSettings {
     pub ends: EndActors,
     /// `PYTHONPATH` as set.
     pub pythonpath: Option<String>,
-    /// Compiled-code cache of the route policies.
+    /// Compiled-code cache of the route policies (and of the transport component).
     pub plugin_cache_dir: Option<PathBuf>,
-    /// `ASYA_NATS_*`, read only for `--transport nats`.
-    pub nats: Option<NatsConfig>,
+    /// The transport of `--transport`: `ASYA_NATS_*` for nats, `ASYA_TRANSPORT_PLUGIN`,
+    /// `_CONFIG` and `_ALLOW` for wasm, nothing for memory.
+    pub transport: TransportSettings,
 }
 
 impl UpSettings {
-    pub fn from_source(src: &dyn Source, with_nats: bool) -> Result<UpSettings, ConfigError> {
+    pub fn from_source(src: &dyn Source, kind: TransportKind) -> Result<UpSettings, ConfigError> {
         Ok(UpSettings {
             ends: config::end_actors(src)?,
             pythonpath: src.get(PYTHONPATH.name).filter(|p| !p.is_empty()),
             plugin_cache_dir: crate::plugin::engine::cache_dir(src),
-            nats: if with_nats {
-                Some(NatsConfig::from_source(src)?)
-            } else {
-                None
-            },
+            transport: TransportSettings::from_source(kind, src)?,
         })
     }
 }
 
-/// `provision`: the NATS settings and the end actors.
-pub fn provision_settings(src: &dyn Source) -> Result<(NatsConfig, EndActors), ConfigError> {
-    Ok((NatsConfig::from_source(src)?, config::end_actors(src)?))
+/// `provision`: the transport (`ASYA_TRANSPORT`, default nats, and its variables) and the
+/// end actors.
+pub fn provision_settings(src: &dyn Source) -> Result<(TransportSettings, EndActors), ConfigError> {
+    Ok((
+        TransportSettings::from_source(TransportKind::from_source(src)?, src)?,
+        config::end_actors(src)?,
+    ))
 }
 
 /// The bearer token `trace` and `send` present (`ASYA_GATEWAY_TOKEN`).
@@ -119,7 +151,31 @@ pub fn gateway_vars() -> Vec<(&'static str, &'static [Var])> {
     vec![
         ("Gateway variables", gvars::GATEWAY),
         ("Names", NAMES),
-        ("NATS", nats::vars::ALL),
+        ("Transport of the first envelopes", TRANSPORT),
+        (
+            "NATS (ASYA_TRANSPORT=nats, or ASYA_GATEWAY_STORE=nats)",
+            nats::vars::ALL,
+        ),
+        (
+            "WebAssembly transport (ASYA_TRANSPORT=wasm)",
+            wasm::vars::ALL,
+        ),
+        ("Logging", vars::LOGGING),
+    ]
+}
+
+const TRANSPORT: &[Var] = &[vars::TRANSPORT];
+
+/// The variables of `asya-host provision`, grouped for `--help`.
+pub fn provision_vars() -> Vec<(&'static str, &'static [Var])> {
+    vec![
+        ("Transport", TRANSPORT),
+        ("NATS transport (ASYA_TRANSPORT=nats)", nats::vars::ALL),
+        (
+            "WebAssembly transport (ASYA_TRANSPORT=wasm)",
+            wasm::vars::ALL,
+        ),
+        ("End actors", vars::END_ACTORS),
         ("Logging", vars::LOGGING),
     ]
 }
@@ -131,6 +187,10 @@ pub fn up_vars() -> Vec<(&'static str, &'static [Var])> {
         ("End actors", vars::END_ACTORS),
         ("Runtimes and plugins", RUNTIMES),
         ("NATS (--transport nats)", nats::vars::ALL),
+        (
+            "WebAssembly transport (--transport wasm; the --transport-* flags override these)",
+            wasm::vars::ALL,
+        ),
         ("Logging", vars::LOGGING),
     ]
 }
@@ -154,7 +214,7 @@ mod tests {
         let e = GatewaySettings::from_source(&unset).unwrap_err();
         assert_eq!(e.var, "ASYA_GATEWAY_TOKEN", "{e}");
         GatewaySettings::from_source(&[("ASYA_GATEWAY_AUTH", "none")]).unwrap();
-        UpSettings::from_source(&unset, true).unwrap();
+        UpSettings::from_source(&unset, TransportKind::Nats).unwrap();
         let wasm = SidecarSettings::from_source(&[
             ("ASYA_ACTOR_NAME", "a"),
             ("ASYA_TRANSPORT", "wasm"),
@@ -164,10 +224,72 @@ mod tests {
         assert!(matches!(wasm.transport, TransportSettings::Wasm(_)));
     }
 
+    /// The gateway reads its transport as a sidecar does, and NATS only where it needs it:
+    /// for the NATS transport, or for the NATS key-value store beside another transport.
+    #[test]
+    fn gateway_transport_and_store() {
+        let open = ("ASYA_GATEWAY_AUTH", "none");
+        let s = GatewaySettings::from_source(&[open]).unwrap();
+        assert!(matches!(s.transport, TransportSettings::Nats(_)));
+        assert!(s.kv_nats.is_none());
+        let wasm = [
+            open,
+            ("ASYA_TRANSPORT", "wasm"),
+            ("ASYA_TRANSPORT_PLUGIN", "/t.wasm"),
+            ("ASYA_TRANSPORT_CONFIG", "{\"address\": \"127.0.0.1:6379\"}"),
+            ("ASYA_NATS_URL", "nats://10.0.0.1:4222"),
+        ];
+        let s = GatewaySettings::from_source(&wasm).unwrap();
+        let TransportSettings::Wasm(w) = &s.transport else {
+            panic!("{:?}", s.transport)
+        };
+        assert_eq!(w.plugin, PathBuf::from("/t.wasm"));
+        assert!(s.kv_nats.is_none(), "memory store: no NATS");
+        let mut with_kv: Vec<(&str, &str)> = wasm.to_vec();
+        with_kv.push(("ASYA_GATEWAY_STORE", "nats"));
+        let src: std::collections::HashMap<String, String> = with_kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let s = GatewaySettings::from_source(&src).unwrap();
+        assert_eq!(s.kv_nats.unwrap().url, "nats://10.0.0.1:4222");
+        let e = GatewaySettings::from_source(&[open, ("ASYA_TRANSPORT", "wasm")]).unwrap_err();
+        assert_eq!(e.var, "ASYA_TRANSPORT_PLUGIN", "{e}");
+    }
+
+    /// `up --transport-plugin/--transport-config/--transport-allow` stand for the
+    /// variables and win over them; a bad flag value is named by its variable.
+    #[test]
+    fn up_flags_override_the_transport_variables() {
+        let env = [
+            ("ASYA_TRANSPORT_PLUGIN", "/env.wasm"),
+            ("ASYA_TRANSPORT_ALLOW", "127.0.0.1:1"),
+        ];
+        let flags = Flags {
+            set: vec![(wasm::vars::PLUGIN.name, "/flag.wasm".into())],
+            under: &env,
+        };
+        let s = UpSettings::from_source(&flags, TransportKind::Wasm).unwrap();
+        let TransportSettings::Wasm(w) = s.transport else {
+            panic!("{:?}", s.transport)
+        };
+        assert_eq!(w.plugin, PathBuf::from("/flag.wasm"));
+        assert_eq!(w.allow.as_deref(), Some("127.0.0.1:1"));
+        let flags = Flags {
+            set: vec![(wasm::vars::CONFIG.name, "{nope".into())],
+            under: &env,
+        };
+        let e = UpSettings::from_source(&flags, TransportKind::Wasm).unwrap_err();
+        assert_eq!(e.var, "ASYA_TRANSPORT_CONFIG", "{e}");
+        let unset: [(&str, &str); 0] = [];
+        let s = UpSettings::from_source(&unset, TransportKind::Memory).unwrap();
+        assert_eq!(s.transport, TransportSettings::Memory);
+    }
+
     /// No variable is listed twice under one command, and every one has a doc line.
     #[test]
     fn variable_lists_are_sound() {
-        for list in [sidecar_vars(), gateway_vars(), up_vars()] {
+        for list in [sidecar_vars(), gateway_vars(), up_vars(), provision_vars()] {
             let mut names: Vec<&str> = list
                 .iter()
                 .flat_map(|(_, vs)| vs.iter().map(|v| v.name))

@@ -149,7 +149,7 @@ fn wait_output(mut child: std::process::Child, limit: std::time::Duration) -> st
     child.wait_with_output().expect("output")
 }
 
-/// `--help` of `sidecar`, `gateway` and `up` lists the variables each reads, with their
+/// `--help` of `sidecar`, `gateway`, `up` and `provision` lists the variables each reads, with their
 /// defaults, from the definitions the parsers use.
 #[test]
 fn help_lists_the_variables_with_their_defaults() {
@@ -166,6 +166,15 @@ fn help_lists_the_variables_with_their_defaults() {
         ),
         ("up", "ASYA_ACTOR_SINK", "[default x-sink]"),
         ("up", "ASYA_NATS_URL", "[default nats://127.0.0.1:4222]"),
+        ("up", "ASYA_TRANSPORT_CONFIG", "[default {}]"),
+        ("gateway", "ASYA_TRANSPORT", "[default nats]"),
+        ("gateway", "ASYA_TRANSPORT_PLUGIN", "ASYA_TRANSPORT=wasm"),
+        ("provision", "ASYA_TRANSPORT", "[default nats]"),
+        (
+            "provision",
+            "ASYA_NATS_URL",
+            "[default nats://127.0.0.1:4222]",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_asya-host"))
             .args([cmd, "--help"])

@@ -47,7 +47,9 @@ pub trait Transport: Sized + 'static {
     fn connect(config: &Config) -> Result<Self, Error>;
 
     /// Receive up to `max` messages from `queue`, waiting at most `wait` for the first one.
-    /// An empty list means nothing arrived in time.
+    /// An empty list means nothing arrived in time. `max == 0` delivers nothing: only make
+    /// sure `queue` exists (as `send`/`receive` would create it) and return at once
+    /// (`asya-host provision`).
     fn receive(&mut self, queue: &str, max: u32, wait: Duration) -> Result<Vec<Delivery>, Error>;
 
     /// Publish messages; return only after the broker accepted all of them.

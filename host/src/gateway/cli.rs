@@ -19,7 +19,8 @@ use super::{Gateway, HopEntry, KvStore, MemoryStore, TaskStore, TaskView};
 use crate::config::{parse_listen_addr, vars, ConfigError, Reader, Source};
 use crate::queue::EndActors;
 use crate::sidecar::Reporter;
-use crate::transport::nats::NatsConfig;
+use crate::transport::nats::{NatsConfig, NatsTransport};
+use crate::transport::{Transport, TransportSettings};
 
 /// Variables of the gateway (and of the sidecar's reporting).
 pub mod gvars {
@@ -259,24 +260,45 @@ pub enum GatewayStartError {
     },
 }
 
-/// `asya-host gateway`: the NATS transport configured by `nats`, the configured store;
-/// serve until `shutdown`.
+/// `asya-host gateway`: first envelopes go out over `transport` (the transport the
+/// sidecars use, `ASYA_TRANSPORT`); tasks are kept in the configured store: memory, or the
+/// NATS key-value store, on the NATS transport's connection or, beside another transport,
+/// on one of its own to `kv_nats`. Serve until `shutdown`.
 pub async fn run_gateway(
     cfg: GatewayConfig,
-    nats: NatsConfig,
+    transport: TransportSettings,
+    kv_nats: Option<NatsConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayStartError> {
     let flows = match &cfg.flows {
         Some(p) => super::load_flows(p)?,
         None => super::Flows::new(),
     };
-    let nats = crate::transport::nats::NatsTransport::connect(nats).await?;
+    let (transport, nats_client): (Arc<dyn Transport>, Option<async_nats::Client>) =
+        match &transport {
+            TransportSettings::Nats(c) => {
+                let t = NatsTransport::connect(c.clone()).await?;
+                let client = t.client().clone();
+                (Arc::new(t), Some(client))
+            }
+            other => (crate::transport::connect(other).await?, None),
+        };
     let store: Arc<dyn TaskStore> = match cfg.store {
         StoreKind::Memory => Arc::new(MemoryStore::with_limits(cfg.retention, cfg.max_tasks)),
-        StoreKind::Nats => Arc::new(
-            KvStore::open_with_retention(nats.client().clone(), &cfg.kv_bucket, cfg.retention)
-                .await?,
-        ),
+        StoreKind::Nats => {
+            let client = match (nats_client, kv_nats) {
+                (Some(c), _) => c,
+                (None, Some(kv)) => NatsTransport::connect(kv).await?.client().clone(),
+                (None, None) => {
+                    return Err(ConfigError {
+                        var: gvars::STORE.name,
+                        message: "is nats but no NATS settings were read".into(),
+                    }
+                    .into())
+                }
+            };
+            Arc::new(KvStore::open_with_retention(client, &cfg.kv_bucket, cfg.retention).await?)
+        }
     };
     let queues = crate::queue_depth::gateway_queues(
         &cfg.namespace,
@@ -286,13 +308,13 @@ pub async fn run_gateway(
     let _depth = crate::queue_depth::serve_gateway_metrics(
         cfg.metrics_addr,
         &cfg.metrics_namespace,
-        Arc::new(nats.clone()),
+        transport.clone(),
         queues,
     )
     .await?;
     let gw = Gateway::new(
         store,
-        Arc::new(nats),
+        transport,
         cfg.namespace.clone(),
         flows,
         cfg.ends.sink.clone(),

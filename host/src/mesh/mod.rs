@@ -1,6 +1,7 @@
 //! `asya-host up FLOW_FILE`: a whole flow on one machine (SPEC §10). One stock Python
 //! runtime per actor (supervised, restarted when it dies), every sidecar in process, x-sink,
-//! x-sump and the gateway, on the in-process `memory` transport or on NATS.
+//! x-sump and the gateway, on the in-process `memory` transport, on NATS, or on a transport
+//! component (`--transport wasm`: RabbitMQ, Redis Streams, ...).
 //!
 //! - [`flowfile`]: the TOML flow file
 //! - [`supervisor`]: runtime processes (own process group, SIGTERM then SIGKILL, restarts)
@@ -67,6 +68,9 @@ pub enum MeshTransport {
     Memory,
     /// NATS JetStream; the namespace is taken from the flow file.
     Nats(Box<NatsConfig>),
+    /// A transport component (`ASYA_TRANSPORT=wasm` settings); every queue of the mesh is
+    /// made sure of first, as `asya-host provision` does.
+    Wasm(Box<crate::transport::wasm::WasmSettings>),
 }
 
 /// Options of `asya-host up`.
@@ -234,6 +238,12 @@ pub enum MeshError {
     Transport(#[from] TransportError),
     #[error("nats: {0}")]
     Provision(#[from] crate::transport::nats::ProvisionError),
+    #[error(transparent)]
+    TransportConfig(#[from] crate::config::ConfigError),
+    #[error("wasm transport: {0}")]
+    Wasm(#[source] TransportError),
+    #[error(transparent)]
+    Name(#[from] crate::queue::InvalidName),
     #[error("interrupted")]
     Interrupted,
     #[error("actor {actor}: {source}")]
@@ -467,6 +477,16 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
                 Arc::new(NatsTransport::connect((**cfg).clone()).await?),
                 TransportKind::Nats,
             )
+        }
+        MeshTransport::Wasm(settings) => {
+            let names: Vec<String> = flow.actors.iter().map(|a| a.name.clone()).collect();
+            let queues = crate::provision::queues(&flow.namespace, &names, &opts.ends)?;
+            let t = crate::transport::wasm::WasmTransport::connect(settings.resolve().await?)
+                .await
+                .map_err(MeshError::Wasm)?;
+            t.ensure_queues(&queues).await.map_err(MeshError::Wasm)?;
+            t.attach_metrics(metrics.clone());
+            (Arc::new(t), TransportKind::Wasm)
         }
     };
     let gw = Gateway::new(

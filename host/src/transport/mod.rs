@@ -225,7 +225,7 @@ pub async fn connect(
 ) -> Result<std::sync::Arc<dyn Transport>, TransportError> {
     match settings {
         TransportSettings::Memory => Err(TransportError::Unavailable(
-            "ASYA_TRANSPORT=memory only works inside one process (`asya-host up`); use nats or wasm for a standalone sidecar".into(),
+            "ASYA_TRANSPORT=memory only works inside one process (`asya-host up`); use nats or wasm for a standalone sidecar or gateway".into(),
         )),
         TransportSettings::Nats(cfg) => Ok(std::sync::Arc::new(
             nats::NatsTransport::connect(cfg.clone()).await?,

@@ -754,6 +754,25 @@ impl Transport for WasmTransport {
         Ok(Sent::default())
     }
 
+    /// `receive(queue, 0, 0)` for each queue, the contract's "make sure it exists, deliver
+    /// nothing" (`wit/transport.wit`), on a connection of its own that is closed afterwards:
+    /// whatever a component that ignores `max = 0` handed out goes back to its queue.
+    async fn ensure_queues(&self, queues: &[QueueName]) -> Result<(), TransportError> {
+        if queues.is_empty() {
+            return Ok(());
+        }
+        let conn = Conn::new(self.plugin.clone());
+        for q in queues {
+            let req = Req::Receive {
+                queue: q.as_str(),
+                max: 0,
+                wait: Duration::ZERO,
+            };
+            conn.call(req, None).await?;
+        }
+        Ok(())
+    }
+
     fn is_connected(&self) -> bool {
         self.publishers
             .iter()

@@ -718,7 +718,14 @@ impl Transport for RabbitMq {
     }
 
     fn receive(&mut self, queue: &str, max: u32, wait: Duration) -> Result<Vec<Delivery>, Error> {
-        let max = max.max(1) as usize;
+        if max == 0 {
+            // Only declare the queue (or check it: `declare: false`), without consuming
+            // (`asya-host provision`).
+            return self.with_live(true, |live, cfg, _, _| {
+                ensure_queue(live, cfg, queue).map(|()| Vec::new())
+            });
+        }
+        let max = max as usize;
         let deadline = Instant::now() + wait;
         self.with_live(true, |live, cfg, dedup, generation| {
             match live.consuming.as_deref() {

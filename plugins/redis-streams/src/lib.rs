@@ -343,7 +343,12 @@ impl Transport for RedisStreams {
 
     fn receive(&mut self, queue: &str, max: u32, wait: Duration) -> Result<Vec<Delivery>, Error> {
         let key = self.stream_key(queue);
-        let max = max.max(1);
+        if max == 0 {
+            // Only make sure the stream and its group exist (`asya-host provision`).
+            return self.with_conn(|c, cfg, _, groups, _| {
+                ensure_group(c, cfg, groups, &key).map(|()| Vec::new())
+            });
+        }
         let max_s = max.to_string();
         // Take over deliveries of dead consumers, at most every ack_wait / 4.
         let now = Instant::now();
