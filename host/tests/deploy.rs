@@ -1112,8 +1112,17 @@ async fn gateway_exports_every_flow_actors_depth_with_no_sidecar_running() {
     .await
     .unwrap();
     let t = NatsTransport::connect(nats_cfg(&server)).await.unwrap();
+    // One stream per namespace deduplicates by message id: ids distinct across queues.
     for (actor, n) in [("first", 3), ("second", 2), ("outside", 4)] {
-        publish(&t, &QueueName::new(ns, actor).unwrap(), n).await;
+        let queue = QueueName::new(ns, actor).unwrap();
+        let msgs = (0..n)
+            .map(|i| OutMessage {
+                queue: queue.clone(),
+                id: format!("{actor}-{i}"),
+                body: bytes::Bytes::from(format!("{{\"i\": {i}}}")),
+            })
+            .collect();
+        t.send_all(msgs).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let flows = dir.path().join("flows.toml");
