@@ -115,7 +115,8 @@ echo "for comparison, fully stripped (strip --strip-all; not shipped: backtraces
 rm -f "$work/asya-host.stripped-all"
 total=$(du -sb "$rootfs" | cut -f1)
 # debian:bookworm-slim is built with dpkg path-excludes for these (debuerreotype --slimify).
-slimmed=$(du -scb "$rootfs"/usr/share/{doc,info,locale,man,groff,lintian,linda} 2>/dev/null | tail -1 | cut -f1)
+# (Some of them may not exist: du then exits 1, which must not end the script.)
+slimmed=$({ du -scb "$rootfs"/usr/share/{doc,info,locale,man,groff,lintian,linda} 2>/dev/null || true; } | tail -1 | cut -f1)
 echo "root filesystem, uncompressed (debootstrap minbase + the RUN line + COPY): $(mib "$total")"
 echo "  of which docs, man pages and locales, which debian:bookworm-slim leaves out: $(mib "$slimmed")"
 echo "  => the image, uncompressed, estimated: $(mib $(( total - slimmed )))"
