@@ -110,7 +110,16 @@ echo "binary as built ($bin): $(mib "$(stat -c %s "$bin")")"
 echo "binary in the image (debug info stripped):     $(mib "$(stat -c %s "$rootfs/usr/local/bin/asya-host")")"
 echo "split debug info (stays in the builder stage): $(mib "$(stat -c %s "$work/asya-host.debug")")"
 echo "plugins + runtime file:                        $(mib "$(du -cb "$rootfs/opt/asya" | tail -1 | cut -f1)")"
-echo "root filesystem, uncompressed (minbase; debian:bookworm-slim also drops docs and man pages): $(mib "$(du -sb "$rootfs" | cut -f1)")"
+strip --strip-all -o "$work/asya-host.stripped-all" "$bin"
+echo "for comparison, fully stripped (strip --strip-all; not shipped: backtraces lose names): $(mib "$(stat -c %s "$work/asya-host.stripped-all")")"
+rm -f "$work/asya-host.stripped-all"
+total=$(du -sb "$rootfs" | cut -f1)
+# debian:bookworm-slim is built with dpkg path-excludes for these (debuerreotype --slimify).
+# (Some of them may not exist: du then exits 1, which must not end the script.)
+slimmed=$({ du -scb "$rootfs"/usr/share/{doc,info,locale,man,groff,lintian,linda} 2>/dev/null || true; } | tail -1 | cut -f1)
+echo "root filesystem, uncompressed (debootstrap minbase + the RUN line + COPY): $(mib "$total")"
+echo "  of which docs, man pages and locales, which debian:bookworm-slim leaves out: $(mib "$slimmed")"
+echo "  => the image, uncompressed, estimated: $(mib $(( total - slimmed )))"
 
 # --- run it as the manifests do ---------------------------------------------------------
 say "read-only root, tmpfs at /var/run/asya and /home/asya/.cache, uid 10001"

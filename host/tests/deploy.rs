@@ -26,7 +26,7 @@ use asya_host::render::{self, K8sOptions, Scaler};
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport};
 use nats_server::NatsServer;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
 
@@ -303,6 +303,20 @@ fn selects(selector: &Value, labels: &Value) -> bool {
     by_labels && by_exprs
 }
 
+/// A sidecar sends the reports' token (the Secret's `report-token` key) and never holds
+/// the clients' token: a leaked sidecar credential cannot submit or read tasks.
+fn assert_report_token_only(env: &BTreeMap<String, Value>, who: &str) {
+    assert_eq!(
+        env["ASYA_GATEWAY_REPORT_TOKEN"]["secretKeyRef"],
+        json!({"name": "asya-gateway", "key": "report-token"}),
+        "{who}"
+    );
+    assert!(
+        !env.contains_key("ASYA_GATEWAY_TOKEN"),
+        "{who}: a sidecar must not hold the clients' token"
+    );
+}
+
 #[test]
 fn actor_pods_scaling_and_monitoring_objects_fit_together() {
     let flow = FlowFile::load(&reviews_flow()).unwrap();
@@ -351,6 +365,7 @@ fn actor_pods_scaling_and_monitoring_objects_fit_together() {
         );
         // The sidecar's variables parse as the sidecar would read them.
         let env = env_of(sidecar);
+        assert_report_token_only(&env, &a.name);
         assert_eq!(env["ASYA_ACTOR_NAME"], a.name.as_str());
         assert_eq!(env["ASYA_NAMESPACE"], "reviews");
         assert_eq!(env["ASYA_CONCURRENCY"], a.concurrency.to_string().as_str());
@@ -431,7 +446,9 @@ fn actor_pods_scaling_and_monitoring_objects_fit_together() {
             .as_array()
             .unwrap();
         assert_eq!(containers.len(), 1, "end actors need no runtime");
-        assert_eq!(env_of(&containers[0])["ASYA_IS_END_ACTOR"], "true");
+        let env = env_of(&containers[0]);
+        assert_eq!(env["ASYA_IS_END_ACTOR"], "true");
+        assert_report_token_only(&env, end);
         assert!(selects(
             &pod_monitor["spec"]["selector"],
             &dep["spec"]["template"]["metadata"]["labels"]
@@ -442,9 +459,14 @@ fn actor_pods_scaling_and_monitoring_objects_fit_together() {
     let gw = find(&docs, "Deployment", "asya-gateway");
     let c = &gw["spec"]["template"]["spec"]["containers"][0];
     let env = env_of(c);
+    // Both credentials, from separate keys of the Secret.
     assert_eq!(
-        env["ASYA_GATEWAY_TOKEN"]["secretKeyRef"]["name"],
-        "asya-gateway"
+        env["ASYA_GATEWAY_TOKEN"]["secretKeyRef"],
+        json!({"name": "asya-gateway", "key": "token"})
+    );
+    assert_eq!(
+        env["ASYA_GATEWAY_REPORT_TOKEN"]["secretKeyRef"],
+        json!({"name": "asya-gateway", "key": "report-token"})
     );
     let cm = find(&docs, "ConfigMap", "asya-flows");
     let flows =
@@ -1072,4 +1094,93 @@ async fn sidecar_and_gateway_export_the_queue_depth() {
     })
     .await
     .unwrap();
+}
+
+/// Scale from zero: with no sidecar running at all, the gateway alone exports the depth of
+/// every actor of its flows (and of the end actors), and nothing for a queue outside them.
+#[tokio::test]
+async fn gateway_exports_every_flow_actors_depth_with_no_sidecar_running() {
+    let server = NatsServer::start();
+    let ns = "qz";
+    let actors = ["first", "second", "outside"];
+    provision(
+        nats_cfg(&server),
+        ns,
+        &actors.map(String::from),
+        &EndActors::default(),
+    )
+    .await
+    .unwrap();
+    let t = NatsTransport::connect(nats_cfg(&server)).await.unwrap();
+    // One stream per namespace deduplicates by message id: ids distinct across queues.
+    for (actor, n) in [("first", 3), ("second", 2), ("outside", 4)] {
+        let queue = QueueName::new(ns, actor).unwrap();
+        let msgs = (0..n)
+            .map(|i| OutMessage {
+                queue: queue.clone(),
+                id: format!("{actor}-{i}"),
+                body: bytes::Bytes::from(format!("{{\"i\": {i}}}")),
+            })
+            .collect();
+        t.send_all(msgs).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path().join("flows.toml");
+    std::fs::write(
+        &flows,
+        "[flows]\none = [\"first\", \"second\"]\ntwo = [\"second\"]\n",
+    )
+    .unwrap();
+    let (gw_admin, gw_port) = (free_port(), free_port());
+    let _gateway = Proc(
+        Command::new(BIN)
+            .arg("gateway")
+            .env("ASYA_NAMESPACE", ns)
+            .env("ASYA_NATS_URL", server.url())
+            .env("ASYA_GATEWAY_ADDR", format!("127.0.0.1:{gw_port}"))
+            .env("ASYA_GATEWAY_FLOWS", &flows)
+            .env("ASYA_METRICS_ADDR", format!("127.0.0.1:{gw_admin}"))
+            .env_remove("ASYA_GATEWAY_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let body = tokio::task::spawn_blocking(move || {
+        poll(
+            "the gateway's depth of every flow actor",
+            Duration::from_secs(30),
+            || {
+                let (_, body) = http_get(gw_admin, "/metrics").ok_or("no answer")?;
+                let got: Vec<Option<u64>> = [
+                    "asya-qz-first",
+                    "asya-qz-second",
+                    "asya-qz-x-sink",
+                    "asya-qz-x-sump",
+                ]
+                .iter()
+                .map(|q| depth_line(&body, q))
+                .collect();
+                if got == [Some(3), Some(2), Some(0), Some(0)] {
+                    Ok(body)
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            },
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        depth_line(&body, "asya-qz-outside"),
+        None,
+        "a queue outside the gateway's flows has no series"
+    );
+    assert_eq!(
+        body.lines()
+            .filter(|l| l.starts_with("asya_actor_queue_depth{"))
+            .count(),
+        4,
+        "{body}"
+    );
 }

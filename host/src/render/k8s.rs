@@ -32,8 +32,15 @@ pub const ADMIN_PORT: u16 = 8080;
 pub const GATEWAY_PORT: u16 = 8090;
 /// The gateway's Deployment and Service.
 pub const GATEWAY: &str = "asya-gateway";
-/// The Secret (created by the operator) holding the gateway token under key `token`.
+/// The Secret (created by the operator) holding the gateway's two credentials: the
+/// clients' token under key [`TOKEN_KEY`] (the gateway only) and the sidecars' report
+/// token under key [`REPORT_TOKEN_KEY`] (the gateway and every sidecar). Sidecars never hold
+/// the clients' token.
 pub const GATEWAY_SECRET: &str = "asya-gateway";
+/// Key of `ASYA_GATEWAY_TOKEN` in [`GATEWAY_SECRET`].
+pub const TOKEN_KEY: &str = "token";
+/// Key of `ASYA_GATEWAY_REPORT_TOKEN` in [`GATEWAY_SECRET`].
+pub const REPORT_TOKEN_KEY: &str = "report-token";
 /// An optional Secret whose keys become environment variables of everything that connects
 /// to NATS (`ASYA_NATS_USER`, `ASYA_NATS_PASSWORD`, `ASYA_NATS_TOKEN`, ...).
 pub const NATS_SECRET: &str = "asya-nats";
@@ -67,11 +74,21 @@ fn env(name: &str, value: impl Into<String>) -> Value {
     json!({"name": name, "value": value.into()})
 }
 
-fn token_env() -> Value {
+fn secret_env(name: &str, key: &str) -> Value {
     json!({
-        "name": "ASYA_GATEWAY_TOKEN",
-        "valueFrom": {"secretKeyRef": {"name": GATEWAY_SECRET, "key": "token"}},
+        "name": name,
+        "valueFrom": {"secretKeyRef": {"name": GATEWAY_SECRET, "key": key}},
     })
+}
+
+/// The clients' token: the gateway only.
+fn token_env() -> Value {
+    secret_env("ASYA_GATEWAY_TOKEN", TOKEN_KEY)
+}
+
+/// The reports' token: the gateway checks it, sidecars send it.
+fn report_token_env() -> Value {
+    secret_env("ASYA_GATEWAY_REPORT_TOKEN", REPORT_TOKEN_KEY)
 }
 
 fn nats_env_from() -> Value {
@@ -136,7 +153,7 @@ fn sidecar_container(
             "ASYA_GATEWAY_URL",
             format!("http://{GATEWAY}:{GATEWAY_PORT}"),
         ),
-        token_env(),
+        report_token_env(),
         env("ASYA_LOG_FORMAT", "json"),
     ];
     e.extend(extra_env);
@@ -462,6 +479,7 @@ fn gateway_objects(flow: &FlowFile, opts: &K8sOptions, k8s_ns: &str) -> Vec<Valu
                             env("ASYA_GATEWAY_STORE", "nats"),
                             env("ASYA_NATS_URL", &opts.nats_url),
                             token_env(),
+                            report_token_env(),
                             // The queue depth of every actor (scale from zero).
                             env("ASYA_METRICS_ADDR", format!(":{ADMIN_PORT}")),
                             env("ASYA_LOG_FORMAT", "json"),
