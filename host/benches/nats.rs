@@ -41,8 +41,8 @@ use asya_host::queue::{EndActors, QueueName};
 use asya_host::sidecar::{self, Deps};
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport, TransportKind};
-use echo_runtime::serve_echo;
 use asya_test_support::{nats_server, NatsServer};
+use echo_runtime::serve_echo;
 
 fn envelope(id: &str) -> Bytes {
     envelope_with(id, 1)

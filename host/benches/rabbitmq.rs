@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use asya_host::transport::{OutMessage, Transport};
+use asya_test_support::{plugin, rabbitmq, Vhost};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -24,7 +25,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use asya_test_support::{plugin, rabbitmq, Vhost};
 
 const BATCH: usize = 100;
 const PREFETCH: usize = 64;

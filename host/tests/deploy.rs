@@ -7,10 +7,9 @@
 //! `ASYA_UPDATE_GOLDEN=1 cargo test -p asya-host --test deploy`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use asya_host::mesh::deploy::Scaling;
@@ -20,9 +19,7 @@ use asya_host::queue::{EndActors, QueueName};
 use asya_host::render::{self, K8sOptions, Scaler};
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport};
-use asya_test_support::{
-    free_port, http_get, plugin, poll_value, repo_root, NatsServer, Proc,
-};
+use asya_test_support::{free_port, http_get, plugin, poll_value, repo_root, NatsServer, Proc};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
@@ -535,7 +532,10 @@ fn promtool_accepts_the_rules() {
         render::yaml::to_yaml(&render::monitoring::rules_file(&flow)),
     )
     .unwrap();
-    for f in [file, repo_root().join("deploy/prometheus/asya-alerts.rules.yml")] {
+    for f in [
+        file,
+        repo_root().join("deploy/prometheus/asya-alerts.rules.yml"),
+    ] {
         let out = Command::new("promtool")
             .args(["check", "rules"])
             .arg(&f)

@@ -4,7 +4,6 @@
 //! task. Also what the recipe's users saw go wrong: a sidecar without its runtime says what
 //! it waits for, and `send --wait` that gives up says why.
 
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

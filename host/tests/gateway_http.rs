@@ -2,9 +2,8 @@
 //! secure default and the two credentials, slow clients, the bounded task store, and
 //! input that must get a 400 naming the field instead of a panic.
 
-
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

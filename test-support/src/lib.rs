@@ -192,7 +192,10 @@ mod tests {
     #[test]
     fn metric_value_matches_name_and_labels_exactly() {
         let text = "# HELP x\nasya_a_total{reason=\"p\"} 3\nasya_a_total_more 9\nasya_a_total 5\n";
-        assert_eq!(metric_value(text, "asya_a_total", &[("reason", "p")]), Some(3.0));
+        assert_eq!(
+            metric_value(text, "asya_a_total", &[("reason", "p")]),
+            Some(3.0)
+        );
         assert_eq!(metric_value(text, "asya_a_total", &[]), Some(3.0));
         assert_eq!(metric_value(text, "asya_a_total", &[("reason", "q")]), None);
         assert_eq!(metric_value(text, "asya_a", &[]), None);

@@ -12,7 +12,7 @@ use crate::free_port;
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -42,7 +42,7 @@ impl RedisServer {
         let s = RedisServer {
             child: Some(child),
             port,
-            dir,
+            _dir: dir,
         };
         s.wait_ready();
         s

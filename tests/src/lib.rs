@@ -153,4 +153,3 @@ impl Consumer {
         Some(v)
     }
 }
-

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Actors (name, `module.function`) plus x-sink and x-sump, reporting to `reporter`.
 pub struct Mesh {
-    runtimes: Vec<StockRuntime>,
+    _runtimes: Vec<StockRuntime>,
     tasks: Vec<JoinHandle<Result<Exit, SidecarError>>>,
     pub shutdown: CancellationToken,
 }
@@ -60,7 +60,7 @@ impl Mesh {
             spawn(cfg, &mut tasks);
         }
         Mesh {
-            runtimes,
+            _runtimes: runtimes,
             tasks,
             shutdown,
         }
