@@ -25,6 +25,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub inflight: Arc<Inflight>,
     pub checks: Vec<ReadyCheck>,
+    /// `/healthz` checks (a sidecar whose worker died fails its own).
+    pub live: Vec<ReadyCheck>,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -57,7 +59,24 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<F
                 state.metrics.encode(),
             )
         }
-        "/healthz" => reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#),
+        "/healthz" => {
+            let failing: Vec<&str> = state
+                .live
+                .iter()
+                .filter(|(_, check)| !check())
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if failing.is_empty() {
+                reply(StatusCode::OK, "application/json", r#"{"status":"ok"}"#)
+            } else {
+                let body = serde_json::json!({ "status": "failing", "failing": failing });
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    body.to_string(),
+                )
+            }
+        }
         "/readyz" => {
             let results: serde_json::Map<String, serde_json::Value> = state
                 .checks

@@ -85,6 +85,15 @@ impl Sidecar {
         )
     }
 
+    /// The `/healthz` check of this sidecar: `worker:<actor>`, failing once a worker died.
+    pub fn live_check(&self) -> ReadyCheck {
+        let readiness = self.deps.readiness.clone();
+        (
+            format!("worker:{}", self.cfg.actor),
+            Arc::new(move || readiness.is_live()),
+        )
+    }
+
     /// Run until `shutdown` (or a runtime timeout with crash-on-timeout).
     pub async fn run(self, shutdown: CancellationToken) -> Result<Exit, SidecarError> {
         sidecar::run(self.cfg, self.deps, shutdown).await

@@ -231,6 +231,16 @@ pub mod vars {
         "67108864",
         "cap on a received message and a runtime response body",
     );
+    pub const MAX_HOPS: Var = Var::new(
+        "ASYA_MAX_HOPS",
+        "256",
+        "longest route history (route.prev) accepted; longer is a validation_error",
+    );
+    pub const MAX_FRAMES: Var = Var::new(
+        "ASYA_MAX_FRAMES",
+        "1024",
+        "most frames one runtime call may produce; past it the input goes to x-sump",
+    );
     pub const LOG_LEVEL: Var = Var::derived(
         "ASYA_LOG_LEVEL",
         "info (up: warn)",
@@ -262,6 +272,8 @@ pub mod vars {
         IS_END_ACTOR,
         SHUTDOWN_GRACE,
         MAX_MESSAGE_BYTES,
+        MAX_HOPS,
+        MAX_FRAMES,
     ];
     /// The end actors' names (read by the sidecar, the gateway, `up` and `provision`).
     pub const END_ACTORS: &[Var] = &[ACTOR_SINK, ACTOR_SUMP];
@@ -556,6 +568,10 @@ pub struct SidecarConfig {
     pub shutdown_grace: Duration,
     /// Cap on a runtime response body and on a received message.
     pub max_message_bytes: usize,
+    /// Longest `route.prev` accepted (`ASYA_MAX_HOPS`).
+    pub max_hops: usize,
+    /// Most frames one runtime call may produce (`ASYA_MAX_FRAMES`).
+    pub max_frames: usize,
 }
 
 /// The file next to the runtime's socket that says the runtime is ready.
@@ -591,6 +607,8 @@ impl SidecarConfig {
             is_end_actor: r.bool(vars::IS_END_ACTOR).expect("valid default"),
             shutdown_grace: r.duration(vars::SHUTDOWN_GRACE).expect("valid default"),
             max_message_bytes: r.parse(vars::MAX_MESSAGE_BYTES).expect("valid default"),
+            max_hops: r.parse(vars::MAX_HOPS).expect("valid default"),
+            max_frames: r.parse(vars::MAX_FRAMES).expect("valid default"),
         }
     }
 
@@ -630,6 +648,8 @@ impl SidecarConfig {
             is_end_actor: r.bool(vars::IS_END_ACTOR)?,
             shutdown_grace: r.duration(vars::SHUTDOWN_GRACE)?,
             max_message_bytes: r.parse(vars::MAX_MESSAGE_BYTES)?,
+            max_hops: at_least_one(r.parse(vars::MAX_HOPS)?, vars::MAX_HOPS)?,
+            max_frames: at_least_one(r.parse(vars::MAX_FRAMES)?, vars::MAX_FRAMES)?,
         })
     }
 
@@ -642,6 +662,13 @@ impl SidecarConfig {
     pub fn queue_of(&self, actor: &str) -> Result<QueueName, InvalidName> {
         QueueName::new(&self.namespace, actor)
     }
+}
+
+fn at_least_one(n: usize, var: Var) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(var.error("must be at least 1"));
+    }
+    Ok(n)
 }
 
 /// `:8080`, `0.0.0.0:8080`, `127.0.0.1:0`, `[::1]:9000`.
@@ -697,6 +724,8 @@ mod tests {
         assert_eq!(new.is_end_actor, from_vars.is_end_actor);
         assert_eq!(new.shutdown_grace, from_vars.shutdown_grace);
         assert_eq!(new.max_message_bytes, from_vars.max_message_bytes);
+        assert_eq!(new.max_hops, from_vars.max_hops);
+        assert_eq!(new.max_frames, from_vars.max_frames);
     }
 
     #[test]

@@ -138,8 +138,9 @@ impl ErrorInfo {
     }
 }
 
-/// `status` of an envelope. Unknown fields are preserved.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// `status` of an envelope. Unknown fields are preserved as raw JSON text (an integer beyond
+/// 64 bits comes back exactly as it went in).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
@@ -160,7 +161,42 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     #[serde(flatten)]
-    pub extra: Map<String, Value>,
+    pub extra: RawMap,
+}
+
+// By hand, not derived: a derived `flatten` buffers unknown fields in serde's own value
+// type, which cannot hold raw JSON text (and loses integers beyond 64 bits).
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Status;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a status object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Status, A::Error> {
+                let mut st = Status::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "phase" => st.phase = map.next_value()?,
+                        "reason" => st.reason = map.next_value()?,
+                        "actor" => st.actor = map.next_value()?,
+                        "attempt" => st.attempt = map.next_value()?,
+                        "max_attempts" => st.max_attempts = map.next_value()?,
+                        "created_at" => st.created_at = map.next_value()?,
+                        "updated_at" => st.updated_at = map.next_value()?,
+                        "deadline_at" => st.deadline_at = map.next_value()?,
+                        "error" => st.error = map.next_value()?,
+                        _ => {
+                            st.extra.insert(key.into_owned(), map.next_value()?);
+                        }
+                    }
+                }
+                Ok(st)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// An envelope. Unknown top-level fields live in `extra` and are written back unchanged.
@@ -172,8 +208,11 @@ pub struct Envelope {
     pub headers: Map<String, Value>,
     pub payload: Box<RawValue>,
     pub status: Option<Status>,
-    pub extra: Map<String, Value>,
+    pub extra: RawMap,
 }
+
+/// Longest envelope id (and `parent_id`) accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 1024;
 
 /// Why bytes are not a usable envelope.
 #[derive(Debug, thiserror::Error)]
@@ -181,9 +220,9 @@ pub enum EnvelopeError {
     /// Not JSON, not an object, or a known field of the wrong type.
     #[error("not an envelope: {0}")]
     Parse(#[from] serde_json::Error),
-    /// Well-formed JSON that breaks a rule (missing id, ...).
+    /// Well-formed JSON whose id cannot be used (missing, too long, control characters).
     #[error("invalid envelope: {0}")]
-    Invalid(&'static str),
+    Invalid(String),
 }
 
 impl EnvelopeError {
@@ -207,7 +246,7 @@ impl Envelope {
             headers: Map::new(),
             payload,
             status: None,
-            extra: Map::new(),
+            extra: RawMap::new(),
         }
     }
 
@@ -218,10 +257,41 @@ impl Envelope {
         Ok(env)
     }
 
-    /// Structural rules beyond types.
+    /// The rules without which the envelope cannot even be handled as itself: its id (and
+    /// `parent_id`) become message ids, header values and log fields, so they must be
+    /// non-empty, at most [`MAX_ID_BYTES`], and free of control characters.
     pub fn validate(&self) -> Result<(), EnvelopeError> {
-        if self.id.is_empty() {
-            return Err(EnvelopeError::Invalid("missing or empty id"));
+        check_id("id", &self.id).map_err(EnvelopeError::Invalid)?;
+        if let Some(p) = &self.parent_id {
+            check_id("parent_id", p).map_err(EnvelopeError::Invalid)?;
+        }
+        Ok(())
+    }
+
+    /// The rules an actor checks before processing (SPEC §5 step 1; a breach is a
+    /// `validation_error`, the envelope goes to x-sump as it is): a `deadline_at` that
+    /// parses, actor names in `curr` and `next` that can be queue names, and at most
+    /// `max_hops` processed steps. Returns what is wrong, in one line.
+    pub fn check(&self, max_hops: usize) -> Result<(), String> {
+        if let Some(d) = self.deadline_at() {
+            if chrono::DateTime::parse_from_rfc3339(d).is_err() {
+                return Err(format!(
+                    "status.deadline_at {d:?} is not an RFC 3339 time (e.g. 2030-01-01T00:00:00Z)"
+                ));
+            }
+        }
+        if !self.route.curr.is_empty() {
+            crate::queue::check_name("actor", &self.route.curr)
+                .map_err(|e| format!("route.curr: {e}"))?;
+        }
+        for (i, a) in self.route.next.iter().enumerate() {
+            crate::queue::check_name("actor", a).map_err(|e| format!("route.next[{i}]: {e}"))?;
+        }
+        if self.route.prev.len() > max_hops {
+            return Err(format!(
+                "route.prev has {} processed steps, more than ASYA_MAX_HOPS ({max_hops}): a handler that keeps re-adding actors?",
+                self.route.prev.len()
+            ));
         }
         Ok(())
     }
@@ -252,6 +322,43 @@ impl Envelope {
             .ok()
             .map(|d| d.with_timezone(&chrono::Utc))
     }
+}
+
+/// Unknown fields of an envelope or its status: raw JSON text, written back unchanged.
+pub type RawMap = std::collections::BTreeMap<String, RawJson>;
+
+/// A JSON value kept as its text (compared by text).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(pub Box<RawValue>);
+
+impl RawJson {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("missing or empty {field}"));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "{field} is {} bytes long, more than {MAX_ID_BYTES}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return Err(format!("{field} contains the control character {c:?}"));
+    }
+    Ok(())
 }
 
 /// The W3C `traceparent` (version `00`) for messages sent by a hop whose span id is
@@ -320,7 +427,7 @@ impl<'de> Deserialize<'de> for Envelope {
                 let mut headers = None;
                 let mut payload = None;
                 let mut status = None;
-                let mut extra = Map::new();
+                let mut extra = RawMap::new();
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     match key.as_ref() {
                         "id" => id = Some(map.next_value()?),
@@ -332,7 +439,7 @@ impl<'de> Deserialize<'de> for Envelope {
                         "payload" => payload = Some(map.next_value()?),
                         "status" => status = map.next_value()?,
                         _ => {
-                            let v: Value = map.next_value()?;
+                            let v: RawJson = map.next_value()?;
                             extra.insert(key.into_owned(), v);
                         }
                     }
@@ -431,6 +538,80 @@ mod tests {
     }
 
     #[test]
+    fn ids_must_be_short_printable_and_present() {
+        let with_id = |id: &str| {
+            let text = serde_json::json!({"id": id, "route": {"curr": "a"}}).to_string();
+            Envelope::parse(text.as_bytes())
+        };
+        for bad in ["a\rb", "a\nb", "tab\there", "nul\u{0}", "\u{85}next-line"] {
+            let e = with_id(bad).unwrap_err();
+            assert!(!e.is_parse(), "{bad:?}: {e}");
+            assert!(e.to_string().contains("control character"), "{e}");
+        }
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        assert!(with_id(&long).unwrap_err().to_string().contains("1024"));
+        assert!(with_id(&long[1..]).is_ok());
+        assert!(with_id("ordinary-id_42:ünïcode").is_ok());
+        let e =
+            Envelope::parse(br#"{"id":"e","parent_id":"p\r","route":{"curr":"a"}}"#).unwrap_err();
+        assert!(e.to_string().contains("parent_id"), "{e}");
+    }
+
+    #[test]
+    fn check_names_what_is_wrong() {
+        let env = |text: &str| Envelope::parse(text.as_bytes()).unwrap();
+        let ok = env(
+            r#"{"id":"e","route":{"prev":["a"],"curr":"b","next":["c"]},"status":{"deadline_at":"2030-01-01T00:00:00Z"}}"#,
+        );
+        assert_eq!(ok.check(1), Ok(()));
+        let e = ok.check(0).unwrap_err();
+        assert!(e.contains("ASYA_MAX_HOPS (0)"), "{e}");
+        for (text, says) in [
+            (
+                r#"{"id":"e","route":{"curr":"b"},"status":{"deadline_at":"tomorrow"}}"#,
+                "deadline_at \"tomorrow\"",
+            ),
+            (
+                r#"{"id":"e","route":{"curr":"b","next":["c",""]}}"#,
+                "route.next[1]",
+            ),
+            (
+                r#"{"id":"e","route":{"curr":"b","next":["a.b"]}}"#,
+                "route.next[0]",
+            ),
+            (
+                r#"{"id":"e","route":{"curr":"b","next":[">"]}}"#,
+                "route.next[0]",
+            ),
+            (r#"{"id":"e","route":{"curr":"b c"}}"#, "route.curr"),
+        ] {
+            let e = env(text).check(256).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        // the end of the route is not an actor name
+        assert_eq!(
+            env(r#"{"id":"e","route":{"prev":["a"],"curr":""}}"#).check(9),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_in_status_and_unknown_fields_come_back_exactly() {
+        let text = r#"{"id":"e","route":{"curr":"a"},"payload":123456789012345678901234,"status":{"n":123456789012345678901234,"f":1.000000000000000000001},"top":{"n":-123456789012345678901234}}"#;
+        let once = Envelope::parse(text.as_bytes()).unwrap().to_vec();
+        let s = String::from_utf8(once.clone()).unwrap();
+        for n in [
+            "123456789012345678901234,",
+            r#""n":123456789012345678901234"#,
+            "1.000000000000000000001",
+            "-123456789012345678901234",
+        ] {
+            assert!(s.contains(n), "{n} lost in {s}");
+        }
+        assert_eq!(Envelope::parse(&once).unwrap().to_vec(), once);
+    }
+
+    #[test]
     fn shift_and_route_rules() {
         let r = route(&["a"], "b", &["c", "d"]);
         assert_eq!(r.shifted(), route(&["a", "b"], "c", &["d"]));
@@ -481,7 +662,7 @@ mod tests {
         assert_eq!(out.parent_id.as_deref(), Some("p"));
         assert_eq!(out.trace_id(), "t-1");
         assert_eq!(out.deadline_at(), Some("2030-01-01T00:00:00Z"));
-        assert_eq!(out.extra["z"], 1);
+        assert_eq!(out.extra["z"].get(), "1");
         assert_eq!(out.payload.get(), "2");
     }
 }

@@ -88,6 +88,7 @@ pub async fn serve_sidecar(
         let state = admin::AdminState {
             metrics,
             inflight: sidecar.deps.inflight.clone(),
+            live: vec![sidecar.live_check()],
             checks: vec![
                 sidecar.ready_check(),
                 (

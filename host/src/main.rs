@@ -188,6 +188,9 @@ enum NewKind {
 
 /// Exit code after the runtime exceeded the actor timeout (the orchestrator restarts us).
 const EXIT_RUNTIME_TIMEOUT: u8 = 3;
+/// Exit code after the runtime became unreachable and did not come back within
+/// `ASYA_RUNTIME_READY_TIMEOUT`.
+const EXIT_RUNTIME_LOST: u8 = 4;
 
 fn init_logging(log: &LogSettings, default_level: &str) {
     use tracing_subscriber::EnvFilter;
@@ -339,6 +342,7 @@ async fn sidecar() -> anyhow::Result<ExitCode> {
     Ok(match exit {
         Exit::Shutdown => ExitCode::SUCCESS,
         Exit::RuntimeTimeout => ExitCode::from(EXIT_RUNTIME_TIMEOUT),
+        Exit::RuntimeLost => ExitCode::from(EXIT_RUNTIME_LOST),
     })
 }
 

@@ -170,6 +170,12 @@ pub struct Metrics {
     pub message_size: HistFamily<Direction>,
     pub active: Family<QueueLabel, Gauge>,
     pub runtime_id_mismatch: Family<QueueLabel, Counter>,
+    /// Outputs the broker dropped as duplicates of a message it already had.
+    pub duplicates_suppressed: Family<QueueLabel, Counter>,
+    /// Panics caught in a worker (a bug: the delivery was failed, the worker kept going).
+    pub worker_panics: Family<QueueLabel, Counter>,
+    /// Times the runtime became unreachable (socket gone, connection refused or lost).
+    pub runtime_outages: Family<QueueLabel, Counter>,
     pub plugin_calls: Family<PluginLabels, Counter>,
     pub plugin_duration: HistFamily<PluginLabels>,
     /// Pending + unacked messages of a queue, refreshed by `crate::queue_depth`.
@@ -195,6 +201,9 @@ impl Metrics {
         let message_size = HistFamily::new_with_constructor(size_histogram as fn() -> _);
         let active = Family::default();
         let runtime_id_mismatch = Family::default();
+        let duplicates_suppressed = Family::default();
+        let worker_panics = Family::default();
+        let runtime_outages = Family::default();
         let plugin_calls = Family::default();
         let plugin_duration = HistFamily::new_with_constructor(plugin_histogram as fn() -> _);
         let queue_depth = Family::default();
@@ -253,6 +262,21 @@ impl Metrics {
             runtime_id_mismatch.clone(),
         );
         registry.register(
+            n("duplicates_suppressed"),
+            "Outputs the broker dropped as duplicates (a redelivered input republishing them)",
+            duplicates_suppressed.clone(),
+        );
+        registry.register(
+            n("worker_panics"),
+            "Panics caught while handling a delivery (a bug; the delivery was failed)",
+            worker_panics.clone(),
+        );
+        registry.register(
+            n("runtime_outages"),
+            "Times the runtime became unreachable; consumption paused until it was back",
+            runtime_outages.clone(),
+        );
+        registry.register(
             "asya_plugin_calls",
             "Plugin calls, by plugin, kind and outcome",
             plugin_calls.clone(),
@@ -292,6 +316,9 @@ impl Metrics {
             message_size,
             active,
             runtime_id_mismatch,
+            duplicates_suppressed,
+            worker_panics,
+            runtime_outages,
             plugin_calls,
             plugin_duration,
             transport_retries,
@@ -343,6 +370,9 @@ pub struct ActorMetrics {
     pub size_sent: Histogram,
     pub active: Gauge,
     pub id_mismatch: Counter,
+    pub duplicates: Counter,
+    pub panics: Counter,
+    pub outages: Counter,
 }
 
 impl ActorMetrics {
@@ -388,7 +418,13 @@ impl ActorMetrics {
             .clone();
         let active = metrics.active.get_or_create(&q()).clone();
         let id_mismatch = metrics.runtime_id_mismatch.get_or_create(&q()).clone();
+        let duplicates = metrics.duplicates_suppressed.get_or_create(&q()).clone();
+        let panics = metrics.worker_panics.get_or_create(&q()).clone();
+        let outages = metrics.runtime_outages.get_or_create(&q()).clone();
         ActorMetrics {
+            duplicates,
+            panics,
+            outages,
             received,
             processed_success,
             processed_error,

@@ -134,6 +134,7 @@ pub async fn serve_gateway_metrics(
         metrics: metrics.clone(),
         inflight: crate::sidecar::Inflight::new(),
         checks: vec![("transport".into(), Arc::new(move || t.is_connected()))],
+        live: Vec::new(),
     };
     let task = spawn(transport, metrics, queues, REFRESH);
     tokio::spawn(crate::admin::serve(

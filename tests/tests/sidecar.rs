@@ -560,6 +560,7 @@ async fn admin_server_serves_metrics_readiness_and_inflight() {
         metrics: h.metrics.clone(),
         inflight: h.deps.inflight.clone(),
         checks: vec![("runtime:a".into(), Arc::new(move || readiness.is_ready()))],
+        live: Vec::new(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(serve(listener, state, stop.clone()));

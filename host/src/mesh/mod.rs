@@ -493,6 +493,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let mut ends = JoinSet::new();
     let mut actors = Vec::new();
     let mut checks: Vec<crate::admin::ReadyCheck> = Vec::new();
+    let mut live: Vec<crate::admin::ReadyCheck> = Vec::new();
     let known: Arc<std::collections::BTreeSet<String>> = Arc::new(
         flow.actors
             .iter()
@@ -520,6 +521,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             .policy(Some(policy))
             .build();
         checks.push(sidecar.ready_check());
+        live.push(sidecar.live_check());
         let (restart_tx, restart_rx) = mpsc::channel(1);
         let restarts = Arc::new(AtomicU64::new(0));
         supervisors.spawn(supervisor::supervise(
@@ -580,6 +582,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             metrics: metrics.clone(),
             inflight: inflight.clone(),
             checks,
+            live,
         };
         tokio::spawn(crate::admin::serve(listener, state, admin_stop.clone()));
     }
@@ -665,7 +668,7 @@ async fn run_sidecar(
     loop {
         match sidecar.clone().run(stop.clone()).await {
             Ok(Exit::Shutdown) => return,
-            Ok(Exit::RuntimeTimeout) => {
+            Ok(Exit::RuntimeTimeout | Exit::RuntimeLost) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 if restart.send(tx).await.is_err() {
                     return;

@@ -35,6 +35,12 @@ pub trait Runtime: Send + Sync {
     fn reset(&self);
     /// Wait until the runtime can take calls.
     async fn wait_ready(&self, ready_file: &Path, timeout: Duration) -> Result<(), RuntimeError>;
+    /// Is a runtime there right now (its ready file exists and something accepts
+    /// connections on its socket)? A runtime busy with long calls is there. `Err` says what
+    /// is missing. The sidecar probes this every second while it consumes.
+    async fn reachable(&self, _ready_file: &Path) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The events of a streaming (SSE) answer.
@@ -46,6 +52,9 @@ pub trait EventStream: Send + std::fmt::Debug {
     /// The next event if it has already arrived (no waiting, no I/O); `None` otherwise.
     fn next_buffered(&mut self) -> Option<Result<Option<SseEvent>, RuntimeError>>;
 }
+
+/// Bound of one reachability probe's connect.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Header carrying the per-request id.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -76,6 +85,21 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// The runtime is not there (no socket, connection refused) or went away during the
+    /// call before answering anything: a fault of the pair, not of the handler — the call
+    /// did not happen or did not finish, and the sidecar waits for the runtime instead of
+    /// counting a failure. See [`RuntimeError::is_lost`] for the second kind.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RuntimeError::Connect { .. }) || self.is_lost()
+    }
+
+    /// The connection ended before any byte of the answer (the runtime died or restarted
+    /// during the call — which a handler can cause, e.g. by running out of memory, so the
+    /// sidecar bounds how often one envelope may meet it).
+    pub fn is_lost(&self) -> bool {
+        matches!(self, RuntimeError::Http(e) if !e.is_parse() && !e.is_user() && !e.is_timeout())
+    }
+
     /// The error `type` recorded on an envelope that failed this way.
     pub fn error_type(&self) -> &'static str {
         match self {
@@ -141,42 +165,45 @@ type Connection = hyper::client::conn::http1::Connection<TokioIo<UnixStream>, Fu
 /// costs no cross-task wake-ups, which is most of an HTTP client's overhead on a socket.
 pub(crate) struct Conn {
     sender: Sender,
-    conn: std::pin::Pin<Box<Connection>>,
-    closed: bool,
+    /// `None` once the connection ended: it is dropped at once, because hyper fails the
+    /// requests still waiting on a connection only when the connection is dropped — kept,
+    /// a request on a connection the runtime closed waited for ever (a dead runtime became
+    /// "did not answer within <timeout>").
+    conn: Option<std::pin::Pin<Box<Connection>>>,
 }
 
 impl Conn {
     /// Await `fut` while polling the connection (reads, writes, keep-alive bookkeeping).
-    /// Once the connection has ended, `fut` still completes from what was already read.
+    /// Once the connection has ended, `fut` still completes from what was already read (or
+    /// fails: the connection is gone).
     pub(crate) async fn drive<F: std::future::Future>(&mut self, fut: F) -> F::Output {
-        drive(&mut self.conn, &mut self.closed, fut).await
+        drive(&mut self.conn, fut).await
     }
 
-    /// Wait until the connection can take a request.
-    async fn ready(&mut self) -> Result<(), hyper::Error> {
-        let Conn {
-            sender,
-            conn,
-            closed,
-        } = self;
-        drive(conn, closed, sender.ready()).await
+    fn is_closed(&self) -> bool {
+        self.conn.is_none() || self.sender.is_closed()
+    }
+
+    /// Wait until the connection can take a request; false when it cannot (it ended).
+    async fn ready(&mut self) -> bool {
+        let ok = drive(&mut self.conn, self.sender.ready()).await.is_ok();
+        ok && !self.is_closed()
     }
 }
 
 async fn drive<F: std::future::Future>(
-    conn: &mut std::pin::Pin<Box<Connection>>,
-    closed: &mut bool,
+    conn: &mut Option<std::pin::Pin<Box<Connection>>>,
     fut: F,
 ) -> F::Output {
     tokio::pin!(fut);
     loop {
-        if *closed {
+        let Some(c) = conn.as_mut() else {
             return fut.await;
-        }
+        };
         tokio::select! {
             biased;
             out = &mut fut => return out,
-            _ = conn.as_mut() => *closed = true,
+            _ = c.as_mut() => *conn = None,
         }
     }
 }
@@ -201,6 +228,28 @@ impl RuntimeClient {
         &self.socket
     }
 
+    /// The pool (a panic elsewhere never poisons it for good: it only holds connections).
+    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`Runtime::reachable`].
+    pub async fn reachable(&self, ready_file: &Path) -> Result<(), String> {
+        if !ready_file.exists() {
+            return Err(format!(
+                "ready file {} does not exist",
+                ready_file.display()
+            ));
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT, UnixStream::connect(&self.socket)).await {
+            Ok(Ok(_)) => Ok(()),
+            // A full accept backlog: the runtime is there, busy.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.socket.display())),
+        }
+    }
+
     async fn connect(&self) -> Result<Conn, RuntimeError> {
         let stream =
             UnixStream::connect(&self.socket)
@@ -214,21 +263,20 @@ impl RuntimeClient {
             .await?;
         Ok(Conn {
             sender,
-            conn: Box::pin(conn),
-            closed: false,
+            conn: Some(Box::pin(conn)),
         })
     }
 
     /// A ready connection: a pooled one if any is still usable, else a new one.
     async fn checkout(&self) -> Result<Conn, RuntimeError> {
         loop {
-            let pooled = self.pool.lock().expect("pool lock").pop();
+            let pooled = self.pool().pop();
             match pooled {
                 Some(mut c) => {
-                    if c.closed || c.sender.is_closed() {
+                    if c.is_closed() {
                         continue;
                     }
-                    if c.ready().await.is_ok() && !c.closed {
+                    if c.ready().await {
                         return Ok(c);
                     }
                 }
@@ -238,14 +286,14 @@ impl RuntimeClient {
     }
 
     fn checkin(&self, c: Conn) {
-        if !c.closed && !c.sender.is_closed() {
-            self.pool.lock().expect("pool lock").push(c);
+        if !c.is_closed() {
+            self.pool().push(c);
         }
     }
 
     /// Drop every pooled connection (after a timeout the runtime may still answer late).
     pub fn reset(&self) {
-        self.pool.lock().expect("pool lock").clear();
+        self.pool().clear();
     }
 
     async fn request(
@@ -435,5 +483,9 @@ impl Runtime for RuntimeClient {
 
     async fn wait_ready(&self, ready_file: &Path, timeout: Duration) -> Result<(), RuntimeError> {
         RuntimeClient::wait_ready(self, ready_file, timeout).await
+    }
+
+    async fn reachable(&self, ready_file: &Path) -> Result<(), String> {
+        RuntimeClient::reachable(self, ready_file).await
     }
 }

@@ -7,22 +7,21 @@ use std::future::Future;
 use bytes::Bytes;
 use chrono::Utc;
 use tokio::time::Instant;
-use tracing::{debug, field, info_span, warn, Instrument, Span};
+use tracing::{debug, error, field, info_span, warn, Instrument, Span};
 
 use super::inflight::InflightGuard;
+use super::msgid::Digest;
 use super::plan::{self, Answer, Call, Hop, Output, Plan, Processed, Routed, Settlement};
 use super::report::{HopLog, HopReport, Report};
-use super::{Shared, Stage};
+use super::{Exit, Shared, Stage};
 use crate::envelope::{child_traceparent, Envelope, ErrorInfo, Frame, HEADER_TRACEPARENT};
 use crate::metrics::{FailReason, MessageType};
 use crate::runtime::{EventStream, Reply, SseEvent};
-use crate::transport::{Acker, Delivery, OutMessage};
+use crate::transport::{Acker, OutMessage, TransportError};
 
-/// A delivery whose outputs are all published (or that is to be retried): what is left is
-/// to settle it with the broker, which [`settle`] does.
-pub(super) struct Handled {
+/// A handled delivery before its acknowledgement is attached ([`Outcome::with`]).
+pub(super) struct Outcome {
     settle: Settlement,
-    acker: Box<dyn Acker>,
     guard: InflightGuard,
     start: Instant,
     body_len: usize,
@@ -33,16 +32,41 @@ pub(super) struct Handled {
     span: Span,
 }
 
+impl Outcome {
+    pub fn with(self, acker: Box<dyn Acker>) -> Handled {
+        Handled {
+            outcome: self,
+            acker,
+        }
+    }
+}
+
+/// A delivery whose outputs are all published (or that is to be retried): what is left is
+/// to settle it with the broker, which [`settle`] does.
+pub(super) struct Handled {
+    outcome: Outcome,
+    acker: Box<dyn Acker>,
+}
+
 impl Handled {
     /// The sidecar stops once this delivery is settled.
-    pub fn exits(&self) -> bool {
-        self.settle == Settlement::AckThenExit
+    pub fn exits(&self) -> Option<Exit> {
+        match self.outcome.settle {
+            Settlement::AckThenExit => Some(Exit::RuntimeTimeout),
+            Settlement::HandBack => Some(Exit::RuntimeLost),
+            Settlement::Ack | Settlement::Retry(_) => None,
+        }
     }
 }
 
 /// Steps 1–6 for one delivery, inside the delivery's span (envelope id, trace id, actor,
 /// and the hop's own span id when the envelope carries a `traceparent`).
-pub(super) fn handle(s: &Shared, delivery: Delivery) -> impl Future<Output = Handled> + '_ {
+pub(super) fn handle<'a>(
+    s: &'a Shared,
+    body: Bytes,
+    attempt: u32,
+    acker: &'a dyn Acker,
+) -> impl Future<Output = Outcome> + 'a {
     let span = info_span!(
         "delivery",
         actor = %s.actor,
@@ -50,7 +74,7 @@ pub(super) fn handle(s: &Shared, delivery: Delivery) -> impl Future<Output = Han
         trace_id = field::Empty,
         span_id = field::Empty,
     );
-    handle_in(s, delivery, span.clone()).instrument(span)
+    handle_in(s, body, attempt, acker).instrument(span)
 }
 
 /// What [`process`] works with for one delivery.
@@ -61,19 +85,17 @@ struct Ctx<'a> {
     guard: &'a InflightGuard,
 }
 
-async fn handle_in(s: &Shared, delivery: Delivery, span: Span) -> Handled {
+/// Runs inside the delivery's span ([`handle`]).
+async fn handle_in(s: &Shared, body: Bytes, attempt: u32, acker: &dyn Acker) -> Outcome {
+    let span = Span::current();
     let start = Instant::now();
     let received_at = s.reporter.as_ref().map(|_| Utc::now());
     let m = &s.metrics;
     m.received.inc();
-    m.size_received.observe(delivery.body.len() as f64);
+    m.size_received.observe(body.len() as f64);
     m.active.inc();
     let guard = s.inflight.enter(&s.actor);
-    let Delivery {
-        body,
-        attempt,
-        acker,
-    } = delivery;
+    let digest = Digest::of(&body);
     let mut log = HopLog::default();
     let (settle, report) = match Envelope::parse(&body) {
         Err(e) => {
@@ -83,19 +105,29 @@ async fn handle_in(s: &Shared, delivery: Delivery, span: Span) -> Handled {
                 input: &input,
                 hop: 0,
                 attempt,
+                digest,
                 now: Utc::now(),
                 traceparent: None,
             };
             let plan = plan::unparseable(&hop, &e);
-            (apply(s, &mut log, plan).await, None)
+            (apply(s, &hop, &mut log, plan).await, None)
         }
         Ok(env) => {
             guard.identify(&env.id, env.trace_id());
             span.record("envelope_id", env.id.as_str());
             span.record("trace_id", env.trace_id());
+            let hop = Hop {
+                rules: &s.rules,
+                input: &env,
+                hop: env.route.prev.len(),
+                attempt,
+                digest,
+                now: Utc::now(),
+                traceparent: None,
+            };
             if s.cfg.is_end_actor {
                 debug!("end of route");
-                let settle = apply(s, &mut log, plan::end_of_route(&s.rules)).await;
+                let settle = apply(s, &hop, &mut log, plan::end_of_route(&s.rules)).await;
                 if let Some(r) = &s.reporter {
                     r.report(Report::Final {
                         actor: s.actor.to_string(),
@@ -107,30 +139,72 @@ async fn handle_in(s: &Shared, delivery: Delivery, span: Span) -> Handled {
                 let cx = Ctx {
                     s,
                     hop: Hop {
-                        rules: &s.rules,
-                        input: &env,
-                        hop: env.route.prev.len(),
-                        attempt,
-                        now: Utc::now(),
                         traceparent: hop_traceparent(&env, &span),
+                        ..hop
                     },
                     body: &body,
                     guard: &guard,
                 };
                 // Keep the broker from redelivering while we work (NATS: +WPI every ack_wait/2).
-                let settle = with_progress(acker.as_ref(), process(cx, &mut log)).await;
+                let settle = with_progress(acker, process(cx, &mut log)).await;
                 (settle, Some(env))
             }
         }
     };
-    Handled {
+    Outcome {
         settle,
-        acker,
         guard,
         start,
         body_len: body.len(),
         attempt,
         report: report.zip(received_at),
+        log,
+        span,
+    }
+}
+
+/// A panic while handling this delivery was caught (a bug; the worker goes on): count it,
+/// log it with the envelope id, and fail the delivery — retried while attempts are left (the
+/// cause may be passing), then sent to x-sump as the bytes that were received.
+pub(super) async fn panicked(s: &Shared, body: &Bytes, attempt: u32, panic: &str) -> Outcome {
+    s.metrics.panics.inc();
+    let envelope_id = Envelope::parse(body).map(|e| e.id).unwrap_or_default();
+    let span = info_span!("delivery", actor = %s.actor, %envelope_id);
+    span.in_scope(|| {
+        error!(%panic, attempt, "panic while handling a delivery (a bug): the delivery is failed, the worker goes on");
+    });
+    let guard = s.inflight.enter(&s.actor);
+    guard.identify(&envelope_id, "");
+    let mut log = HopLog::default();
+    let res = &s.rules.resiliency;
+    let settle = if attempt < res.max_attempts {
+        Settlement::Retry(res.backoff(attempt.max(1)))
+    } else {
+        let input = plan::raw_envelope(
+            body,
+            ErrorInfo::new("SidecarPanic", format!("the sidecar panicked: {panic}")),
+        );
+        let hop = Hop {
+            rules: &s.rules,
+            input: &input,
+            hop: 0,
+            attempt,
+            digest: Digest::of(body),
+            now: Utc::now(),
+            traceparent: None,
+        };
+        let plan = plan::panicked(&hop);
+        apply(s, &hop, &mut log, plan)
+            .instrument(span.clone())
+            .await
+    };
+    Outcome {
+        settle,
+        guard,
+        start: Instant::now(),
+        body_len: body.len(),
+        attempt,
+        report: None,
         log,
         span,
     }
@@ -148,26 +222,57 @@ fn hop_traceparent(env: &Envelope, span: &Span) -> Option<String> {
 /// Steps 2–6 for a parsed envelope: returns how to settle the input.
 async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
     let s = cx.s;
-    let invoke = match plan::before_invoke(&cx.hop) {
-        Ok(invoke) => invoke,
-        Err(plan) => return apply(s, log, *plan).await,
+    // Times this delivery's call lost its runtime mid-way (see `RuntimeError::is_lost`).
+    let mut lost = 0;
+    let (invoke, reply, call_start, gave_up) = loop {
+        let invoke = match plan::before_invoke(&cx.hop) {
+            Ok(invoke) => invoke,
+            Err(plan) => return apply(s, &cx.hop, log, *plan).await,
+        };
+        cx.guard.stage(Stage::Invoking);
+        let call_start = Instant::now();
+        let reply = s
+            .runtime
+            .invoke(cx.body.clone(), call_start + invoke.timeout)
+            .await;
+        match reply {
+            Err(e) if e.is_unreachable() => {
+                if e.is_lost() {
+                    lost += 1;
+                    if lost >= s.rules.resiliency.max_attempts {
+                        // The runtime keeps going away on this envelope: the handler is
+                        // probably what kills it (out of memory, a crash).
+                        break (invoke, Err(e), call_start, true);
+                    }
+                }
+                // Not a handler failure: hold the delivery (uncounted) until the runtime
+                // is back, then call it again.
+                debug!(error = %e, "runtime unreachable; holding the delivery until it is back");
+                cx.guard.stage(Stage::WaitingForRuntime);
+                s.gate.down();
+                if !s.gate.wait_up().await {
+                    return Settlement::HandBack;
+                }
+                cx.hop.now = Utc::now();
+            }
+            reply => break (invoke, reply, call_start, false),
+        }
     };
-    cx.guard.stage(Stage::Invoking);
-    let call_start = Instant::now();
-    let reply = s
-        .runtime
-        .invoke(cx.body.clone(), call_start + invoke.timeout)
-        .await;
     cx.guard.stage(Stage::Routing);
     let called = |log: &mut HopLog| {
         let took = call_start.elapsed();
         s.metrics.runtime_duration.observe(took.as_secs_f64());
         log.runtime = Some(took);
     };
+    let max = s.rules.max_frames;
     let answer = match reply {
         Ok(Reply::Frames(frames)) if frames.is_empty() => {
             called(log);
             Answer::Abort
+        }
+        Ok(Reply::Frames(frames)) if frames.len() > max => {
+            called(log);
+            Answer::TooManyFrames
         }
         Ok(Reply::Frames(frames)) => {
             called(log);
@@ -191,6 +296,10 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
             called(log);
             Answer::Handler(info)
         }
+        Err(e) if gave_up => {
+            called(log);
+            Answer::RuntimeLost(e)
+        }
         Err(e) => {
             called(log);
             Answer::Runtime(e)
@@ -198,7 +307,7 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
     };
     cx.hop.now = Utc::now();
     let plan = plan::after_invoke(&cx.hop, Call { invoke, answer });
-    apply(s, log, plan).await
+    apply(s, &cx.hop, log, plan).await
 }
 
 /// Route frames (numbered from `first`): the pure rules per frame, with the policy's
@@ -247,11 +356,17 @@ async fn stream_frames(cx: &Ctx<'_>, log: &mut HopLog, mut stream: Box<dyn Event
         };
         if !batch.is_empty() {
             let n = batch.len();
+            if index + n > cx.s.rules.max_frames {
+                // The rest of the stream is not read: the call is abandoned.
+                return Answer::TooManyFrames;
+            }
             let routed = route_frames(cx, batch, index, true).await;
             index += n;
             count_failures(cx.s, &routed.failures);
-            if let Err(info) = publish(cx.s, log, routed.outputs).await {
-                return Answer::Unpublished(info);
+            match publish(cx.s, log, routed.outputs).await {
+                Ok(()) => {}
+                Err(Unpublished::Later(info)) => return Answer::Unpublished(info),
+                Err(Unpublished::Never(e)) => return Answer::Unsendable(e),
             }
         }
         if let Some(answer) = end {
@@ -274,8 +389,8 @@ fn upstream(cx: &Ctx<'_>, payload: serde_json::Value) {
 
 /// Carry out a plan up to the settlement: count and log its failures, publish every output
 /// together, count the outcome. Returns how to settle the input (a retry when publishing
-/// failed).
-async fn apply(s: &Shared, log: &mut HopLog, plan: Plan) -> Settlement {
+/// failed and may work later; when it can never work, the input goes to x-sump instead).
+async fn apply(s: &Shared, h: &Hop<'_>, log: &mut HopLog, plan: Plan) -> Settlement {
     let Plan {
         outputs,
         settle,
@@ -296,8 +411,10 @@ async fn apply(s: &Shared, log: &mut HopLog, plan: Plan) -> Settlement {
     if error.is_some() {
         log.error = error;
     }
-    if publish(s, log, outputs).await.is_err() {
-        return Settlement::Retry(on_publish_failure);
+    match publish(s, log, outputs).await {
+        Ok(()) => {}
+        Err(Unpublished::Later(_)) => return Settlement::Retry(on_publish_failure),
+        Err(Unpublished::Never(e)) => return Box::pin(unsendable(s, h, log, &e)).await,
     }
     match processed {
         Some(Processed::Success) => s.metrics.processed_success.inc(),
@@ -307,8 +424,27 @@ async fn apply(s: &Shared, log: &mut HopLog, plan: Plan) -> Settlement {
     settle
 }
 
-/// A failed envelope: the counter and the DEBUG line together (the counter is the
-/// per-message record; nothing per message is logged above DEBUG).
+/// An output of this delivery can never be sent: the input goes to x-sump (cut to fit the
+/// transport), then is acked. If even that cannot be sent, the input is retried later (an
+/// x-sump the transport refuses is a configuration fault, not a reason to drop it).
+async fn unsendable(s: &Shared, h: &Hop<'_>, log: &mut HopLog, e: &TransportError) -> Settlement {
+    let plan = plan::unsendable(h, &e.to_string());
+    let retry = plan.on_publish_failure;
+    count_failures(s, &plan.failures);
+    log.error = plan.error.clone();
+    match publish(s, log, plan.outputs).await {
+        Ok(()) => {
+            s.metrics.processed_error.inc();
+            plan.settle
+        }
+        Err(_) => {
+            warn!("the x-sump copy of an unsendable input could not be sent either; retrying it later");
+            Settlement::Retry(retry)
+        }
+    }
+}
+
+/// A failure to count (`messages_failed_total{reason}`) and log at DEBUG, together.
 fn count_failures(s: &Shared, failures: &[plan::Failed]) {
     for f in failures {
         s.metrics.failed(f.reason);
@@ -316,10 +452,19 @@ fn count_failures(s: &Shared, failures: &[plan::Failed]) {
     }
 }
 
+/// Why outputs were not published.
+enum Unpublished {
+    /// The broker may take them later (down, timed out): retry the input.
+    Later(ErrorInfo),
+    /// The broker can never take one of them (too large, malformed).
+    Never(TransportError),
+}
+
 /// Publish all outputs together (one `send_all`: the broker's acceptances are awaited
-/// together). A failure is counted, logged (the input is redelivered: a rare, recovered
-/// event) and returned for the hop report.
-async fn publish(s: &Shared, log: &mut HopLog, outputs: Vec<Output>) -> Result<(), ErrorInfo> {
+/// together). A failure is counted and logged (a retried input is a rare, recovered event).
+/// Outputs the broker dropped as duplicates (a redelivered input republishing them under
+/// the same ids) are counted and logged at DEBUG.
+async fn publish(s: &Shared, log: &mut HopLog, outputs: Vec<Output>) -> Result<(), Unpublished> {
     if outputs.is_empty() {
         return Ok(());
     }
@@ -328,7 +473,7 @@ async fn publish(s: &Shared, log: &mut HopLog, outputs: Vec<Output>) -> Result<(
         .into_iter()
         .map(|o| {
             let body = Bytes::from(o.envelope.to_vec());
-            sent.push((o.queue.clone(), o.kind, body.len()));
+            sent.push((o.queue.clone(), o.kind, body.len(), o.envelope.id));
             debug!(queue = %o.queue, kind = o.kind.as_str(), "publishing");
             OutMessage {
                 queue: o.queue,
@@ -337,36 +482,49 @@ async fn publish(s: &Shared, log: &mut HopLog, outputs: Vec<Output>) -> Result<(
             }
         })
         .collect();
+    let ids: Vec<String> = msgs.iter().map(|m| m.id.clone()).collect();
     let t = Instant::now();
     match s.transport.send_all(msgs).await {
-        Ok(()) => {
+        Ok(accepted) => {
             let took = t.elapsed();
-            for (queue, kind, len) in sent {
+            for i in accepted.duplicates {
+                s.metrics.duplicates.inc();
+                if let (Some((queue, _, _, envelope_id)), Some(msg_id)) = (sent.get(i), ids.get(i))
+                {
+                    debug!(%queue, %envelope_id, %msg_id, "the broker already had this output (a redelivery): not stored twice");
+                }
+            }
+            for (queue, kind, len, _) in sent {
                 s.metrics.sent(queue.as_str(), kind, took, len);
                 log.sent.push((queue, kind));
             }
             Ok(())
+        }
+        Err(e) if !e.is_retryable() => {
+            // Counted with the x-sump plan that follows (`plan::unsendable`).
+            debug!(error = %e, "an output can never be sent; the input goes to x-sump");
+            Err(Unpublished::Never(e))
         }
         Err(e) => {
             s.metrics.failed(FailReason::TransportError);
             warn!(error = %e, "publishing failed; the input will be redelivered");
             let info = ErrorInfo::new("TransportError", e.to_string());
             log.error = Some(info.clone());
-            Err(info)
+            Err(Unpublished::Later(info))
         }
     }
 }
 
 /// Step 7: ack (or nack for a retry) the delivery, then record the hop.
 pub(super) fn settle(s: &Shared, h: Handled) -> impl Future<Output = ()> + '_ {
-    let span = h.span.clone();
+    let span = h.outcome.span.clone();
     settle_in(s, h).instrument(span)
 }
 
 async fn settle_in(s: &Shared, h: Handled) {
-    let Handled {
+    let Handled { outcome, acker } = h;
+    let Outcome {
         settle,
-        acker,
         guard,
         start,
         body_len,
@@ -374,7 +532,7 @@ async fn settle_in(s: &Shared, h: Handled) {
         report,
         log,
         ..
-    } = h;
+    } = outcome;
     let m = &s.metrics;
     guard.stage(Stage::Acking);
     let settled = match settle {
@@ -390,6 +548,8 @@ async fn settle_in(s: &Shared, h: Handled) {
             m.processed_retry.inc();
             acker.nack(delay).await
         }
+        // The runtime is gone: another replica (or this one, restarted) takes it.
+        Settlement::HandBack => acker.nack(std::time::Duration::ZERO).await,
     };
     if let Err(e) = settled {
         // The broker redelivers; deterministic ids keep the outputs from doubling.
@@ -417,7 +577,7 @@ async fn settle_in(s: &Shared, h: Handled) {
             duration: took,
             runtime,
             sent,
-            retried: matches!(settle, Settlement::Retry(_)),
+            retried: matches!(settle, Settlement::Retry(_) | Settlement::HandBack),
             attempt,
             error,
         }));

@@ -14,6 +14,8 @@ use serde::Serialize;
 pub enum Stage {
     Received,
     Invoking,
+    /// The runtime is unreachable; the delivery is held until it is back.
+    WaitingForRuntime,
     Routing,
     Acking,
 }
@@ -48,10 +50,16 @@ impl Inflight {
         Arc::new(Self::default())
     }
 
+    /// The table. A panic in a worker must not poison it for every other worker (nor panic
+    /// again while a guard is dropped during the unwind): the rows stay usable.
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Register an envelope; the returned guard removes it when dropped.
     pub fn enter(self: &Arc<Self>, actor: &Arc<str>) -> InflightGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        self.entries.lock().expect("inflight lock").insert(
+        self.entries().insert(
             key,
             Entry {
                 actor: actor.clone(),
@@ -70,9 +78,7 @@ impl Inflight {
     pub fn snapshot(&self) -> Vec<InflightRow> {
         let now = Instant::now();
         let mut rows: Vec<InflightRow> = self
-            .entries
-            .lock()
-            .expect("inflight lock")
+            .entries()
             .values()
             .map(|e| InflightRow {
                 actor: e.actor.to_string(),
@@ -87,7 +93,7 @@ impl Inflight {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("inflight lock").len()
+        self.entries().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -103,26 +109,14 @@ pub struct InflightGuard {
 
 impl InflightGuard {
     pub fn identify(&self, envelope_id: &str, trace_id: &str) {
-        if let Some(e) = self
-            .registry
-            .entries
-            .lock()
-            .expect("inflight lock")
-            .get_mut(&self.key)
-        {
+        if let Some(e) = self.registry.entries().get_mut(&self.key) {
             e.envelope_id = envelope_id.to_owned();
             e.trace_id = trace_id.to_owned();
         }
     }
 
     pub fn stage(&self, stage: Stage) {
-        if let Some(e) = self
-            .registry
-            .entries
-            .lock()
-            .expect("inflight lock")
-            .get_mut(&self.key)
-        {
+        if let Some(e) = self.registry.entries().get_mut(&self.key) {
             e.stage = stage;
         }
     }
@@ -130,10 +124,6 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.registry
-            .entries
-            .lock()
-            .expect("inflight lock")
-            .remove(&self.key);
+        self.registry.entries().remove(&self.key);
     }
 }

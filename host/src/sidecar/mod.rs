@@ -5,9 +5,12 @@
 //!   sink/sump shapes, policy outcomes, settlement) — unit-tested without any process;
 //! - `delivery`: the I/O around them (runtime call, policy calls, publish, settle);
 //! - `msgid`: every message id and assigned envelope id;
+//! - `gate`: whether the runtime can take calls (probed every second; consumption pauses
+//!   while it is unreachable);
 //! - this module: workers, concurrency, drain and exit.
 
 mod delivery;
+mod gate;
 mod inflight;
 mod msgid;
 mod plan;
@@ -18,7 +21,10 @@ mod tests;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::panic::AssertUnwindSafe;
+
 use futures::future::BoxFuture;
+use futures::FutureExt;
 
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::task::JoinSet;
@@ -31,7 +37,7 @@ use crate::metrics::{ActorMetrics, Metrics};
 use crate::plugin::RoutePolicy;
 use crate::queue::QueueName;
 use crate::runtime::{Runtime, RuntimeClient, RuntimeError};
-use crate::transport::{Receiver, Transport, TransportError};
+use crate::transport::{Delivery, Receiver, Transport, TransportError};
 
 pub use inflight::{Inflight, InflightRow, Stage};
 pub use report::{HopReport, Report, Reporter};
@@ -41,9 +47,13 @@ pub use report::{HopReport, Report, Reporter};
 pub enum Exit {
     /// Shutdown was requested and in-flight work drained.
     Shutdown,
-    /// The runtime exceeded the actor timeout: the envelope went to x-sump and was acked;
-    /// the process should exit non-zero so the orchestrator restarts the pair.
+    /// The runtime exceeded the actor timeout (or a call was cut by the envelope's
+    /// deadline): the envelope went to x-sump and was acked; the process should exit
+    /// non-zero so the orchestrator restarts the pair.
     RuntimeTimeout,
+    /// The runtime became unreachable and did not come back within
+    /// `ASYA_RUNTIME_READY_TIMEOUT`; the held deliveries were handed back.
+    RuntimeLost,
 }
 
 /// Why a sidecar could not run.
@@ -61,16 +71,27 @@ pub enum SidecarError {
     },
 }
 
-/// Shared state for `/readyz`.
+/// Shared state for `/readyz` and `/healthz`.
 #[derive(Default)]
 pub struct Readiness {
     runtime_ready: AtomicBool,
     consuming: AtomicBool,
+    /// A worker died outside a delivery: the sidecar no longer consumes as configured.
+    broken: AtomicBool,
 }
 
 impl Readiness {
+    /// `/readyz`: the runtime is reachable now (re-probed every second) and the queue is
+    /// consumed.
     pub fn is_ready(&self) -> bool {
-        self.runtime_ready.load(Ordering::Relaxed) && self.consuming.load(Ordering::Relaxed)
+        self.runtime_ready.load(Ordering::Relaxed)
+            && self.consuming.load(Ordering::Relaxed)
+            && self.is_live()
+    }
+
+    /// `/healthz`: false once a worker died, so the orchestrator restarts the pod.
+    pub fn is_live(&self) -> bool {
+        !self.broken.load(Ordering::Relaxed)
     }
 }
 
@@ -110,20 +131,23 @@ struct Shared {
     queue: QueueName,
     transport: Arc<dyn Transport>,
     runtime: Arc<dyn Runtime>,
+    gate: gate::Gate,
     metrics: ActorMetrics,
     inflight: Arc<Inflight>,
     policy: Option<Arc<dyn RoutePolicy>>,
     reporter: Option<Arc<dyn Reporter>>,
 }
 
-/// Run one sidecar until `shutdown` is cancelled (→ [`Exit::Shutdown`]) or the runtime times
-/// out with crash-on-timeout (→ [`Exit::RuntimeTimeout`]).
+/// Run one sidecar until `shutdown` is cancelled (→ [`Exit::Shutdown`]), the runtime times
+/// out with crash-on-timeout (→ [`Exit::RuntimeTimeout`]) or stays unreachable
+/// (→ [`Exit::RuntimeLost`]).
 pub async fn run(
     cfg: SidecarConfig,
     deps: Deps,
     shutdown: CancellationToken,
 ) -> Result<Exit, SidecarError> {
-    let rules = plan::Rules::new(&cfg)?;
+    let mut rules = plan::Rules::new(&cfg)?;
+    rules.max_output_bytes = deps.transport.max_message_bytes();
     let queue = rules.queue.clone();
     let runtime: Arc<dyn Runtime> = match &deps.runtime {
         Some(r) => r.clone(),
@@ -148,14 +172,16 @@ pub async fn run(
     deps.readiness.consuming.store(true, Ordering::Relaxed);
     info!(actor = %cfg.actor, %queue, concurrency = cfg.concurrency, transport = cfg.transport.as_str(), "consuming");
 
+    let metrics = ActorMetrics::new(
+        deps.metrics.clone(),
+        queue.as_str(),
+        deps.transport.kind().as_str(),
+    );
     let shared = Arc::new(Shared {
         rules,
         actor: Arc::from(cfg.actor.as_str()),
-        metrics: ActorMetrics::new(
-            deps.metrics.clone(),
-            queue.as_str(),
-            deps.transport.kind().as_str(),
-        ),
+        gate: gate::Gate::new(deps.readiness.clone(), metrics.outages.clone()),
+        metrics,
         queue,
         transport: deps.transport.clone(),
         runtime,
@@ -186,11 +212,30 @@ pub async fn run(
             crash.clone(),
         ));
     }
+    // Probes the runtime while it is up; waits for it while it is down.
+    let watchdog = (!shared.cfg.is_end_actor).then(|| tokio::spawn(gate::watch(shared.clone())));
 
-    let exit = tokio::select! {
-        _ = shutdown.cancelled() => Exit::Shutdown,
-        _ = crash.cancelled() => Exit::RuntimeTimeout,
+    let exit = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Exit::Shutdown,
+            _ = crash.cancelled() => break Exit::RuntimeTimeout,
+            () = shared.gate.lost() => break Exit::RuntimeLost,
+            Some(ended) = workers.join_next() => {
+                if let Err(e) = ended {
+                    if e.is_panic() {
+                        // A panic outside a delivery (those are caught and fail the delivery):
+                        // this worker is gone, so say so where the orchestrator looks.
+                        shared.metrics.panics.inc();
+                        deps.readiness.broken.store(true, Ordering::Relaxed);
+                        error!(actor = %shared.actor, panic = %panic_text(e.into_panic().as_ref()), "a worker died; /healthz and /readyz now fail so the pod is restarted");
+                    }
+                }
+            }
+        }
     };
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     stop_receiving.cancel();
     deps.readiness.consuming.store(false, Ordering::Relaxed);
     match exit {
@@ -212,15 +257,41 @@ pub async fn run(
             // Other in-flight envelopes stay unacked and are redelivered.
             workers.abort_all();
         }
+        Exit::RuntimeLost => {
+            // The workers holding deliveries for the runtime hand them back, then stop.
+            let handed_back = tokio::time::timeout(shared.cfg.shutdown_grace, async {
+                while workers.join_next().await.is_some() {}
+            })
+            .await;
+            if handed_back.is_err() {
+                workers.abort_all();
+            }
+            error!(actor = %shared.actor, waited = ?shared.cfg.ready_timeout, "the runtime did not come back within ASYA_RUNTIME_READY_TIMEOUT; exiting so the pair is restarted");
+        }
     }
     while workers.join_next().await.is_some() {}
     Ok(exit)
+}
+
+/// The text of a panic payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(not a string)".to_owned()
+    }
 }
 
 /// One worker: receive, handle, settle. The previous delivery's settlement (the ack and its
 /// confirmation by the broker) runs while the next delivery is received and handled, so a
 /// broker round trip per envelope leaves the critical path; a worker has at most one
 /// settlement outstanding, and waits for it before it settles the next or stops.
+///
+/// A panic while handling a delivery (a dependency's assert, a bug of ours) is caught: the
+/// delivery is failed ([`delivery::panicked`]), the panic counted and logged with the
+/// envelope id, and the worker goes on.
 async fn worker(
     shared: Arc<Shared>,
     mut source: Source,
@@ -229,6 +300,16 @@ async fn worker(
 ) {
     let mut settling: Option<BoxFuture<'_, ()>> = None;
     loop {
+        // Take nothing while the runtime is unreachable.
+        if !shared.gate.is_up() {
+            if let Some(previous) = settling.take() {
+                previous.await;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                up = shared.gate.wait_up() => if !up { break },
+            }
+        }
         let waited = Instant::now();
         let next = source.recv();
         tokio::pin!(next);
@@ -248,15 +329,33 @@ async fn worker(
                     .metrics
                     .receive_duration
                     .observe(waited.elapsed().as_secs_f64());
-                let work = delivery::handle(&shared, d);
-                let handled = match settling.take() {
+                let Delivery {
+                    body,
+                    attempt,
+                    acker,
+                } = d;
+                let work =
+                    AssertUnwindSafe(delivery::handle(&shared, body.clone(), attempt, &*acker))
+                        .catch_unwind();
+                let outcome = match settling.take() {
                     Some(previous) => tokio::join!(work, previous).0,
                     None => work.await,
                 };
-                if handled.exits() {
-                    // The envelope is in x-sump: ack it, then stop the sidecar.
+                let handled = match outcome {
+                    Ok(outcome) => outcome.with(acker),
+                    Err(panic) => {
+                        let text = panic_text(panic.as_ref());
+                        delivery::panicked(&shared, &body, attempt, &text)
+                            .await
+                            .with(acker)
+                    }
+                };
+                if let Some(exit) = handled.exits() {
+                    // The envelope is settled (in x-sump, or handed back): then stop.
                     delivery::settle(&shared, handled).await;
-                    crash.cancel();
+                    if exit == Exit::RuntimeTimeout {
+                        crash.cancel();
+                    }
                     return;
                 }
                 settling = Some(Box::pin(delivery::settle(&shared, handled)));
@@ -294,7 +393,7 @@ enum Source {
 
 impl Source {
     /// Cancel-safe, as [`Receiver::recv`] is.
-    async fn recv(&mut self) -> Result<crate::transport::Delivery, TransportError> {
+    async fn recv(&mut self) -> Result<Delivery, TransportError> {
         match self {
             Source::Owned(rx) => rx.recv().await,
             Source::Shared(rx) => rx.lock().await.recv().await,

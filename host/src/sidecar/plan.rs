@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::msgid::{unparseable_envelope_id, MsgId};
+use super::msgid::{unparseable_envelope_id, Digest, MsgId};
 use crate::config::{Resiliency, SidecarConfig};
 use crate::envelope::{
     Envelope, EnvelopeError, ErrorInfo, Frame, Phase, Reason, Route, RouteViolation, Status,
@@ -32,6 +32,13 @@ pub(crate) struct Rules {
     pub sink_queue: QueueName,
     pub sump_queue: QueueName,
     pub resiliency: Resiliency,
+    /// `ASYA_MAX_HOPS`.
+    pub max_hops: usize,
+    /// `ASYA_MAX_FRAMES`.
+    pub max_frames: usize,
+    /// The largest message the transport accepts, when it says (x-sump copies are cut to
+    /// fit it).
+    pub max_output_bytes: Option<usize>,
 }
 
 impl Rules {
@@ -43,6 +50,9 @@ impl Rules {
             sump_queue: queue.sibling(&cfg.ends.sump)?,
             queue,
             resiliency: cfg.resiliency.clone(),
+            max_hops: cfg.max_hops,
+            max_frames: cfg.max_frames,
+            max_output_bytes: None,
         })
     }
 }
@@ -56,6 +66,8 @@ pub(crate) struct Hop<'a> {
     pub hop: usize,
     /// Delivery count of the input (1 = first delivery).
     pub attempt: u32,
+    /// Of the input message's bytes: part of every message id this hop sends.
+    pub digest: Digest,
     /// The time of the decision: deadline checks and `status.updated_at`.
     pub now: DateTime<Utc>,
     /// `traceparent` of every message this hop sends (the hop's span as the parent);
@@ -82,6 +94,9 @@ pub(crate) enum Settlement {
     /// Ack, then stop the sidecar (the runtime timed out with crash-on-timeout; the input is
     /// safely in x-sump, so it is never both in x-sump and redelivered).
     AckThenExit,
+    /// Hand the input back at once (uncounted by us: the runtime is gone, not the handler
+    /// failing), then stop the sidecar.
+    HandBack,
 }
 
 /// Which `processed` counter a delivery adds to once its outputs are accepted.
@@ -163,16 +178,24 @@ pub(crate) enum Answer {
     Handler(ErrorInfo),
     /// The call itself failed.
     Runtime(RuntimeError),
+    /// The runtime went away during the call on this envelope `max_attempts` times in a row.
+    RuntimeLost(RuntimeError),
     /// Publishing streamed frames failed (already counted and logged).
     Unpublished(ErrorInfo),
+    /// The runtime produced more frames than `ASYA_MAX_FRAMES`.
+    TooManyFrames,
+    /// Publishing streamed frames failed for good (too large, malformed).
+    Unsendable(crate::transport::TransportError),
 }
 
 impl Answer {
     fn error(&self) -> Option<ErrorInfo> {
         match self {
             Answer::Frames(_) | Answer::Abort => None,
+            Answer::TooManyFrames => Some(too_many_frames_info(0)),
+            Answer::Unsendable(e) => Some(ErrorInfo::new("TransportError", e.to_string())),
             Answer::Rejected(i) | Answer::Handler(i) | Answer::Unpublished(i) => Some(i.clone()),
-            Answer::Runtime(e) => Some(runtime_error_info(e)),
+            Answer::Runtime(e) | Answer::RuntimeLost(e) => Some(runtime_error_info(e)),
         }
     }
 }
@@ -213,6 +236,17 @@ impl Candidate {
 /// The x-sump envelope for bytes that are not an envelope: the raw body as a JSON string
 /// payload, the headers salvaged from a well-formed but invalid envelope, the parse error.
 pub(crate) fn unparseable_envelope(body: &[u8], e: &EnvelopeError) -> Envelope {
+    let kind = if e.is_parse() {
+        "ParseError"
+    } else {
+        "ValidationError"
+    };
+    raw_envelope(body, ErrorInfo::new(kind, e.to_string()))
+}
+
+/// An envelope carrying `body` as received (a JSON string payload) and `error`, with an id
+/// derived from the bytes and the headers salvaged from them when they are an object.
+pub(crate) fn raw_envelope(body: &[u8], error: ErrorInfo) -> Envelope {
     let text = String::from_utf8_lossy(body);
     let payload = RawValue::from_string(serde_json::to_string(&text).expect("a string serialises"))
         .expect("a JSON string is JSON");
@@ -222,13 +256,22 @@ pub(crate) fn unparseable_envelope(body: &[u8], e: &EnvelopeError) -> Envelope {
             env.headers = h.clone();
         }
     }
-    let kind = if e.is_parse() {
-        "ParseError"
-    } else {
-        "ValidationError"
-    };
-    env.status_mut().error = Some(ErrorInfo::new(kind, e.to_string()));
+    env.status_mut().error = Some(error);
     env
+}
+
+/// A panic kept failing this delivery: `h.input` is [`raw_envelope`] of the bytes; it goes
+/// to x-sump (the panic is counted on its own metric, not as a failure reason).
+pub(crate) fn panicked(h: &Hop) -> Plan {
+    let id = MsgId::unparseable(&h.input.id).to_string();
+    let why = Why {
+        reason: Reason::NonRetryableFailure,
+        error: None,
+        with_attempt: true,
+    };
+    let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error));
+    plan.outputs.push(to_sump(h, h.input.clone(), id, why));
+    plan
 }
 
 /// Step 1 failed: `h.input` is [`unparseable_envelope`] of the bytes; it goes to x-sump.
@@ -261,6 +304,14 @@ pub(crate) fn end_of_route(rules: &Rules) -> Plan {
 pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
     let input = h.input;
     let res = &h.rules.resiliency;
+    if let Err(msg) = input.check(h.rules.max_hops) {
+        let err = ErrorInfo::new("ValidationError", msg.clone());
+        let plan = sump_input(h, Reason::ValidationError, Some(err)).failed(
+            FailReason::ValidationError,
+            format!("invalid envelope: {msg}"),
+        );
+        return Err(Box::new(plan));
+    }
     if input.route.curr != *h.rules.actor {
         let msg = format!(
             "envelope for actor {:?} arrived at actor {:?}",
@@ -302,7 +353,7 @@ pub(crate) fn candidate(h: &Hop, index: usize, fanout: bool, frame: Frame) -> Ca
     let mut out = frame.into_envelope(h.input);
     if fanout {
         out.parent_id = Some(h.input.id.clone());
-        out.id = MsgId::frame(&h.input.id, h.hop, index).child_id();
+        out.id = MsgId::frame(&h.input.id, h.digest, h.hop, index).child_id();
     }
     let violation = h.input.route.check_successor(&out.route).err();
     Candidate {
@@ -321,7 +372,7 @@ pub(crate) fn route_frame(
     policy: Option<Result<Decision, String>>,
 ) {
     let input = h.input;
-    let sump_id = MsgId::frame_sump(&input.id, h.hop, cand.index).to_string();
+    let sump_id = MsgId::frame_sump(&input.id, h.digest, h.hop, cand.index).to_string();
     if let Some(v) = cand.violation {
         routed.failures.push(Failed {
             reason: FailReason::RouteMismatch,
@@ -366,7 +417,7 @@ pub(crate) fn route_frame(
         routed.outputs.push(to_sump(h, out, sump_id, why));
         return;
     }
-    let id = MsgId::frame(&input.id, h.hop, cand.index).to_string();
+    let id = MsgId::frame(&input.id, h.digest, h.hop, cand.index).to_string();
     let dest = if to_sink {
         stamp(h, &mut out, Phase::Succeeded, Reason::Completed);
         (MessageType::Sink, h.rules.sink_queue.clone())
@@ -407,7 +458,7 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
         Answer::Abort => {
             let mut out = h.input.clone();
             stamp(h, &mut out, Phase::Succeeded, Reason::Completed);
-            let id = MsgId::abort(&h.input.id, h.hop).to_string();
+            let id = MsgId::abort(&h.input.id, h.digest, h.hop).to_string();
             let mut plan = succeeded(h);
             let dest = (MessageType::Sink, rules.sink_queue.clone());
             plan.outputs.push(emit(h, dest, id, out));
@@ -422,21 +473,45 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
             let msg = format!("runtime rejected the envelope: {}", info.message);
             sump_input(h, Reason::ParseError, Some(info)).failed(FailReason::ParseError, msg)
         }
-        Answer::Runtime(RuntimeError::Timeout(_)) if call.invoke.cut_by_deadline => {
-            let mut plan = expired(h);
+        // The call was cut while the handler ran: the runtime is in an unknown state (still
+        // busy with it), so a deadline cut is a runtime timeout like the actor timeout.
+        Answer::Runtime(RuntimeError::Timeout(t))
+            if call.invoke.cut_by_deadline || res.crash_on_timeout =>
+        {
+            let why = match h.input.deadline_at() {
+                Some(d) if call.invoke.cut_by_deadline => {
+                    format!("the envelope's deadline {d} cut the runtime call after {t:?}")
+                }
+                _ => format!(
+                    "runtime did not answer within {t:?} (ASYA_RESILIENCY_ACTOR_TIMEOUT; deadline exceeded)"
+                ),
+            };
+            let mut plan = sump_input(h, Reason::Timeout, Some(ErrorInfo::new("Timeout", &why)))
+                .failed(FailReason::Timeout, why);
+            if res.crash_on_timeout {
+                plan.settle = Settlement::AckThenExit;
+            }
             plan.reset_runtime = true;
             plan
         }
-        Answer::Runtime(RuntimeError::Timeout(t)) if res.crash_on_timeout => {
-            let err = ErrorInfo::new(
-                "Timeout",
-                format!("runtime did not answer within {t:?} (deadline exceeded)"),
+        Answer::Unsendable(e) => unsendable(h, &e.to_string()),
+        Answer::RuntimeLost(e) => {
+            // Only after the connection was lost on this envelope ASYA_RESILIENCY_MAX_ATTEMPTS
+            // times in a row (a lost connection alone is waited out, not counted).
+            let msg = format!(
+                "the runtime went away during the call {} times in a row ({e}): the handler may be crashing it (out of memory?)",
+                res.max_attempts
             );
-            let mut plan = sump_input(h, Reason::Timeout, Some(err)).failed(
-                FailReason::Timeout,
-                "runtime deadline exceeded; sending to sump and exiting",
-            );
-            plan.settle = Settlement::AckThenExit;
+            let info = ErrorInfo::new("RuntimeLost", msg.clone());
+            sump_input(h, Reason::NonRetryableFailure, Some(info))
+                .failed(FailReason::RuntimeError, msg)
+        }
+        Answer::TooManyFrames => {
+            let info = too_many_frames_info(rules.max_frames);
+            let msg = info.message.clone();
+            let mut plan = sump_input(h, Reason::NonRetryableFailure, Some(info))
+                .failed(FailReason::RuntimeError, msg);
+            // A stream was cut short: its connection is in the middle of an answer.
             plan.reset_runtime = true;
             plan
         }
@@ -456,6 +531,68 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
     };
     plan.error = error;
     plan
+}
+
+fn too_many_frames_info(max: usize) -> ErrorInfo {
+    ErrorInfo::new(
+        "TooManyFrames",
+        format!("the runtime produced more than ASYA_MAX_FRAMES ({max}) frames for one envelope"),
+    )
+}
+
+/// The transport can never accept an output of this delivery (too large, malformed):
+/// retrying cannot help, so the input goes to x-sump at once (`transport_error`), cut to
+/// fit the transport's limit when it would not fit either.
+pub(crate) fn unsendable(h: &Hop, error: &str) -> Plan {
+    let msg = format!("an output cannot be sent: {error}");
+    let info = ErrorInfo::new("TransportError", msg.clone());
+    let mut plan = sump_input(h, Reason::NonRetryableFailure, Some(info))
+        .failed(FailReason::TransportError, msg);
+    if let Some(limit) = h.rules.max_output_bytes {
+        for o in &mut plan.outputs {
+            fit(&mut o.envelope, limit);
+        }
+    }
+    plan
+}
+
+/// Room left for headers and transport framing below a transport's limit.
+const FIT_MARGIN: usize = 4096;
+
+/// Cut `env`'s payload so that the envelope serialises within `limit` bytes (less a
+/// margin): the payload becomes a JSON string holding the start of its JSON text, and
+/// `status.error.message` says so. Everything else is kept.
+pub(crate) fn fit(env: &mut Envelope, limit: usize) {
+    let budget = limit.saturating_sub(FIT_MARGIN);
+    let size = env.to_vec().len();
+    if size <= budget {
+        return;
+    }
+    let original = env.payload.get().to_owned();
+    let note = format!(
+        " (x-sump copy: payload cut from {} bytes to fit the transport's limit of {limit} bytes; it is now a string holding the start of the payload's JSON text)",
+        original.len()
+    );
+    if let Some(err) = env.status_mut().error.as_mut() {
+        err.message.push_str(&note);
+    }
+    let overhead = {
+        env.payload = RawValue::from_string("\"\"".to_owned()).expect("a JSON string");
+        env.to_vec().len()
+    };
+    // Escaping can grow the text (up to 6x for control characters): shrink until it fits.
+    let mut keep = budget.saturating_sub(overhead).min(original.len());
+    loop {
+        while !original.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        let text = serde_json::to_string(&original[..keep]).expect("a string serialises");
+        if overhead + text.len() - 2 <= budget || keep == 0 {
+            env.payload = RawValue::from_string(text).expect("a JSON string");
+            return;
+        }
+        keep = keep.saturating_sub((overhead + text.len() - 2 - budget).max(1));
+    }
 }
 
 /// The runtime call succeeded: ack once the outputs are accepted; a failed publish is
@@ -503,7 +640,7 @@ fn expired(h: &Hop) -> Plan {
         "Timeout",
         "deadline passed before processing finished",
     ));
-    let id = MsgId::expired(&h.input.id, h.hop).to_string();
+    let id = MsgId::expired(&h.input.id, h.digest, h.hop).to_string();
     let dest = (MessageType::Sink, h.rules.sink_queue.clone());
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Success)).failed(
         FailReason::SlaExpired,
@@ -515,7 +652,7 @@ fn expired(h: &Hop) -> Plan {
 
 /// The input to x-sump (failed, `reason`, `error`), then ack.
 fn sump_input(h: &Hop, reason: Reason, error: Option<ErrorInfo>) -> Plan {
-    let id = MsgId::sump(&h.input.id, h.hop).to_string();
+    let id = MsgId::sump(&h.input.id, h.digest, h.hop).to_string();
     let why = Why {
         reason,
         error,

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+    Acker, Delivery, OutMessage, QueueName, Receiver, Sent, Transport, TransportError,
+    TransportKind,
 };
 
 /// How many recent message ids a queue remembers for deduplication.
@@ -129,6 +130,16 @@ impl Transport for MemoryTransport {
     async fn send(&self, msg: OutMessage) -> Result<(), TransportError> {
         self.queue(msg.queue.as_str()).publish(msg.id, msg.body);
         Ok(())
+    }
+
+    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<Sent, TransportError> {
+        let mut sent = Sent::default();
+        for (i, m) in msgs.into_iter().enumerate() {
+            if !self.queue(m.queue.as_str()).publish(m.id, m.body) {
+                sent.duplicates.push(i);
+            }
+        }
+        Ok(sent)
     }
 }
 

@@ -21,13 +21,27 @@ pub mod wasm;
 
 pub use crate::config::TransportKind;
 
-/// A failure of the broker or of the transport plugin.
+/// A failure of the broker or of the transport plugin. [`TransportError::is_retryable`]
+/// tells "try again later" (broker down, timeout) from "never" (this message is too large
+/// or malformed for the broker): the sidecar retries the first and sends the input of the
+/// second to x-sump at once.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("transport is closed")]
     Closed,
     #[error("queue {queue}: {message}")]
     Queue { queue: String, message: String },
+    /// The broker can never accept this message (too large, invalid); retrying is useless.
+    #[error("queue {queue}: message rejected: {message}")]
+    Rejected { queue: String, message: String },
+    /// A transport component's error, with its own verdict on retrying (the WIT
+    /// `plugin-error.retryable`).
+    #[error("wasm transport: {op} failed: {message}")]
+    Plugin {
+        op: &'static str,
+        message: String,
+        retryable: bool,
+    },
     /// This transport cannot be used as configured.
     #[error("{0}")]
     Unavailable(String),
@@ -40,6 +54,18 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// False when trying again cannot help: the message itself is the problem (or the
+    /// transport cannot be used as configured).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TransportError::Rejected { .. } | TransportError::Unavailable(_) => false,
+            TransportError::Plugin { retryable, .. } => *retryable,
+            TransportError::Closed
+            | TransportError::Queue { .. }
+            | TransportError::Broker { .. } => true,
+        }
+    }
+
     pub fn broker(
         context: &'static str,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -49,6 +75,13 @@ impl TransportError {
             source: source.into(),
         }
     }
+}
+
+/// What the broker said about a batch of accepted messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Indexes of the messages the broker dropped as duplicates of one it already stored.
+    pub duplicates: Vec<usize>,
 }
 
 /// One message to publish.
@@ -80,13 +113,21 @@ pub trait Transport: Send + Sync + 'static {
     /// Publish one message; returns when the broker accepted it.
     async fn send(&self, msg: OutMessage) -> Result<(), TransportError>;
 
-    /// Publish several messages; returns when all were accepted. Transports that can
-    /// pipeline publishes override this.
-    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<(), TransportError> {
+    /// Publish several messages; returns when all were accepted, with the number the
+    /// broker recognised as duplicates of messages it already had (same id within its
+    /// deduplication window) and dropped. Transports that can pipeline publishes override
+    /// this.
+    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<Sent, TransportError> {
         for m in msgs {
             self.send(m).await?;
         }
-        Ok(())
+        Ok(Sent::default())
+    }
+
+    /// The largest message (body bytes) the broker accepts, when the transport knows it.
+    /// The sidecar cuts an x-sump copy down to fit it.
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
     }
 
     /// Make sure `queues` exist (idempotent).

@@ -26,7 +26,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{
-    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+    Acker, Delivery, OutMessage, QueueName, Receiver, Sent, Transport, TransportError,
+    TransportKind,
 };
 use crate::config::{ConfigError, Reader, Source, Var};
 use crate::metrics::Metrics;
@@ -582,30 +583,49 @@ impl NatsTransport {
         msg: &OutMessage,
     ) -> Result<jetstream::context::PublishAckFuture, TransportError> {
         let loc = Location::of(&msg.queue);
+        let rejected = |message: String| TransportError::Rejected {
+            queue: msg.queue.to_string(),
+            message,
+        };
+        // The fallible constructor: `From<&str>` asserts on CR/LF (ids are validated before
+        // they get here; this keeps a bug from becoming a panic).
+        let id =
+            <async_nats::HeaderValue as std::str::FromStr>::from_str(&msg.id).map_err(|e| {
+                rejected(format!(
+                    "message id {:?} is not a header value: {e}",
+                    msg.id
+                ))
+            })?;
         let publish = jetstream::message::PublishMessage::build()
             .payload(msg.body.clone())
-            .message_id(&msg.id);
+            .header(async_nats::header::NATS_MESSAGE_ID, id);
         self.inner
             .js
             .send_publish(loc.subject, publish)
             .await
-            .map_err(|e| broker("publish failed", e))
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::MaxPayloadExceeded => rejected(format!(
+                    "{e} (the NATS server's max_payload; raise it in the server configuration or send less)"
+                )),
+                _ => broker("publish failed", e),
+            })
     }
 
     /// Publish all, then wait for every PubAck. Returns the messages whose stream did not
-    /// exist (no responders).
-    async fn publish_all(&self, msgs: &[OutMessage]) -> Result<Vec<usize>, TransportError> {
+    /// exist (no responders) and those the stream dropped as duplicates.
+    async fn publish_all(&self, msgs: &[OutMessage]) -> Result<Published, TransportError> {
         let mut acks = Vec::with_capacity(msgs.len());
         for m in msgs {
             acks.push(self.publish(m).await?);
         }
-        let mut missing = Vec::new();
+        let mut out = Published::default();
         let mut first_err = None;
         for (i, ack) in acks.into_iter().enumerate() {
             match ack.await {
+                Ok(ack) if ack.duplicate => out.duplicates.push(i),
                 Ok(_) => {}
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
-                    missing.push(i)
+                    out.missing.push(i)
                 }
                 Err(e) => {
                     first_err.get_or_insert(TransportError::Queue {
@@ -617,7 +637,7 @@ impl NatsTransport {
         }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(missing),
+            None => Ok(out),
         }
     }
 
@@ -626,16 +646,20 @@ impl NatsTransport {
     /// is not known to exist; each try bounded by [`API_TRY`]) and publish them again with
     /// backoff — the same `Nats-Msg-Id`, so nothing is stored twice — for up to half of
     /// `ASYA_NATS_ACK_WAIT` (the input is not redelivered meanwhile).
-    async fn republish_missing(&self, mut pending: Vec<OutMessage>) -> Result<(), TransportError> {
+    async fn republish_missing(
+        &self,
+        mut pending: Vec<(usize, OutMessage)>,
+        sent: &mut Sent,
+    ) -> Result<(), TransportError> {
         let budget = self.inner.cfg.ack_wait / 2;
         let deadline = Instant::now() + budget;
         let mut backoff = Backoff::new(PUBLISH_RETRY, PUBLISH_RETRY_MAX);
-        let first_queue = pending[0].queue.to_string();
+        let first_queue = pending[0].1.queue.to_string();
         let mut outage = Outage::new("publish", &first_queue, &self.inner.retries);
         let mut first = true;
         loop {
             let mut streams: Vec<Location> = Vec::new();
-            for m in &pending {
+            for (_, m) in &pending {
                 let loc = Location::of(&m.queue);
                 if !streams.iter().any(|l| l.stream == loc.stream) {
                     streams.push(loc);
@@ -654,16 +678,23 @@ impl NatsTransport {
                 }
             }
             first = false;
-            let still = self.publish_all(&pending).await?;
-            if still.is_empty() {
+            let msgs: Vec<OutMessage> = pending.iter().map(|(_, m)| m.clone()).collect();
+            let out = self.publish_all(&msgs).await?;
+            sent.duplicates
+                .extend(out.duplicates.iter().map(|&i| pending[i].0));
+            if out.missing.is_empty() {
                 outage.recovered();
                 return Ok(());
             }
-            pending = still.into_iter().map(|i| pending[i].clone()).collect();
+            pending = out
+                .missing
+                .into_iter()
+                .map(|i| pending[i].clone())
+                .collect();
             let delay = backoff.next_delay();
             if Instant::now() + delay >= deadline {
                 return Err(TransportError::Queue {
-                    queue: pending[0].queue.to_string(),
+                    queue: pending[0].1.queue.to_string(),
                     message: format!(
                         "no stream accepted this subject within {budget:?} (the stream is missing, or its cluster has no leader)"
                     ),
@@ -681,6 +712,15 @@ impl NatsTransport {
             .expect("streams lock")
             .contains(stream)
     }
+}
+
+/// What one round of publishes came to.
+#[derive(Debug, Default)]
+struct Published {
+    /// Answered "no responders" (no stream, or no leader).
+    missing: Vec<usize>,
+    /// Dropped by the stream as duplicates.
+    duplicates: Vec<usize>,
 }
 
 /// Create the stream and the durable consumers of `actors` of `namespace` and of its end
@@ -761,16 +801,30 @@ impl Transport for NatsTransport {
     }
 
     async fn send(&self, msg: OutMessage) -> Result<(), TransportError> {
-        self.send_all(vec![msg]).await
+        self.send_all(vec![msg]).await.map(|_| ())
     }
 
-    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<(), TransportError> {
-        let missing = self.publish_all(&msgs).await?;
-        if missing.is_empty() {
-            return Ok(());
+    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<Sent, TransportError> {
+        let out = self.publish_all(&msgs).await?;
+        let mut sent = Sent {
+            duplicates: out.duplicates,
+        };
+        if out.missing.is_empty() {
+            return Ok(sent);
         }
-        let retry: Vec<OutMessage> = missing.into_iter().map(|i| msgs[i].clone()).collect();
-        self.republish_missing(retry).await
+        let retry = out
+            .missing
+            .into_iter()
+            .map(|i| (i, msgs[i].clone()))
+            .collect();
+        self.republish_missing(retry, &mut sent).await?;
+        Ok(sent)
+    }
+
+    /// The server's `max_payload` (headers count against it too; the sidecar's x-sump copy
+    /// keeps well below it).
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(self.inner.client.server_info().max_payload)
     }
 
     async fn ensure_queues(&self, queues: &[QueueName]) -> Result<(), TransportError> {

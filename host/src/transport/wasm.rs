@@ -39,7 +39,8 @@ use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use super::{
-    Acker, Delivery, OutMessage, QueueName, Receiver, Transport, TransportError, TransportKind,
+    Acker, Delivery, OutMessage, QueueName, Receiver, Sent, Transport, TransportError,
+    TransportKind,
 };
 use crate::config::{ConfigError, Reader, Source};
 use crate::metrics::Metrics;
@@ -436,17 +437,11 @@ impl Req<'_> {
 }
 
 fn guest_failed(op: &'static str, e: GuestError) -> TransportError {
-    let retry = if e.retryable { " (retryable)" } else { "" };
-    TransportError::broker(
-        match op {
-            "receive" => "wasm transport: receive failed",
-            "send" => "wasm transport: send failed",
-            "ack" => "wasm transport: ack failed",
-            "nack" => "wasm transport: nack failed",
-            _ => "wasm transport: in-progress failed",
-        },
-        format!("{}{retry}", e.message),
-    )
+    TransportError::Plugin {
+        op,
+        message: e.message,
+        retryable: e.retryable,
+    }
 }
 
 /// One broker connection: a component instance (re-created after a failure).
@@ -745,16 +740,18 @@ impl Transport for WasmTransport {
     }
 
     async fn send(&self, msg: OutMessage) -> Result<(), TransportError> {
-        self.send_all(vec![msg]).await
+        self.send_all(vec![msg]).await.map(|_| ())
     }
 
-    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<(), TransportError> {
+    /// The WIT `send` cannot report duplicates: a component that deduplicates drops them
+    /// silently.
+    async fn send_all(&self, msgs: Vec<OutMessage>) -> Result<Sent, TransportError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
         let conn = &self.publishers[i];
         for chunk in msgs.chunks(SEND_CHUNK) {
             conn.call(Req::Send(chunk), None).await?;
         }
-        Ok(())
+        Ok(Sent::default())
     }
 
     fn is_connected(&self) -> bool {

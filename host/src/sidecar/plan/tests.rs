@@ -32,12 +32,23 @@ fn input() -> Envelope {
     )
 }
 
+/// The digest of the (pretend) input message bytes.
+fn digest() -> Digest {
+    Digest::of(b"the input message")
+}
+
+/// Message id `e1:<digest>:<rest>` of the test input.
+fn mid(rest: &str) -> String {
+    format!("e1:{}:{rest}", digest())
+}
+
 fn hop<'a>(rules: &'a Rules, input: &'a Envelope, attempt: u32) -> Hop<'a> {
     Hop {
         rules,
         input,
         hop: input.route.prev.len(),
         attempt,
+        digest: digest(),
         now: now(),
         traceparent: None,
     }
@@ -131,7 +142,7 @@ fn an_envelope_for_another_actor_goes_to_sump_as_route_mismatch() {
     let [o] = &p.outputs[..] else { panic!() };
     assert_eq!(o.kind, MessageType::Sump);
     assert_eq!(o.queue.as_str(), "asya-ns-x-sump");
-    assert_eq!(o.id, "e1:0:sump");
+    assert_eq!(o.id, mid("0:sump"));
     let st = status(o);
     assert_eq!(st.phase, Some(Phase::Failed));
     assert_eq!(st.reason, Some(Reason::RouteMismatch));
@@ -157,7 +168,7 @@ fn a_passed_deadline_goes_to_sink_as_failed_timeout_with_the_payload_untouched()
         (o.kind, o.queue.as_str()),
         (MessageType::Sink, "asya-ns-x-sink")
     );
-    assert_eq!(o.id, "e1:0:expired");
+    assert_eq!(o.id, mid("0:expired"));
     assert_eq!(o.envelope.payload.get(), r#"{"keep": 1.50}"#);
     let st = status(o);
     assert_eq!(
@@ -181,7 +192,7 @@ fn too_many_deliveries_go_to_sump_as_max_retries_exhausted() {
         st.error.as_ref().unwrap().message,
         "delivered 4 times, limit 3"
     );
-    assert_eq!(p.outputs[0].id, "e1:1:sump");
+    assert_eq!(p.outputs[0].id, mid("1:sump"));
 }
 
 // --- frames ---
@@ -199,11 +210,11 @@ fn one_frame_routes_to_the_next_actor_with_the_input_identity() {
         (o.kind, o.queue.as_str()),
         (MessageType::Routing, "asya-ns-b")
     );
-    assert_eq!(o.id, "e1:1:0");
+    assert_eq!(o.id, mid("1:0"));
     assert_eq!(o.envelope.id, "e1");
     assert_eq!(o.envelope.parent_id, None);
     assert_eq!(o.envelope.trace_id(), "t1");
-    assert_eq!(o.envelope.extra["x"], "kept");
+    assert_eq!(o.envelope.extra["x"].get(), r#""kept""#);
     assert_eq!(o.envelope.payload.get(), "2");
     assert!(o.envelope.status.is_none(), "a routed frame is not stamped");
 }
@@ -235,9 +246,9 @@ fn fan_out_children_get_derived_ids_and_the_input_as_parent() {
     assert_eq!(p.outputs.len(), 10);
     let mut ids = std::collections::HashSet::new();
     for (n, o) in p.outputs.iter().enumerate() {
-        assert_eq!(o.id, format!("e1:1:{n}"));
+        assert_eq!(o.id, mid(&format!("1:{n}")));
         assert_eq!(o.envelope.parent_id.as_deref(), Some("e1"));
-        assert_eq!(o.envelope.id, MsgId::frame("e1", 1, n).child_id());
+        assert_eq!(o.envelope.id, MsgId::frame("e1", digest(), 1, n).child_id());
         ids.insert(o.envelope.id.clone());
     }
     assert_eq!(ids.len(), 10);
@@ -266,7 +277,10 @@ fn a_frame_that_rewrites_history_sends_the_input_to_sump_and_skips_the_policy() 
         "as before: the hop itself succeeded"
     );
     let [o] = &p.outputs[..] else { panic!() };
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, "e1:1:0:sump"));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sump, mid("1:0:sump").as_str())
+    );
     assert_eq!(
         o.envelope.payload.get(),
         r#"{"k":1}"#,
@@ -295,7 +309,7 @@ fn one_bad_frame_costs_one_frame() {
         kinds,
         [MessageType::Routing, MessageType::Sump, MessageType::Sink]
     );
-    assert_eq!(p.outputs[1].id, "e1:1:1:sump");
+    assert_eq!(p.outputs[1].id, mid("1:1:sump"));
 }
 
 #[test]
@@ -310,7 +324,10 @@ fn a_frame_for_an_actor_no_queue_can_name_goes_to_sump() {
     assert_eq!(reasons(&p), [FailReason::RouteMismatch]);
     assert_eq!(p.outputs[0].kind, MessageType::Routing);
     let o = &p.outputs[1];
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, "e1:1:1:sump"));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sump, mid("1:1:sump").as_str())
+    );
     assert_eq!(status(o).reason, Some(Reason::RouteMismatch));
 }
 
@@ -397,7 +414,10 @@ fn policy_send_to_sink_ends_the_route_succeeded() {
         ))),
     );
     let o = &p.outputs[0];
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sink, "e1:1:0"));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sink, mid("1:0").as_str())
+    );
     assert_eq!(status(o).phase, Some(Phase::Succeeded));
 }
 
@@ -416,7 +436,10 @@ fn policy_rejections_and_failures_send_the_frame_to_sump_with_the_reason() {
         );
         assert_eq!(reasons(&p), [FailReason::PolicyRejected]);
         let o = &p.outputs[0];
-        assert_eq!((o.kind, o.id.as_str()), (MessageType::Sump, "e1:1:0:sump"));
+        assert_eq!(
+            (o.kind, o.id.as_str()),
+            (MessageType::Sump, mid("1:0:sump").as_str())
+        );
         assert_eq!(o.envelope.payload.get(), "2", "the frame, not the input");
         let st = status(o);
         assert_eq!(st.reason, Some(Reason::PolicyRejected));
@@ -430,7 +453,10 @@ fn no_frames_or_204_send_the_input_to_sink_as_succeeded() {
     let h = hop(&r, &i, 1);
     let p = after_invoke(&h, call(Answer::Abort));
     let [o] = &p.outputs[..] else { panic!() };
-    assert_eq!((o.kind, o.id.as_str()), (MessageType::Sink, "e1:1:abort"));
+    assert_eq!(
+        (o.kind, o.id.as_str()),
+        (MessageType::Sink, mid("1:abort").as_str())
+    );
     assert_eq!(o.envelope.payload.get(), r#"{"k":1}"#);
     assert_eq!(status(o).reason, Some(Reason::Completed));
     assert_eq!(p.processed, Some(Processed::Success));
@@ -556,24 +582,125 @@ fn a_timeout_with_crash_on_timeout_is_sumped_then_acked_then_exits() {
     assert_eq!(p.on_publish_failure, Duration::from_secs(1));
 }
 
+/// Issue #12 item 5: a deadline that cuts a running call leaves the runtime busy, so it is a
+/// runtime timeout — x-sump with the deadline named, ack, and exit with crash-on-timeout.
 #[test]
-fn a_timeout_cut_by_the_deadline_goes_to_sink_as_expired() {
+fn a_call_cut_by_the_deadline_is_a_runtime_timeout() {
+    for crash in [true, false] {
+        let mut r = rules();
+        r.resiliency.crash_on_timeout = crash;
+        let i = env(
+            r#"{"id":"e1","route":{"prev":["p"],"curr":"a","next":["b"]},"payload":1,"status":{"deadline_at":"2030-01-01T12:00:03Z"}}"#,
+        );
+        let mut c = call(Answer::Runtime(RuntimeError::Timeout(Duration::from_secs(
+            3,
+        ))));
+        c.invoke.cut_by_deadline = true;
+        let p = after_invoke(&hop(&r, &i, 1), c);
+        let want = if crash {
+            Settlement::AckThenExit
+        } else {
+            Settlement::Ack
+        };
+        assert_eq!(p.settle, want, "crash={crash}");
+        assert!(p.reset_runtime);
+        assert_eq!(reasons(&p), [FailReason::Timeout]);
+        let o = &p.outputs[0];
+        assert_eq!(
+            (o.kind, o.id.as_str()),
+            (MessageType::Sump, mid("1:sump").as_str())
+        );
+        let st = status(o);
+        assert_eq!(st.reason, Some(Reason::Timeout));
+        let msg = &st.error.as_ref().unwrap().message;
+        assert!(msg.contains("2030-01-01T12:00:03Z"), "{msg}");
+    }
+}
+
+#[test]
+fn invalid_envelopes_go_to_sump_before_anything_else() {
+    let r = rules();
+    for (text, says) in [
+        (
+            r#"{"id":"e1","route":{"curr":"a"},"status":{"deadline_at":"soon"}}"#,
+            "deadline_at",
+        ),
+        (
+            r#"{"id":"e1","route":{"curr":"a","next":["b.c"]}}"#,
+            "route.next[0]",
+        ),
+        (
+            r#"{"id":"e1","route":{"curr":"a","next":[""]}}"#,
+            "route.next[0]",
+        ),
+        // validation comes before the route check (`curr` is not even a name)
+        (r#"{"id":"e1","route":{"curr":"a b"}}"#, "route.curr"),
+    ] {
+        let i = env(text);
+        let p = *before_invoke(&hop(&r, &i, 1)).unwrap_err();
+        assert_eq!(reasons(&p), [FailReason::ValidationError], "{text}");
+        assert_eq!(p.settle, Settlement::Ack);
+        let st = status(&p.outputs[0]);
+        assert_eq!(st.reason, Some(Reason::ValidationError));
+        let msg = &st.error.as_ref().unwrap().message;
+        assert!(msg.contains(says), "{text}: {msg}");
+    }
     let mut r = rules();
-    r.resiliency.crash_on_timeout = true;
-    let i = input();
-    let mut c = call(Answer::Runtime(RuntimeError::Timeout(Duration::from_secs(
-        1,
-    ))));
-    c.invoke.cut_by_deadline = true;
-    let p = after_invoke(&hop(&r, &i, 1), c);
-    assert_eq!(
-        p.settle,
-        Settlement::Ack,
-        "the deadline, not the runtime, ran out"
+    r.max_hops = 2;
+    let i = env(r#"{"id":"e1","route":{"prev":["a","a","a"],"curr":"a"}}"#);
+    let p = *before_invoke(&hop(&r, &i, 1)).unwrap_err();
+    assert_eq!(reasons(&p), [FailReason::ValidationError]);
+    let i = env(r#"{"id":"e1","route":{"prev":["a","a"],"curr":"a"}}"#);
+    assert!(before_invoke(&hop(&r, &i, 1)).is_ok());
+}
+
+#[test]
+fn too_many_frames_send_the_input_to_sump_once() {
+    let (r, i) = (rules(), input());
+    let p = after_invoke(&hop(&r, &i, 1), call(Answer::TooManyFrames));
+    assert_eq!(reasons(&p), [FailReason::RuntimeError]);
+    assert_eq!(p.settle, Settlement::Ack, "never retried");
+    let st = status(&p.outputs[0]);
+    assert_eq!(st.reason, Some(Reason::NonRetryableFailure));
+    assert!(st
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("ASYA_MAX_FRAMES (1024)"));
+}
+
+#[test]
+fn an_unsendable_output_sends_the_input_to_sump_cut_to_fit() {
+    let mut r = rules();
+    r.max_output_bytes = Some(64 * 1024);
+    let big = format!(
+        r#"{{"id":"e1","route":{{"prev":["p"],"curr":"a","next":["b"]}},"payload":{{"text":"{}"}}}}"#,
+        "é\\n".repeat(40_000)
     );
-    assert!(p.reset_runtime);
-    assert_eq!(reasons(&p), [FailReason::SlaExpired]);
-    assert_eq!(p.outputs[0].id, "e1:1:expired");
+    let i = env(&big);
+    let p = unsendable(&hop(&r, &i, 1), "max payload size exceeded");
+    assert_eq!(reasons(&p), [FailReason::TransportError]);
+    assert_eq!(p.settle, Settlement::Ack);
+    let o = &p.outputs[0];
+    assert_eq!(o.kind, MessageType::Sump);
+    let bytes = o.envelope.to_vec();
+    assert!(bytes.len() <= 64 * 1024 - FIT_MARGIN, "{}", bytes.len());
+    assert!(
+        bytes.len() > 32 * 1024,
+        "kept as much as fits: {}",
+        bytes.len()
+    );
+    let st = status(o);
+    let msg = &st.error.as_ref().unwrap().message;
+    assert!(msg.contains("max payload size exceeded"), "{msg}");
+    assert!(msg.contains("payload cut from"), "{msg}");
+    let payload: String = serde_json::from_str(o.envelope.payload.get()).unwrap();
+    assert!(i.payload.get().starts_with(&payload));
+    // a small input is not cut
+    let small = input();
+    let p = unsendable(&hop(&r, &small, 1), "rejected");
+    assert_eq!(p.outputs[0].envelope.payload.get(), small.payload.get());
 }
 
 #[test]
