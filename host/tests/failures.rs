@@ -4,21 +4,18 @@
 //! nats-server. One bad message costs exactly one message; a fault is never counted as a
 //! handler failure; the health checks tell the truth.
 
-#[path = "support/nats_server.rs"]
-mod nats_server;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asya_host::queue::QueueName;
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Receiver, Transport};
-use nats_server::NatsServer;
+use asya_test_support::{free_port, NatsServer, Proc};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
@@ -37,14 +34,6 @@ def handle(p):
             return {"text": p["text"] * 2}
     return p
 "#;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -91,15 +80,6 @@ fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T 
 }
 
 /// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Actor `a` of namespace `ns`: the stock runtime with [`HANDLER`] and the sidecar binary.
 struct Pair {
     dir: tempfile::TempDir,
