@@ -14,7 +14,7 @@
 //! Targets (ratios, since the machines' wake-up costs differ): host hop p50 ≤ 1.5 × raw p50,
 //! throughput ≥ 0.6 × the raw round-trip rate.
 
-#[path = "support/echo_runtime.rs"]
+// The benches' raw baseline runtime (not a test helper): `benches/echo_runtime/mod.rs`.
 mod echo_runtime;
 
 use std::sync::Arc;

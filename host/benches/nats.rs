@@ -23,10 +23,8 @@
 //!   published together and their PubAcks awaited together);
 //! - throughput: N envelopes queued up front, drained by one sidecar at `ASYA_CONCURRENCY=16`.
 
-#[path = "support/echo_runtime.rs"]
+// The benches' raw baseline runtime (not a test helper): `benches/echo_runtime/mod.rs`.
 mod echo_runtime;
-#[path = "../tests/support/nats_server.rs"]
-mod nats_server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,8 +41,8 @@ use asya_host::queue::{EndActors, QueueName};
 use asya_host::sidecar::{self, Deps};
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport, TransportKind};
+use asya_test_support::{nats_server, NatsServer};
 use echo_runtime::serve_echo;
-use nats_server::NatsServer;
 
 fn envelope(id: &str) -> Bytes {
     envelope_with(id, 1)

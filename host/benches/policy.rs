@@ -13,9 +13,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use asya_host::envelope::{Envelope, Route};
-#[path = "../tests/support/plugins_wasm.rs"]
-mod plugins_wasm;
-use plugins_wasm::plugin;
+use asya_test_support::plugin;
 
 use asya_host::plugin::{
     Decision, PluginEngine, PolicyChain, PolicyError, PolicyOptions, PolicySpec, RoutePolicy,

@@ -12,16 +12,12 @@
 //! `cargo bench -p asya-host --bench rabbitmq` (`ASYA_BENCH_N` messages, default 20000;
 //! `ASYA_BENCH_ROUNDS` rounds, default 3: medians reported).
 
-#[path = "../tests/support/plugins_wasm.rs"]
-mod plugins_wasm;
-#[path = "../tests/support/rabbitmq_vhost.rs"]
-mod rabbitmq_vhost;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use asya_host::transport::{OutMessage, Transport};
+use asya_test_support::{plugin, rabbitmq, Vhost};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -29,8 +25,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use plugins_wasm::plugin;
-use rabbitmq_vhost::Vhost;
 
 const BATCH: usize = 100;
 const PREFETCH: usize = 64;
@@ -274,10 +268,10 @@ fn main() {
         let cfg = WasmConfig::new(
             &wasm,
             &vhost.config().to_string(),
-            AllowList::parse(&rabbitmq_vhost::addr()).await.unwrap(),
+            AllowList::parse(&rabbitmq::addr()).await.unwrap(),
         );
         let t = Arc::new(WasmTransport::connect(cfg).await.unwrap());
-        let uri = format!("amqp://guest:guest@{}/{}", rabbitmq_vhost::addr(), vhost.name);
+        let uri = format!("amqp://guest:guest@{}/{}", rabbitmq::addr(), vhost.name);
         let (native, _conn) = Native::connect(&uri).await;
         // Warm-up: both paths, small.
         wasm_batched(&t, "asya-bench-warmw", 500).await;

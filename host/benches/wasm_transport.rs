@@ -11,20 +11,14 @@
 //! `cargo bench -p asya-host --bench wasm_transport` (`ASYA_BENCH_N` messages, default
 //! 20000; `ASYA_BENCH_ROUNDS` rounds, default 3: medians reported).
 
-#[path = "../tests/support/plugins_wasm.rs"]
-mod plugins_wasm;
-#[path = "../tests/support/redis_server.rs"]
-mod redis_server;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asya_host::queue::QueueName;
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use asya_host::transport::{OutMessage, Transport};
-use plugins_wasm::plugin;
+use asya_test_support::{plugin, RedisServer};
 use redis::aio::MultiplexedConnection;
-use redis_server::RedisServer;
 
 const BATCH: usize = 100;
 const PREFETCH: usize = 64;

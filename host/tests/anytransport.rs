@@ -4,39 +4,15 @@
 //! of this test); `provision` creates RabbitMQ's layout; and a gateway task goes through
 //! separate gateway, sidecar and runtime processes on Redis Streams with no NATS at all.
 
-#[path = "support/plugins_wasm.rs"]
-mod plugins_wasm;
-#[path = "support/rabbitmq_vhost.rs"]
-mod rabbitmq_vhost;
-#[path = "support/redis_server.rs"]
-mod redis_server;
-
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use plugins_wasm::plugin;
-use rabbitmq_vhost::Vhost;
-use redis_server::RedisServer;
+use asya_test_support::{free_port, http_get, plugin, rabbitmq, repo_root, RedisServer, Vhost};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// `asya-host ARGS` with none of the caller's `ASYA_*` variables; any use of NATS would
 /// fail at once (nothing listens on port 1).
@@ -48,7 +24,7 @@ fn host(args: &[&str]) -> Command {
         }
     }
     c.args(args)
-        .current_dir(repo())
+        .current_dir(repo_root())
         .env("ASYA_NATS_URL", "nats://127.0.0.1:1")
         .stdin(Stdio::null());
     c
@@ -130,7 +106,7 @@ fn up_runs_the_example_pipeline_on_rabbitmq() {
     run_example_on(
         &plugin("rabbitmq"),
         &vhost.config().to_string(),
-        &rabbitmq_vhost::addr(),
+        &rabbitmq::addr(),
     );
     // The mesh's queues were the broker's: every actor's, x-sink's and x-sump's, all
     // drained (nothing ready, nothing unacked) once the run is over.
@@ -184,7 +160,7 @@ fn provision_creates_the_rabbitmq_layout() {
         cmd.env("ASYA_TRANSPORT", "wasm")
             .env("ASYA_TRANSPORT_PLUGIN", plugin("rabbitmq"))
             .env("ASYA_TRANSPORT_CONFIG", config.to_string())
-            .env("ASYA_TRANSPORT_ALLOW", rabbitmq_vhost::addr())
+            .env("ASYA_TRANSPORT_ALLOW", rabbitmq::addr())
             .env("ASYA_PLUGIN_CACHE_DIR", cache.path());
         output_within(cmd, Duration::from_secs(120))
     };
@@ -291,33 +267,13 @@ impl Drop for Procs {
     }
 }
 
-/// `GET path` on `127.0.0.1:port`: status code and body.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("gateway listens");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_owned())
-}
-
 #[test]
 fn gateway_task_round_trip_on_redis_streams_without_nats() {
     let server = RedisServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let logs = tmp.path();
     let port = free_port();
-    let examples = repo().join("examples/nats");
+    let examples = repo_root().join("examples/nats");
     let transport = [
         ("ASYA_NAMESPACE", "demo".to_owned()),
         ("ASYA_TRANSPORT", "wasm".to_owned()),
@@ -360,7 +316,7 @@ fn gateway_task_round_trip_on_redis_streams_without_nats() {
         std::fs::create_dir_all(&sockets).unwrap();
         let mut runtime = Command::new("python3");
         runtime
-            .arg(repo().join("sdk/python/asya_runtime.py"))
+            .arg(repo_root().join("sdk/python/asya_runtime.py"))
             .current_dir(&examples)
             .env("ASYA_HANDLER", format!("handlers.{a}"))
             .env("ASYA_SOCKET_DIR", &sockets)
@@ -412,7 +368,7 @@ fn gateway_task_round_trip_on_redis_streams_without_nats() {
     );
     let view: Value = serde_json::from_str(&stdout).expect("send prints the task");
     let id = view["id"].as_str().expect("task id");
-    let (status, body) = http_get(port, &format!("/tasks/{id}"));
+    let (status, body) = http_get(port, &format!("/tasks/{id}")).expect("the gateway answers");
     assert_eq!(status, 200, "{body}");
     let task: Value = serde_json::from_str(&body).expect("GET /tasks/{id} is JSON");
     assert_eq!(task["status"], "succeeded", "{task}");

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use asya_test_support::wait_output;
+
 fn sidecar(env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_asya-host"));
     cmd.arg("sidecar")
@@ -130,23 +132,6 @@ fn up_uses_the_end_actors_named_by_the_variables() {
         !stderr.lines().any(|l| l.starts_with("x-s")),
         "no default end actor: {stderr}"
     );
-}
-
-/// Wait for `child` with a deadline; killed (and the test failed) past it.
-fn wait_output(mut child: std::process::Child, limit: std::time::Duration) -> std::process::Output {
-    let deadline = std::time::Instant::now() + limit;
-    while child.try_wait().expect("try_wait").is_none() {
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "asya-host did not finish within {limit:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("output")
 }
 
 /// `--help` of `sidecar`, `gateway`, `up` and `provision` lists the variables each reads, with their

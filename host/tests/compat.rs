@@ -7,11 +7,8 @@
 //! upstream Asya's runtime file instead (the host depends on the runtime protocol only).
 //! Handlers use only what both runtimes offer (payload mode, the `GET`/`SET` ABI).
 
-#[path = "support/nats_server.rs"]
-mod nats_server;
-
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +19,7 @@ use asya_host::queue::QueueName;
 use asya_host::sidecar::{self, Deps, Report, Reporter};
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Receiver, Transport};
-use nats_server::NatsServer;
+use asya_test_support::{repo_root, NatsServer, Proc};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,18 +37,8 @@ fn runtime_file() -> PathBuf {
             println!(
                 "runtime: the stock sdk/python/asya_runtime.py (set ASYA_UPSTREAM_RUNTIME=/path/to/asya_runtime.py to run these tests with upstream Asya's runtime)"
             );
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/python/asya_runtime.py")
+            repo_root().join("sdk/python/asya_runtime.py")
         }
-    }
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -6,16 +6,10 @@
 //! Regenerate the golden files (host/tests/golden/render-k8s/, deploy/prometheus/) with
 //! `ASYA_UPDATE_GOLDEN=1 cargo test -p asya-host --test deploy`.
 
-#[path = "support/nats_server.rs"]
-mod nats_server;
-#[path = "support/plugins_wasm.rs"]
-mod plugins_wasm;
-
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use asya_host::mesh::deploy::Scaling;
@@ -25,63 +19,13 @@ use asya_host::queue::{EndActors, QueueName};
 use asya_host::render::{self, K8sOptions, Scaler};
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport};
-use nats_server::NatsServer;
+use asya_test_support::{free_port, http_get, plugin, poll_value, repo_root, NatsServer, Proc};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
 fn reviews_flow() -> PathBuf {
-    repo().join("examples/reviews/flow.toml")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `GET http://127.0.0.1:port/path` → (status, body). HTTP/1.0: the body ends at EOF.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: not reached within {limit:?}; last: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
+    repo_root().join("examples/reviews/flow.toml")
 }
 
 fn update_golden() -> bool {
@@ -113,7 +57,7 @@ fn golden(path: &Path, actual: &str) {
 
 fn run_render(args: &[&str]) -> String {
     let out = Command::new(BIN)
-        .current_dir(repo())
+        .current_dir(repo_root())
         .args(["render", "k8s"])
         .args(args)
         .output()
@@ -134,7 +78,7 @@ fn render_k8s_matches_the_golden_files() {
         "-o",
         dir.path().to_str().unwrap(),
     ]);
-    let golden_dir = repo().join("host/tests/golden/render-k8s");
+    let golden_dir = repo_root().join("host/tests/golden/render-k8s");
     // In the order printed (apply order).
     let mut files: Vec<String> = listed
         .lines()
@@ -150,7 +94,7 @@ fn render_k8s_matches_the_golden_files() {
     for f in &files {
         let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
         if f == render::monitoring::RULES_FILE {
-            golden(&repo().join("deploy/prometheus").join(f), &text);
+            golden(&repo_root().join("deploy/prometheus").join(f), &text);
         } else {
             golden(&golden_dir.join(f), &text);
             stream.push_str(&text);
@@ -610,7 +554,10 @@ fn promtool_accepts_the_rules() {
         render::yaml::to_yaml(&render::monitoring::rules_file(&flow)),
     )
     .unwrap();
-    for f in [file, repo().join("deploy/prometheus/asya-alerts.rules.yml")] {
+    for f in [
+        file,
+        repo_root().join("deploy/prometheus/asya-alerts.rules.yml"),
+    ] {
         let out = Command::new("promtool")
             .args(["check", "rules"])
             .arg(&f)
@@ -794,13 +741,13 @@ fn send_task(gateway: u16, payload: &str) {
 /// evaluates without error.
 #[test]
 fn dashboard_queries_and_alerts_return_series_from_a_real_prometheus() {
-    plugins_wasm::plugin("priority_router");
+    plugin("priority_router");
     let flow = FlowFile::load(&reviews_flow()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (metrics, gateway, prom) = (free_port(), free_port(), free_port());
     let up = Proc(
         Command::new(BIN)
-            .current_dir(repo())
+            .current_dir(repo_root())
             .args(["up", "examples/reviews/flow.toml"])
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics}"))
@@ -812,7 +759,7 @@ fn dashboard_queries_and_alerts_return_series_from_a_real_prometheus() {
             .spawn()
             .unwrap(),
     );
-    poll(
+    poll_value(
         "the mesh is ready",
         Duration::from_secs(60),
         || match http_get(metrics, "/readyz") {
@@ -848,7 +795,7 @@ fn dashboard_queries_and_alerts_return_series_from_a_real_prometheus() {
             .spawn()
             .expect("prometheus (installed by .ci/setup)"),
     );
-    poll(
+    poll_value(
         "prometheus is ready",
         Duration::from_secs(60),
         || match http_get(prom, "/-/ready") {
@@ -877,7 +824,7 @@ fn dashboard_queries_and_alerts_return_series_from_a_real_prometheus() {
             queries.push((format!("alert {}", a.name), s));
         }
     }
-    poll(
+    poll_value(
         "every dashboard query and alert signal has series",
         Duration::from_secs(90),
         || {
@@ -894,7 +841,7 @@ fn dashboard_queries_and_alerts_return_series_from_a_real_prometheus() {
         },
     );
     // Every rule was evaluated by Prometheus without an error.
-    poll("every rule evaluated", Duration::from_secs(30), || {
+    poll_value("every rule evaluated", Duration::from_secs(30), || {
         let (_, body) = http_get(prom, "/api/v1/rules").ok_or("no answer")?;
         let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
         let rules: Vec<&Value> = v["data"]["groups"]
@@ -1064,7 +1011,7 @@ async fn sidecar_and_gateway_export_the_queue_depth() {
             .unwrap(),
     );
     let wait_depth = |port: u16, q: &str, want: u64| {
-        poll(
+        poll_value(
             &format!("depth of {q} on :{port} = {want}"),
             Duration::from_secs(30),
             || {
@@ -1147,7 +1094,7 @@ async fn gateway_exports_every_flow_actors_depth_with_no_sidecar_running() {
             .unwrap(),
     );
     let body = tokio::task::spawn_blocking(move || {
-        poll(
+        poll_value(
             "the gateway's depth of every flow actor",
             Duration::from_secs(30),
             || {

@@ -4,28 +4,18 @@
 //! task. Also what the recipe's users saw go wrong: a sidecar without its runtime says what
 //! it waits for, and `send --wait` that gives up says why.
 
-#[path = "support/nats_server.rs"]
-mod nats_server;
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nats_server::NatsServer;
+use asya_test_support::{free_port, NatsServer};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()
         .unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A port such that it and the next `n - 1` are free now.

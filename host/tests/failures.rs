@@ -4,21 +4,16 @@
 //! nats-server. One bad message costs exactly one message; a fault is never counted as a
 //! handler failure; the health checks tell the truth.
 
-#[path = "support/nats_server.rs"]
-mod nats_server;
-
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asya_host::queue::QueueName;
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Receiver, Transport};
-use nats_server::NatsServer;
+use asya_test_support::{free_port, http_get, metric_value, repo_root, NatsServer, Proc};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
@@ -38,44 +33,9 @@ def handle(p):
     return p
 "#;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
-
-/// `GET path` on the admin server: status and body (`None`: not listening).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    Some((
-        head.split_whitespace().nth(1)?.parse().ok()?,
-        body.to_owned(),
-    ))
-}
-
 /// The value of `name{labels…}` in a Prometheus text exposition (0 when absent).
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_value(text, name, labels).unwrap_or(0.0)
 }
 
 /// Poll `f` until it returns `Some` or `within` passes.
@@ -91,15 +51,6 @@ fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T 
 }
 
 /// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Actor `a` of namespace `ns`: the stock runtime with [`HANDLER`] and the sidecar binary.
 struct Pair {
     dir: tempfile::TempDir,
@@ -252,7 +203,7 @@ fn start_runtime(dir: &Path) -> Proc {
         .open(dir.join("runtime.log"))
         .unwrap();
     let child = Command::new("python3")
-        .arg(repo("sdk/python/asya_runtime.py"))
+        .arg(repo_root().join("sdk/python/asya_runtime.py"))
         .env("ASYA_HANDLER", "handlers.handle")
         .env("PYTHONPATH", dir)
         .env("ASYA_SOCKET_DIR", dir.join("sock"))

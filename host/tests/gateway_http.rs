@@ -2,11 +2,8 @@
 //! secure default and the two credentials, slow clients, the bounded task store, and
 //! input that must get a 400 naming the field instead of a panic.
 
-#[path = "support/nats_server.rs"]
-mod nats_server;
-
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,17 +11,10 @@ use asya_host::gateway::task::FinalUpdate;
 use asya_host::gateway::WireReport;
 use asya_host::queue::EndActors;
 use asya_host::transport::nats::{provision, NatsConfig};
-use nats_server::NatsServer;
+use asya_test_support::{free_port, NatsServer};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// `asya-host gateway` with only `env` (and PATH) set; run to completion.
 fn gateway_exit(env: &[(&str, &str)]) -> (i32, String) {

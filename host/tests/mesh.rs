@@ -1,9 +1,6 @@
 //! `asya-host up` end to end, through the real binary: the README's example pipeline, a
 //! runtime killed mid-run, Ctrl-C, and the errors a newcomer can hit.
 
-#[path = "support/plugins_wasm.rs"]
-mod plugins_wasm;
-use plugins_wasm::plugin;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -11,17 +8,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use asya_test_support::{free_port, plugin, poll_until, repo_root, wait_output};
 use rustix::process::{kill_process, test_kill_process, Pid, Signal};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ has a parent")
-        .to_path_buf()
-}
 
 /// `asya-host up ARGS` from the repository root with TMPDIR in `tmp`.
 fn up(tmp: &Path, args: &[&str]) -> Command {
@@ -45,24 +36,6 @@ fn run(mut cmd: Command, limit: Duration) -> Output {
         .spawn()
         .expect("asya-host starts");
     wait_output(child, limit)
-}
-
-fn wait_output(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "asya-host did not finish within {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn results(stdout: &[u8]) -> Vec<Value> {
@@ -200,17 +173,6 @@ fn pids(flow_dir: &Path) -> Vec<i32> {
     v
 }
 
-fn poll(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
-}
-
 #[test]
 fn killed_runtime_is_restarted_and_the_run_completes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -235,7 +197,7 @@ fn killed_runtime_is_restarted_and_the_run_completes() {
     let flow_dir = tmp.path().join("flow");
     // Kill the runtime once it has started working.
     assert!(
-        poll(Duration::from_secs(60), || !pids(&flow_dir).is_empty()),
+        poll_until(Duration::from_secs(60), || !pids(&flow_dir).is_empty()),
         "the runtime never ran"
     );
     let first = pids(&flow_dir)[0];
@@ -293,12 +255,7 @@ fn http(addr: &str, request: &str) -> String {
 fn serves_the_gateway_and_stops_cleanly_on_ctrl_c() {
     let tmp = tempfile::tempdir().unwrap();
     let flow = write_flow(tmp.path(), SLOW_FLOW, SLOW_HANDLERS);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut child = up(
         tmp.path(),
         &[flow.to_str().unwrap(), "--gateway-addr", &addr],
@@ -331,7 +288,7 @@ fn serves_the_gateway_and_stops_cleanly_on_ctrl_c() {
     assert!(resp.starts_with("HTTP/1.1 20"), "{resp}");
     let flow_dir = tmp.path().join("flow");
     assert!(
-        poll(Duration::from_secs(30), || !pids(&flow_dir).is_empty()),
+        poll_until(Duration::from_secs(30), || !pids(&flow_dir).is_empty()),
         "the task never reached the runtime"
     );
     let pid = Pid::from_raw(child.id() as i32).unwrap();
@@ -555,7 +512,7 @@ def work(p):
     assert!(runtimes.iter().all(|p| running(*p)), "{runtimes:?}");
     kill_process(Pid::from_raw(child.id() as i32).unwrap(), Signal::KILL).expect("SIGKILL up");
     child.wait().expect("reap up");
-    let gone = poll(Duration::from_secs(10), || {
+    let gone = poll_until(Duration::from_secs(10), || {
         runtimes.iter().all(|p| !running(*p))
     });
     let survivors: Vec<i32> = runtimes.iter().copied().filter(|p| running(*p)).collect();

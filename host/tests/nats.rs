@@ -3,13 +3,6 @@
 //! `asya-host up --transport nats`, and the end-to-end kill -9 test with real `asya-host`
 //! sidecar processes.
 
-#[path = "support/kill9.rs"]
-mod kill9;
-#[path = "support/nats_server.rs"]
-mod nats_server;
-#[path = "support/plugins_wasm.rs"]
-mod plugins_wasm;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +12,7 @@ use asya_host::transport::conformance::{self, NamespaceFn, Options};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
 use asya_host::transport::Transport;
-use nats_server::NatsServer;
+use asya_test_support::{plugin, NatsServer};
 
 fn namespaces(prefix: &'static str) -> NamespaceFn {
     let n = Arc::new(AtomicU64::new(0));
@@ -129,7 +122,7 @@ fn provision_creates_the_end_actors_named_by_the_variables() {
 /// --nats-url URL`): the example pipeline runs through the broker with the same results.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_pipeline_runs_on_nats() {
-    plugins_wasm::plugin("priority-router");
+    plugin("priority-router");
     let server = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -202,11 +195,44 @@ mod e2e {
     use async_nats::jetstream;
     use rand::Rng;
 
-    use super::kill9::{self, collect, Actor, Seen, ENVELOPES};
-    use super::nats_server::NatsServer;
+    use asya_host::queue::QueueName;
     use asya_host::transport::nats::{NatsConfig, NatsTransport};
+    use asya_host::transport::{OutMessage, Transport};
+    use asya_test_support::kill9::{self, Actor, Seen, ENVELOPES};
+    use asya_test_support::NatsServer;
 
     const ACK_WAIT: &str = "2s";
+
+    /// Consume `queue` with `t` into `seen`, acking each message.
+    fn collect(
+        t: Arc<dyn Transport>,
+        queue: QueueName,
+        seen: Arc<Mutex<Seen>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
+            while let Ok(d) = rx.recv().await {
+                seen.lock().unwrap().record(&d.body, d.attempt);
+                let _ = d.acker.ack().await;
+            }
+        })
+    }
+
+    /// Publish the run's envelopes to `asya-<ns>-a`.
+    async fn publish(t: &dyn Transport, ns: &str) {
+        let queue = QueueName::new(ns, "a").unwrap();
+        for batch in kill9::batches() {
+            let msgs = batch
+                .into_iter()
+                .map(|(id, body)| OutMessage {
+                    queue: queue.clone(),
+                    id,
+                    body: body.into(),
+                })
+                .collect();
+            t.send_all(msgs).await.unwrap();
+        }
+    }
 
     /// `consumer:pending/unacked` for every queue of `ns`.
     async fn backlog(js: &jetstream::Context, ns: &str) -> String {
@@ -267,12 +293,12 @@ mod e2e {
         let collectors = [
             collect(
                 t.clone(),
-                asya_host::queue::QueueName::new(ns, "x-sink").unwrap(),
+                QueueName::new(ns, "x-sink").unwrap(),
                 sink.clone(),
             ),
             collect(
                 t.clone(),
-                asya_host::queue::QueueName::new(ns, "x-sump").unwrap(),
+                QueueName::new(ns, "x-sump").unwrap(),
                 sump.clone(),
             ),
         ];
@@ -286,10 +312,10 @@ mod e2e {
         ]);
         let mut actors: Vec<Actor> = ["a", "b", "c"]
             .iter()
-            .map(|a| Actor::start(a, env.clone()))
+            .map(|a| Actor::start(env!("CARGO_BIN_EXE_asya-host"), a, env.clone()))
             .collect();
 
-        kill9::publish(t.as_ref(), ns).await;
+        publish(t.as_ref(), ns).await;
         println!(
             "[{ns}] published {ENVELOPES} envelopes in {:?}",
             started.elapsed()

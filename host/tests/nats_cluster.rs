@@ -6,13 +6,8 @@
 //! and no sidecar may exit (a sidecar starting during the election waits for the new leader,
 //! bounded by `ASYA_NATS_STARTUP_TIMEOUT`).
 
-#[path = "support/kill9.rs"]
-mod kill9;
-#[path = "support/nats_server.rs"]
-mod nats_server;
-
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,18 +15,27 @@ use std::time::{Duration, Instant};
 use asya_host::queue::QueueName;
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport};
+use asya_test_support::kill9::{Actor, Seen};
+use asya_test_support::{free_port, nats_server};
 use async_nats::jetstream;
-use kill9::{collect, Actor, Seen};
 
 /// Envelopes per run (kept small: the test joins CI).
 const ENVELOPES: usize = 1_500;
 const ACK_WAIT: &str = "4s";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// Consume `queue` with `t` into `seen`, acking each message.
+fn collect(
+    t: Arc<dyn Transport>,
+    queue: QueueName,
+    seen: Arc<Mutex<Seen>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
+        while let Ok(d) = rx.recv().await {
+            seen.lock().unwrap().record(&d.body, d.attempt);
+            let _ = d.acker.ack().await;
+        }
+    })
 }
 
 /// One server of the cluster.
@@ -210,7 +214,7 @@ async fn stream_leader_killed_and_sidecar_restarted_during_election() {
     ]);
     let mut actors: Vec<Actor> = ["a", "b", "c"]
         .iter()
-        .map(|a| Actor::start(a, env.clone()))
+        .map(|a| Actor::start(env!("CARGO_BIN_EXE_asya-host"), a, env.clone()))
         .collect();
 
     let queue = QueueName::new(ns, "a").unwrap();

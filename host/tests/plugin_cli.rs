@@ -3,14 +3,11 @@
 //! does not grant) is said in one line naming `ASYA_TRANSPORT_ALLOW` / `--allow`, and a
 //! route policy is recognised as one.
 
-#[path = "support/plugins_wasm.rs"]
-mod plugins_wasm;
-
 use std::net::TcpListener;
 use std::process::Command;
 
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
-use plugins_wasm::plugin;
+use asya_test_support::plugin;
 
 /// `asya-host plugin test FILE --config CONFIG [--allow ALLOW]`: (success, stdout, stderr).
 fn plugin_test(file: &str, config: &str, allow: Option<&str>) -> (bool, String, String) {

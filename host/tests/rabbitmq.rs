@@ -3,31 +3,26 @@
 //! conformance suite through `asya-host plugin test`, the 3-actor kill -9 run, the broker
 //! closing every connection mid-run, and interop with a plain AMQP client (Python `pika`).
 
-#[path = "support/kill9.rs"]
-mod kill9;
-#[path = "support/plugins_wasm.rs"]
-mod plugins_wasm;
-#[path = "support/rabbitmq_vhost.rs"]
-mod rabbitmq_vhost;
-
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use asya_host::queue::QueueName;
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
-use kill9::{collect, Actor, Seen, ENVELOPES};
-use plugins_wasm::plugin;
-use rabbitmq_vhost::Vhost;
+use asya_host::transport::{OutMessage, Transport};
+use asya_test_support::kill9::{self, Actor, Seen, ENVELOPES};
+use asya_test_support::{plugin, rabbitmq, Vhost};
+
+const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
 
 #[test]
 fn plugin_test_cli_runs_the_suite_on_rabbitmq() {
     let vhost = Vhost::create("asya-ct");
     let config = vhost.config().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+    let out = Command::new(BIN)
         .args(["plugin", "test"])
         .arg(plugin("rabbitmq"))
-        .args(["--config", &config, "--allow", &rabbitmq_vhost::addr()])
+        .args(["--config", &config, "--allow", &rabbitmq::addr()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -46,7 +41,7 @@ fn plugin_test_cli_runs_the_suite_on_rabbitmq() {
         "{queues:?}"
     );
     // Not allowed to reach the broker: fails, naming the denial.
-    let out = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+    let out = Command::new(BIN)
         .args(["plugin", "test"])
         .arg(plugin("rabbitmq"))
         .args(["--config", &config])
@@ -70,7 +65,7 @@ fn sidecar_env(vhost: &Vhost, ns: &str, cache: &std::path::Path) -> Arc<Vec<(Str
             "ASYA_TRANSPORT_CONFIG".to_owned(),
             vhost.config().to_string(),
         ),
-        ("ASYA_TRANSPORT_ALLOW".to_owned(), rabbitmq_vhost::addr()),
+        ("ASYA_TRANSPORT_ALLOW".to_owned(), rabbitmq::addr()),
         (
             "ASYA_PLUGIN_CACHE_DIR".to_owned(),
             cache.display().to_string(),
@@ -88,10 +83,41 @@ async fn client(vhost: &Vhost, cache: &std::path::Path) -> Arc<WasmTransport> {
     let mut cfg = WasmConfig::new(
         plugin("rabbitmq"),
         &vhost.config().to_string(),
-        AllowList::parse(&rabbitmq_vhost::addr()).await.unwrap(),
+        AllowList::parse(&rabbitmq::addr()).await.unwrap(),
     );
     cfg.cache_dir = Some(cache.to_owned());
     Arc::new(WasmTransport::connect(cfg).await.unwrap())
+}
+
+/// Consume `queue` with `t` into `seen`, acking each message.
+fn collect(
+    t: Arc<dyn Transport>,
+    queue: QueueName,
+    seen: Arc<Mutex<Seen>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
+        while let Ok(d) = rx.recv().await {
+            seen.lock().unwrap().record(&d.body, d.attempt);
+            let _ = d.acker.ack().await;
+        }
+    })
+}
+
+/// Publish the run's envelopes to `asya-<ns>-a`.
+async fn publish(t: &dyn Transport, ns: &str) {
+    let queue = QueueName::new(ns, "a").unwrap();
+    for batch in kill9::batches() {
+        let msgs = batch
+            .into_iter()
+            .map(|(id, body)| OutMessage {
+                queue: queue.clone(),
+                id,
+                body: body.into(),
+            })
+            .collect();
+        t.send_all(msgs).await.unwrap();
+    }
 }
 
 /// What disturbs a 3-actor run.
@@ -129,9 +155,9 @@ async fn three_actor_run(fault: Fault) {
     ];
     let mut actors: Vec<Actor> = ["a", "b", "c"]
         .iter()
-        .map(|a| Actor::start(a, env.clone()))
+        .map(|a| Actor::start(BIN, a, env.clone()))
         .collect();
-    kill9::publish(t.as_ref(), &ns).await;
+    publish(t.as_ref(), &ns).await;
     println!(
         "[{ns}] published {ENVELOPES} envelopes in {:?}",
         started.elapsed()
@@ -279,12 +305,12 @@ conn.close()
     let vhost = Vhost::create("asya-interop");
     let cache = tempfile::tempdir().unwrap();
     let ns = format!("i{}", std::process::id());
-    let _a = Actor::start("a", sidecar_env(&vhost, &ns, cache.path()));
+    let _a = Actor::start(BIN, "a", sidecar_env(&vhost, &ns, cache.path()));
     let out = tokio::task::spawn_blocking({
         let (name, ns) = (vhost.name.clone(), ns.clone());
         move || {
             Command::new("python3")
-                .args(["-c", SCRIPT, &rabbitmq_vhost::addr(), &name, &ns])
+                .args(["-c", SCRIPT, &rabbitmq::addr(), &name, &ns])
                 .output()
                 .expect("python3")
         }
@@ -318,10 +344,9 @@ conn.close()
 /// once the queue exists the same connection publishes and consumes through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declare_false_only_uses_existing_queues() {
-    use asya_host::transport::{OutMessage, Transport};
     let vhost = Vhost::create("asya-passive");
     let cache = tempfile::tempdir().unwrap();
-    let allow = AllowList::parse(&rabbitmq_vhost::addr()).await.unwrap();
+    let allow = AllowList::parse(&rabbitmq::addr()).await.unwrap();
     let mut passive = vhost.config();
     passive["declare"] = false.into();
     let mut cfg = WasmConfig::new(plugin("rabbitmq"), &passive.to_string(), allow.clone());

@@ -2,13 +2,6 @@
 //! trapping transport, the conformance suite with `plugins/redis-streams` on a real
 //! `redis-server` (started per test on a free port), and the 3-actor kill -9 test.
 
-#[path = "support/kill9.rs"]
-mod kill9;
-#[path = "support/plugins_wasm.rs"]
-mod plugins_wasm;
-#[path = "support/redis_server.rs"]
-mod redis_server;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +10,7 @@ use asya_host::queue::QueueName;
 use asya_host::transport::conformance::{self, NamespaceFn, Options};
 use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
 use asya_host::transport::{OutMessage, Transport};
-use plugins_wasm::plugin;
-use redis_server::RedisServer;
+use asya_test_support::{plugin, RedisServer};
 
 fn namespaces(prefix: &'static str) -> NamespaceFn {
     let n = Arc::new(AtomicU64::new(0));
@@ -220,8 +212,7 @@ fn plugin_test_cli_runs_the_suite_on_redis_streams() {
 // End to end: real asya-host sidecars (ASYA_TRANSPORT=wasm, plugins/redis-streams) and
 // runtimes, a 3-actor flow, the middle sidecar killed with SIGKILL three times; every
 // envelope reaches x-sink exactly once, none reaches x-sump. The same scenario as the
-// NATS test in `nats.rs` (its harness lives inside that file's `e2e` module, so the few
-// process helpers are repeated here rather than shared).
+// NATS test in `nats.rs`; the process helpers are `asya_test_support::kill9`.
 
 mod e2e {
     use std::sync::{Arc, Mutex};
@@ -229,12 +220,44 @@ mod e2e {
 
     use rand::Rng;
 
-    use super::kill9::{self, collect, Actor, Seen, ENVELOPES};
-    use super::plugins_wasm::plugin;
-    use super::redis_server::RedisServer;
+    use asya_host::queue::QueueName;
     use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
+    use asya_host::transport::{OutMessage, Transport};
+    use asya_test_support::kill9::{self, Actor, Seen, ENVELOPES};
+    use asya_test_support::{plugin, RedisServer};
 
     const ACK_WAIT_MS: u64 = 2_000;
+
+    /// Consume `queue` with `t` into `seen`, acking each message.
+    fn collect(
+        t: Arc<dyn Transport>,
+        queue: QueueName,
+        seen: Arc<Mutex<Seen>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
+            while let Ok(d) = rx.recv().await {
+                seen.lock().unwrap().record(&d.body, d.attempt);
+                let _ = d.acker.ack().await;
+            }
+        })
+    }
+
+    /// Publish the run's envelopes to `asya-<ns>-a`.
+    async fn publish(t: &dyn Transport, ns: &str) {
+        let queue = QueueName::new(ns, "a").unwrap();
+        for batch in kill9::batches() {
+            let msgs = batch
+                .into_iter()
+                .map(|(id, body)| OutMessage {
+                    queue: queue.clone(),
+                    id,
+                    body: body.into(),
+                })
+                .collect();
+            t.send_all(msgs).await.unwrap();
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kill9_middle_sidecar_redis_streams() {
@@ -276,22 +299,22 @@ mod e2e {
         let collectors = [
             collect(
                 t.clone(),
-                asya_host::queue::QueueName::new(&ns, "x-sink").unwrap(),
+                QueueName::new(&ns, "x-sink").unwrap(),
                 sink.clone(),
             ),
             collect(
                 t.clone(),
-                asya_host::queue::QueueName::new(&ns, "x-sump").unwrap(),
+                QueueName::new(&ns, "x-sump").unwrap(),
                 sump.clone(),
             ),
         ];
 
         let mut actors: Vec<Actor> = ["a", "b", "c"]
             .iter()
-            .map(|a| Actor::start(a, env.clone()))
+            .map(|a| Actor::start(env!("CARGO_BIN_EXE_asya-host"), a, env.clone()))
             .collect();
 
-        kill9::publish(t.as_ref(), &ns).await;
+        publish(t.as_ref(), &ns).await;
         println!(
             "[{ns}] published {ENVELOPES} envelopes in {:?}",
             started.elapsed()

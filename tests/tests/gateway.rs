@@ -1,12 +1,6 @@
 //! Gateway end-to-end tests: real stock Python runtimes, in-process sidecars and end actors,
 //! the gateway library and its HTTP API, over the memory transport and a real nats-server.
 
-mod common;
-#[path = "common/mesh.rs"]
-mod mesh;
-#[path = "../../host/tests/support/nats_server.rs"]
-mod nats_server;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +16,10 @@ use asya_host::sidecar::Reporter;
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
 use asya_host::transport::Transport;
+use asya_test_support::NatsServer;
+use asya_tests::mesh::Mesh;
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
-use mesh::Mesh;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
@@ -459,7 +454,7 @@ async fn otlp_spans_carry_the_task_trace_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_kv_gateway_restart_mid_task_tracks_to_the_end() {
-    let server = nats_server::NatsServer::start();
+    let server = NatsServer::start();
     let ns = format!("gwn{}", std::process::id());
     let cfg = NatsConfig {
         ack_wait: Duration::from_secs(10),

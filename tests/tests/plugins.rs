@@ -1,22 +1,17 @@
 //! End-to-end tests of the WebAssembly plugin system: every plugin in `plugins/` routes
 //! (or fails) through a real sidecar loop, with the memory transport and a real runtime
-//! process (`tests/fixtures/echo_runtime.py`) on a real Unix socket.
+//! process (the scripted fixture runtime, which echoes these payloads) on a real Unix socket.
 //!
 //! One test binary for every plugin test (link times). The `.wasm` files come from
 //! `plugins/target/wasm32-wasip2/release/`; the helper builds them once per run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use asya_host::config::SidecarConfig;
 use asya_host::envelope::Envelope;
 use asya_host::metrics::Metrics;
-#[path = "../../host/tests/support/plugins_wasm.rs"]
-mod plugins_wasm;
-use plugins_wasm::plugin;
-
 use asya_host::plugin::{
     self, Decision, PluginEngine, PluginError, PolicyChain, PolicyOptions, PolicySpec, RoutePolicy,
     World,
@@ -26,19 +21,13 @@ use asya_host::sidecar::{Exit, SidecarError};
 use asya_host::transport::memory::MemoryTransport;
 use asya_host::transport::{OutMessage, Receiver, Transport};
 use asya_host::SidecarBuilder;
+use asya_test_support::{plugin, repo_root, FixtureRuntime};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const NS: &str = "t";
 const DEADLINE: Duration = Duration::from_millis(50);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
 
 /// Plugin folders (crates) under `plugins/`.
 fn plugin_folders() -> Vec<String> {
@@ -79,35 +68,9 @@ fn spec(folder: &str, config: Value) -> PolicySpec {
     }
 }
 
-/// `tests/fixtures/echo_runtime.py` on `dir/asya-runtime.sock`; killed on drop.
-struct EchoRuntime {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl EchoRuntime {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("python3")
-            .arg(repo_root().join("tests/fixtures/echo_runtime.py"))
-            .env("ASYA_SOCKET_DIR", dir.path())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("python3 starts");
-        EchoRuntime { child, dir }
-    }
-}
-
-impl Drop for EchoRuntime {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A real sidecar loop for actor `a` with a policy chain.
 struct Mesh {
-    _runtime: EchoRuntime,
+    _runtime: FixtureRuntime,
     transport: MemoryTransport,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -117,7 +80,7 @@ struct Mesh {
 
 impl Mesh {
     async fn start(specs: &[PolicySpec]) -> Mesh {
-        let runtime = EchoRuntime::start();
+        let runtime = FixtureRuntime::start();
         let mut cfg = SidecarConfig::new("a", NS, runtime.dir.path());
         cfg.ready_timeout = Duration::from_secs(20);
         cfg.resiliency.max_attempts = 1;

@@ -1,12 +1,11 @@
 //! The sidecar loop (SPEC §5 steps 1–7) and every row of the runtime response table (SPEC §3),
 //! with a real runtime process on a real Unix socket and the memory transport.
 
-mod common;
-
 use std::time::Duration;
 
 use asya_host::sidecar::Exit;
-use common::{eventually, metric_value, Harness};
+use asya_test_support::{eventually, metric_value, FixtureRuntime};
+use asya_tests::{Harness, NS};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -727,8 +726,8 @@ async fn admin_server_serves_metrics_readiness_and_inflight() {
 async fn each_hop_sends_its_own_span_as_the_traceparent_parent() {
     let mut h = Harness::start(|_| {});
     // A second actor `b` on the same transport, with its own runtime.
-    let rt_b = common::RuntimeProcess::scripted();
-    let mut cfg_b = asya_host::config::SidecarConfig::new("b", common::NS, rt_b.dir.path());
+    let rt_b = FixtureRuntime::start();
+    let mut cfg_b = asya_host::config::SidecarConfig::new("b", NS, rt_b.dir.path());
     cfg_b.ready_timeout = Duration::from_secs(20);
     let stop_b = tokio_util::sync::CancellationToken::new();
     let task_b = asya_host::SidecarBuilder::new(cfg_b, std::sync::Arc::new(h.transport.clone()))

@@ -1,10 +1,7 @@
 //! The plugin components for tests and benchmarks: builds the `plugins/` workspace once per
-//! process with the same command as `.ci/test` (a no-op when up to date). Included with
-//! `#[path]` by the host's tests and benches and by `tests/tests/plugins.rs`.
+//! process with the same command as `.ci/test` (a no-op when up to date).
 
-#![allow(dead_code)]
-
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Once;
 
@@ -13,7 +10,7 @@ static BUILD: Once = Once::new();
 /// `plugins/target/wasm32-wasip2/release/<name>.wasm` for a plugin folder or crate name
 /// (`priority-router` or `priority_router`).
 pub fn plugin(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = crate::repo_root();
     BUILD.call_once(|| {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args([

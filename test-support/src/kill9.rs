@@ -1,51 +1,36 @@
-//! Building blocks of the kill -9 end-to-end tests (NATS and Wasm transports): real
-//! `asya-host` sidecar processes paired with Python runtime processes, a tally of what
-//! reaches the end queues, the test envelopes.
-#![allow(dead_code)]
+//! Building blocks of the kill -9 end-to-end tests (NATS, Redis and RabbitMQ transports):
+//! real `asya-host` sidecar processes paired with Python runtime processes, a tally of what
+//! reaches the end queues, the test envelopes. Subscribing and publishing need the host's
+//! `Transport`, so they stay in the tests: feed each delivery to [`Seen::record`] and publish
+//! [`batches`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 
-use asya_host::transport::Transport;
+use crate::runtime::{scripted_command, stock_command};
+use crate::Proc;
 
 /// Envelopes per run.
 pub const ENVELOPES: usize = 5_000;
 
-/// A child process killed (SIGKILL) on drop.
-pub struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn repo_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
-
 /// The stock runtime (`sdk/python/asya_runtime.py` with a one-line handler) when
-/// `ASYA_E2E_RUNTIME=stock`, else the echo fixture.
+/// `ASYA_E2E_RUNTIME=stock`, else the scripted fixture runtime (it echoes these payloads).
 fn start_runtime(dir: &Path) -> Proc {
     let log = std::fs::File::create(dir.join("runtime.log")).unwrap();
-    let mut cmd = Command::new("python3");
-    if std::env::var("ASYA_E2E_RUNTIME").as_deref() == Ok("stock") {
+    let sock = dir.join("sock");
+    let mut cmd = if std::env::var("ASYA_E2E_RUNTIME").as_deref() == Ok("stock") {
         std::fs::write(
             dir.join("echo_handler.py"),
             "def echo(payload):\n    return payload\n",
         )
         .unwrap();
-        cmd.arg(repo_path("sdk/python/asya_runtime.py"))
-            .env("ASYA_HANDLER", "echo_handler.echo")
-            .env("PYTHONPATH", dir);
+        stock_command(&sock, "echo_handler.echo", dir)
     } else {
-        cmd.arg(repo_path("tests/fixtures/echo_runtime_nats.py"));
-    }
+        scripted_command(&sock)
+    };
     let child = cmd
-        .env("ASYA_SOCKET_DIR", dir.join("sock"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -56,13 +41,14 @@ fn start_runtime(dir: &Path) -> Proc {
 /// A sidecar process with the shared test settings plus `transport_env` (namespace,
 /// transport and its variables).
 fn start_sidecar(
+    bin: &Path,
     dir: &Path,
     actor: &str,
     transport_env: &[(String, String)],
     generation: usize,
 ) -> Proc {
     let log = std::fs::File::create(dir.join(format!("sidecar-{generation}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_asya-host"))
+    let child = Command::new(bin)
         .arg("sidecar")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -91,6 +77,7 @@ fn start_sidecar(
 /// One actor: a runtime process and its sidecar process, in a temp dir of their own.
 pub struct Actor {
     pub name: &'static str,
+    bin: PathBuf,
     dir: tempfile::TempDir,
     transport_env: Arc<Vec<(String, String)>>,
     _runtime: Proc,
@@ -99,13 +86,20 @@ pub struct Actor {
 }
 
 impl Actor {
-    pub fn start(name: &'static str, transport_env: Arc<Vec<(String, String)>>) -> Self {
+    /// `bin` is the `asya-host` binary under test (`env!("CARGO_BIN_EXE_asya-host")`).
+    pub fn start(
+        bin: impl Into<PathBuf>,
+        name: &'static str,
+        transport_env: Arc<Vec<(String, String)>>,
+    ) -> Self {
+        let bin = bin.into();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("sock")).unwrap();
         let runtime = start_runtime(dir.path());
-        let sidecar = Some(start_sidecar(dir.path(), name, &transport_env, 0));
+        let sidecar = Some(start_sidecar(&bin, dir.path(), name, &transport_env, 0));
         Actor {
             name,
+            bin,
             dir,
             transport_env,
             _runtime: runtime,
@@ -119,6 +113,7 @@ impl Actor {
         drop(self.sidecar.take());
         self.generation += 1;
         self.sidecar = Some(start_sidecar(
+            &self.bin,
             self.dir.path(),
             self.name,
             &self.transport_env,
@@ -174,39 +169,26 @@ impl Seen {
         self.by_id.len()
     }
 
+    /// Tally one message of an end queue: its envelope id, first delivery or redelivery.
+    pub fn record(&mut self, body: &[u8], attempt: u32) {
+        let id = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "unparseable".into());
+        let e = self.by_id.entry(id).or_default();
+        if attempt == 1 {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
     pub fn duplicates(&self) -> Vec<(&String, &(usize, usize))> {
         self.by_id
             .iter()
             .filter(|(_, (first, _))| *first > 1)
             .collect()
     }
-}
-
-/// Consume `queue` with `t` into `seen`, acking each message.
-pub fn collect(
-    t: Arc<dyn Transport>,
-    queue: asya_host::queue::QueueName,
-    seen: Arc<Mutex<Seen>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
-        while let Ok(d) = rx.recv().await {
-            let id = serde_json::from_slice::<serde_json::Value>(&d.body)
-                .ok()
-                .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| "unparseable".into());
-            {
-                let mut s = seen.lock().unwrap();
-                let e = s.by_id.entry(id).or_default();
-                if d.attempt == 1 {
-                    e.0 += 1;
-                } else {
-                    e.1 += 1;
-                }
-            }
-            let _ = d.acker.ack().await;
-        }
-    })
 }
 
 /// Envelope `e-<i>` routed a → b → c.
@@ -220,20 +202,14 @@ pub fn envelope(i: usize) -> Vec<u8> {
     .unwrap()
 }
 
-/// Publish the run's envelopes to `asya-<ns>-a`, 500 per batch.
-pub async fn publish(t: &dyn Transport, ns: &str) {
-    let queue = asya_host::queue::QueueName::new(ns, "a").unwrap();
-    for chunk in (0..ENVELOPES).collect::<Vec<_>>().chunks(500) {
-        let msgs = chunk
-            .iter()
-            .map(|&i| asya_host::transport::OutMessage {
-                queue: queue.clone(),
-                id: format!("in-{i}"),
-                body: envelope(i).into(),
-            })
-            .collect();
-        t.send_all(msgs).await.unwrap();
-    }
+/// The run's envelopes as `(message id, body)` (`in-<i>`, envelope `e-<i>`), 500 per batch:
+/// publish each batch with one `send_all` to `asya-<ns>-a`.
+pub fn batches() -> impl Iterator<Item = Vec<(String, Vec<u8>)>> {
+    (0..ENVELOPES).step_by(500).map(|start| {
+        (start..(start + 500).min(ENVELOPES))
+            .map(|i| (format!("in-{i}"), envelope(i)))
+            .collect()
+    })
 }
 
 /// Every envelope at x-sink exactly once, none in x-sump.

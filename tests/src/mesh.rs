@@ -1,9 +1,7 @@
 //! A small in-process mesh for gateway tests: one stock Python runtime per actor
 //! (`sdk/python/asya_runtime.py`, handlers from `tests/fixtures/handlers/`), every sidecar
 //! and the x-sink / x-sump end actors in this process on one shared transport.
-#![allow(dead_code)]
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,43 +10,13 @@ use asya_host::metrics::Metrics;
 use asya_host::sidecar::{Exit, Reporter, SidecarError};
 use asya_host::transport::Transport;
 use asya_host::SidecarBuilder;
+use asya_test_support::{init_logging, StockRuntime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::repo_root;
-
-/// A stock runtime serving `handler`; killed on drop.
-pub struct StockRuntime {
-    child: Child,
-    pub dir: tempfile::TempDir,
-}
-
-impl StockRuntime {
-    pub fn start(handler: &str) -> StockRuntime {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("python3")
-            .arg(repo_root().join("sdk/python/asya_runtime.py"))
-            .env("ASYA_HANDLER", handler)
-            .env("ASYA_SOCKET_DIR", dir.path())
-            .env("ASYA_LOG_LEVEL", "WARNING")
-            .env("PYTHONPATH", repo_root().join("tests/fixtures/handlers"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("python3 starts");
-        StockRuntime { child, dir }
-    }
-}
-
-impl Drop for StockRuntime {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Actors (name, `module.function`) plus x-sink and x-sump, reporting to `reporter`.
 pub struct Mesh {
-    runtimes: Vec<StockRuntime>,
+    _runtimes: Vec<StockRuntime>,
     tasks: Vec<JoinHandle<Result<Exit, SidecarError>>>,
     pub shutdown: CancellationToken,
 }
@@ -61,7 +29,7 @@ impl Mesh {
         reporter: Arc<dyn Reporter>,
         tweak: impl Fn(&mut SidecarConfig),
     ) -> Mesh {
-        crate::common::init_logging();
+        init_logging();
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new("asya_actor");
         let mut runtimes = Vec::new();
@@ -92,7 +60,7 @@ impl Mesh {
             spawn(cfg, &mut tasks);
         }
         Mesh {
-            runtimes,
+            _runtimes: runtimes,
             tasks,
             shutdown,
         }

