@@ -23,20 +23,7 @@ use async_nats::jetstream;
 const ENVELOPES: usize = 1_500;
 const ACK_WAIT: &str = "4s";
 
-/// Consume `queue` with `t` into `seen`, acking each message.
-fn collect(
-    t: Arc<dyn Transport>,
-    queue: QueueName,
-    seen: Arc<Mutex<Seen>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
-        while let Ok(d) = rx.recv().await {
-            seen.lock().unwrap().record(&d.body, d.attempt);
-            let _ = d.acker.ack().await;
-        }
-    })
-}
+asya_test_support::kill9_transport_helpers!();
 
 /// One server of the cluster.
 struct Node {

@@ -89,36 +89,7 @@ async fn client(vhost: &Vhost, cache: &std::path::Path) -> Arc<WasmTransport> {
     Arc::new(WasmTransport::connect(cfg).await.unwrap())
 }
 
-/// Consume `queue` with `t` into `seen`, acking each message.
-fn collect(
-    t: Arc<dyn Transport>,
-    queue: QueueName,
-    seen: Arc<Mutex<Seen>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
-        while let Ok(d) = rx.recv().await {
-            seen.lock().unwrap().record(&d.body, d.attempt);
-            let _ = d.acker.ack().await;
-        }
-    })
-}
-
-/// Publish the run's envelopes to `asya-<ns>-a`.
-async fn publish(t: &dyn Transport, ns: &str) {
-    let queue = QueueName::new(ns, "a").unwrap();
-    for batch in kill9::batches() {
-        let msgs = batch
-            .into_iter()
-            .map(|(id, body)| OutMessage {
-                queue: queue.clone(),
-                id,
-                body: body.into(),
-            })
-            .collect();
-        t.send_all(msgs).await.unwrap();
-    }
-}
+asya_test_support::kill9_transport_helpers!();
 
 /// What disturbs a 3-actor run.
 #[derive(Clone, Copy, Debug)]

@@ -222,42 +222,13 @@ mod e2e {
 
     use asya_host::queue::QueueName;
     use asya_host::transport::wasm::{AllowList, WasmConfig, WasmTransport};
-    use asya_host::transport::{OutMessage, Transport};
+
     use asya_test_support::kill9::{self, Actor, Seen, ENVELOPES};
     use asya_test_support::{plugin, RedisServer};
 
     const ACK_WAIT_MS: u64 = 2_000;
 
-    /// Consume `queue` with `t` into `seen`, acking each message.
-    fn collect(
-        t: Arc<dyn Transport>,
-        queue: QueueName,
-        seen: Arc<Mutex<Seen>>,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
-            while let Ok(d) = rx.recv().await {
-                seen.lock().unwrap().record(&d.body, d.attempt);
-                let _ = d.acker.ack().await;
-            }
-        })
-    }
-
-    /// Publish the run's envelopes to `asya-<ns>-a`.
-    async fn publish(t: &dyn Transport, ns: &str) {
-        let queue = QueueName::new(ns, "a").unwrap();
-        for batch in kill9::batches() {
-            let msgs = batch
-                .into_iter()
-                .map(|(id, body)| OutMessage {
-                    queue: queue.clone(),
-                    id,
-                    body: body.into(),
-                })
-                .collect();
-            t.send_all(msgs).await.unwrap();
-        }
-    }
+    asya_test_support::kill9_transport_helpers!();
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kill9_middle_sidecar_redis_streams() {

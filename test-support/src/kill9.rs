@@ -240,3 +240,45 @@ pub fn assert_exactly_once(ns: &str, elapsed: std::time::Duration, sink: &Seen, 
         sump.by_id.keys().take(5).collect::<Vec<_>>()
     );
 }
+
+/// Defines `collect` (consume an end queue into a [`Seen`], acking each message) and
+/// `publish` (the run's envelopes to `asya-<ns>-a` in [`batches`]) in the calling test, on
+/// `asya_host`'s `Transport`. A macro because this crate must not depend on `asya-host` (it
+/// is a dev-dependency of it): the code expands where `asya_host` is in scope.
+#[macro_export]
+macro_rules! kill9_transport_helpers {
+    () => {
+        /// Consume `queue` with `t` into `seen`, acking each message.
+        #[allow(dead_code)]
+        fn collect(
+            t: ::std::sync::Arc<dyn ::asya_host::transport::Transport>,
+            queue: ::asya_host::queue::QueueName,
+            seen: ::std::sync::Arc<::std::sync::Mutex<$crate::kill9::Seen>>,
+        ) -> ::tokio::task::JoinHandle<()> {
+            ::tokio::spawn(async move {
+                let mut rx = t.subscribe(&queue, 256).await.expect("subscribe end queue");
+                while let Ok(d) = rx.recv().await {
+                    seen.lock().unwrap().record(&d.body, d.attempt);
+                    let _ = d.acker.ack().await;
+                }
+            })
+        }
+
+        /// Publish the run's envelopes to `asya-<ns>-a`.
+        #[allow(dead_code)]
+        async fn publish(t: &dyn ::asya_host::transport::Transport, ns: &str) {
+            let queue = ::asya_host::queue::QueueName::new(ns, "a").unwrap();
+            for batch in $crate::kill9::batches() {
+                let msgs = batch
+                    .into_iter()
+                    .map(|(id, body)| ::asya_host::transport::OutMessage {
+                        queue: queue.clone(),
+                        id,
+                        body: body.into(),
+                    })
+                    .collect();
+                t.send_all(msgs).await.unwrap();
+            }
+        }
+    };
+}
