@@ -153,20 +153,43 @@ async fn expired_deadline_goes_to_sink_as_failed_timeout_without_invoking() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deadline_shorter_than_actor_timeout_cuts_the_call_without_crashing() {
-    let mut h = Harness::start(|c| c.resiliency.actor_timeout = Duration::from_secs(30));
-    let mut sink = h.consumer("x-sink").await;
-    let mut b = h.consumer("b").await;
+/// An envelope whose deadline (300 ms away) is shorter than the actor timeout (30 s).
+fn slow_envelope_with_a_near_deadline() -> Vec<u8> {
     let deadline = (chrono::Utc::now() + chrono::Duration::milliseconds(300))
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let env = json!({"id": "slow", "route": {"prev": [], "curr": "a", "next": ["b"]},
         "payload": {"op": "sleep", "s": 2}, "status": {"deadline_at": deadline}});
-    h.send_raw(serde_json::to_vec(&env).unwrap()).await;
-    let out = sink.next().await;
+    serde_json::to_vec(&env).unwrap()
+}
+
+/// The deadline cuts a running call: the runtime is still busy with it, so this is a
+/// runtime timeout (docs/SPEC.md §5): x-sump naming the deadline, acked, exit 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_cutting_a_running_call_sumps_acks_and_crashes() {
+    let mut h = Harness::start(|c| c.resiliency.actor_timeout = Duration::from_secs(30));
+    let mut sump = h.consumer("x-sump").await;
+    h.send_raw(slow_envelope_with_a_near_deadline()).await;
+    let out = sump.next().await;
     assert_eq!(status(&out)["reason"], "Timeout");
     assert_eq!(status(&out)["phase"], "failed");
-    // Still serving.
+    let msg = status(&out)["error"]["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("deadline"), "{msg}");
+    assert_eq!(h.join().await, Exit::RuntimeTimeout);
+    assert_eq!(h.transport.depth(h.cfg.queue().unwrap()), 0, "acked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_cutting_a_running_call_without_crash_on_timeout_keeps_serving() {
+    let mut h = Harness::start(|c| {
+        c.resiliency.actor_timeout = Duration::from_secs(30);
+        c.resiliency.crash_on_timeout = false;
+    });
+    let mut sump = h.consumer("x-sump").await;
+    let mut b = h.consumer("b").await;
+    h.send_raw(slow_envelope_with_a_near_deadline()).await;
+    let out = sump.next().await;
+    assert_eq!(status(&out)["reason"], "Timeout");
+    assert_eq!(out["payload"]["original_payload"], json!({"op": "sleep", "s": 2}));
     h.send("next", &["b"], json!({"op": "echo"})).await;
     assert_eq!(b.next().await["id"], "next");
     assert_eq!(h.stop().await, Exit::Shutdown);
