@@ -4,6 +4,7 @@
 //! The payload is kept as raw JSON text ([`RawValue`]): the host never looks inside it, so it
 //! is neither parsed into a tree nor re-formatted on the way through.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, MapAccess, Visitor};
@@ -205,7 +206,7 @@ pub struct Envelope {
     pub id: String,
     pub parent_id: Option<String>,
     pub route: Route,
-    pub headers: Map<String, Value>,
+    pub headers: Headers,
     pub payload: Box<RawValue>,
     pub status: Option<Status>,
     pub extra: RawMap,
@@ -243,7 +244,7 @@ impl Envelope {
             id: id.into(),
             parent_id: None,
             route,
-            headers: Map::new(),
+            headers: Headers::new(),
             payload,
             status: None,
             extra: RawMap::new(),
@@ -300,11 +301,9 @@ impl Envelope {
         serde_json::to_vec(self).expect("envelope serialisation cannot fail")
     }
 
-    pub fn trace_id(&self) -> &str {
-        self.headers
-            .get(HEADER_TRACE_ID)
-            .and_then(Value::as_str)
-            .unwrap_or("")
+    /// The `trace_id` header, or "" (a non-string one counts as absent).
+    pub fn trace_id(&self) -> Cow<'_, str> {
+        self.headers.str(HEADER_TRACE_ID).unwrap_or_default()
     }
 
     pub fn status_mut(&mut self) -> &mut Status {
@@ -326,6 +325,86 @@ impl Envelope {
 
 /// Unknown fields of an envelope or its status: raw JSON text, written back unchanged.
 pub type RawMap = std::collections::BTreeMap<String, RawJson>;
+
+/// Envelope headers (SPEC §2): any JSON value per name, each kept as its text so that it
+/// leaves a hop exactly as it came (an integer beyond 64 bits, a float's digits), read and
+/// written through typed accessors. Ordered by name, like the rest of the envelope.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Headers(RawMap);
+
+impl Headers {
+    pub fn new() -> Self {
+        Headers::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// The value's JSON text.
+    pub fn raw(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(RawJson::get)
+    }
+
+    /// A string header's value (borrowed unless it has escapes); `None` when absent or not
+    /// a string.
+    pub fn str(&self, key: &str) -> Option<Cow<'_, str>> {
+        let raw = self.raw(key)?;
+        match serde_json::from_str::<&str>(raw) {
+            Ok(s) => Some(Cow::Borrowed(s)),
+            Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
+        }
+    }
+
+    /// The value as a JSON tree, for reading structured headers (an integer beyond 64 bits
+    /// becomes a float here; the header itself is untouched).
+    pub fn value(&self, key: &str) -> Option<Value> {
+        serde_json::from_str(self.raw(key)?).ok()
+    }
+
+    pub fn insert_str(&mut self, key: impl Into<String>, value: &str) {
+        self.insert_value(key, &Value::from(value));
+    }
+
+    pub fn insert_value(&mut self, key: impl Into<String>, value: &Value) {
+        let raw = serde_json::value::to_raw_value(value).expect("a JSON value serialises");
+        self.0.insert(key.into(), RawJson(raw));
+    }
+
+    /// Insert `key` with `value` unless it is present.
+    pub fn insert_missing(&mut self, key: &str, value: &RawJson) {
+        if !self.0.contains_key(key) {
+            self.0.insert(key.to_owned(), value.clone());
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&RawJson> {
+        self.0.get(key)
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<RawJson> {
+        self.0.remove(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &RawJson)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+impl From<Map<String, Value>> for Headers {
+    fn from(m: Map<String, Value>) -> Self {
+        let mut h = Headers::new();
+        for (k, v) in m {
+            h.insert_value(k, &v);
+        }
+        h
+    }
+}
 
 /// A JSON value kept as its text (compared by text).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -434,7 +513,7 @@ impl<'de> Deserialize<'de> for Envelope {
                         "parent_id" => parent_id = map.next_value()?,
                         "route" => route = Some(map.next_value()?),
                         "headers" => {
-                            headers = map.next_value::<Option<Map<String, Value>>>()?;
+                            headers = map.next_value::<Option<Headers>>()?;
                         }
                         "payload" => payload = Some(map.next_value()?),
                         "status" => status = map.next_value()?,
@@ -466,7 +545,7 @@ pub struct Frame {
     #[serde(default = "null_payload")]
     pub payload: Box<RawValue>,
     #[serde(default)]
-    pub headers: Option<Map<String, Value>>,
+    pub headers: Option<Headers>,
     #[serde(default)]
     pub status: Option<Status>,
 }
@@ -483,7 +562,7 @@ impl Frame {
         let mut headers = self.headers.unwrap_or_else(|| input.headers.clone());
         for key in [HEADER_TRACE_ID, HEADER_TRACEPARENT] {
             if let Some(v) = input.headers.get(key) {
-                headers.entry(key).or_insert_with(|| v.clone());
+                headers.insert_missing(key, v);
             }
         }
         Envelope {
@@ -508,6 +587,28 @@ mod tests {
             curr: curr.into(),
             next: next.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn headers_keep_their_json_text_and_read_as_typed_values() {
+        let text = r#"{"id":"e","route":{"prev":[],"curr":"a","next":[]},"headers":{"big":-123456789012345678901234,"f":1.10,"s":"a\"b","t":"plain","o":{"k":[1]}},"payload":1}"#;
+        let env = Envelope::parse(text.as_bytes()).unwrap();
+        let h = &env.headers;
+        assert_eq!(h.raw("big"), Some("-123456789012345678901234"));
+        assert_eq!(h.raw("f"), Some("1.10"));
+        assert_eq!(h.str("s").as_deref(), Some("a\"b"), "escapes decoded");
+        assert!(matches!(h.str("t"), Some(Cow::Borrowed("plain"))));
+        assert_eq!(h.str("big"), None, "not a string");
+        assert_eq!(h.value("o").unwrap()["k"][0], 1);
+        let once = env.to_vec();
+        let text_once = String::from_utf8(once.clone()).unwrap();
+        assert!(text_once.contains(r#""big":-123456789012345678901234"#), "{text_once}");
+        assert!(text_once.contains(r#""f":1.10"#), "{text_once}");
+        assert_eq!(Envelope::parse(&once).unwrap().to_vec(), once, "stable");
+        let mut h = Headers::new();
+        h.insert_str("a", "x\ny");
+        h.insert_missing("a", &RawJson(RawValue::from_string("1".into()).unwrap()));
+        assert_eq!(h.raw("a"), Some(r#""x\ny""#), "insert_missing keeps the value");
     }
 
     #[test]

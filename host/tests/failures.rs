@@ -248,9 +248,9 @@ async fn poison_envelopes_cost_one_message_each() {
     for env in &poison {
         p.send(env.clone()).await;
     }
-    // Integers beyond 64 bits in status and unknown fields come back exactly.
+    // Integers beyond 64 bits in headers, status and unknown fields come back exactly.
     p.send_raw(
-        br#"{"id":"ok-1","route":{"prev":[],"curr":"a","next":[]},"payload":{"fan":3},"status":{"big":123456789012345678901234},"top":-123456789012345678901234}"#
+        br#"{"id":"ok-1","route":{"prev":[],"curr":"a","next":[]},"headers":{"n":123456789012345678901235},"payload":{"fan":3},"status":{"big":123456789012345678901234},"top":-123456789012345678901234}"#
             .to_vec(),
     )
     .await;
@@ -262,6 +262,7 @@ async fn poison_envelopes_cost_one_message_each() {
         let v: Value = serde_json::from_str(text).unwrap();
         assert!(v["parent_id"] == "ok-1" || v["id"] == "ok-1", "{text}");
         assert!(text.contains(r#""big":123456789012345678901234"#), "{text}");
+        assert!(text.contains(r#""n":123456789012345678901235"#), "{text}");
         assert!(
             text.contains(r#""top":-123456789012345678901234"#),
             "{text}"

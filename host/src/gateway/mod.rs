@@ -365,12 +365,9 @@ impl Gateway {
             },
             serde_json::value::RawValue::from_string(payload).expect("serialised JSON"),
         );
+        env.headers.insert_str(HEADER_TRACE_ID, &trace_id);
         env.headers
-            .insert(HEADER_TRACE_ID.into(), Value::String(trace_id.clone()));
-        env.headers.insert(
-            HEADER_TRACEPARENT.into(),
-            Value::String(traceparent(&trace_id)),
-        );
+            .insert_str(HEADER_TRACEPARENT, &traceparent(&trace_id));
         let st = env.status_mut();
         st.phase = Some(Phase::Pending);
         st.created_at = Some(task.created_at.clone());

@@ -138,7 +138,7 @@ impl WireReport {
                 let processed =
                     envelope.route.prev.len() + usize::from(!envelope.route.curr.is_empty());
                 WireReport::Final {
-                    trace_id: envelope.trace_id().to_owned(),
+                    trace_id: envelope.trace_id().into_owned(),
                     fin: FinalUpdate {
                         to_sump,
                         actor,

@@ -1,7 +1,8 @@
 //! The one host-side `bindgen!` site. Generated types stay in this file: everything that
 //! leaves it is a domain type ([`crate::envelope::Route`], [`crate::plugin::Decision`]).
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
 use wasmtime::component::Resource;
 
 use crate::envelope::Route;
@@ -61,7 +62,7 @@ pub(crate) struct EnvelopeView {
     pub id: String,
     pub parent_id: Option<String>,
     pub route: Route,
-    pub headers: Map<String, Value>,
+    pub headers: crate::envelope::Headers,
     /// The payload's JSON text.
     pub payload: String,
 }
@@ -135,15 +136,11 @@ impl policy::asya::plugin::envelope::HostEnvelope for StoreState {
     }
 
     fn header(&mut self, e: Resource<EnvelopeHandle>, name: String) -> Option<String> {
-        self.view(&e).headers.get(&name).map(Value::to_string)
+        self.view(&e).headers.raw(&name).map(str::to_owned)
     }
 
     fn header_str(&mut self, e: Resource<EnvelopeHandle>, name: String) -> Option<String> {
-        self.view(&e)
-            .headers
-            .get(&name)?
-            .as_str()
-            .map(str::to_owned)
+        self.view(&e).headers.str(&name).map(Cow::into_owned)
     }
 
     fn payload_json(&mut self, e: Resource<EnvelopeHandle>) -> String {

@@ -113,9 +113,9 @@ async fn handle_in(s: &Shared, body: Bytes, attempt: u32, acker: &dyn Acker) -> 
             (apply(s, &hop, &mut log, plan).await, None)
         }
         Ok(mut env) => {
-            guard.identify(&env.id, env.trace_id());
+            guard.identify(&env.id, &env.trace_id());
             span.record("envelope_id", env.id.as_str());
-            span.record("trace_id", env.trace_id());
+            span.record("trace_id", env.trace_id().as_ref());
             if s.cfg.is_end_actor {
                 debug!("end of route");
                 let hop = Hop {
@@ -219,9 +219,9 @@ pub(super) async fn panicked(s: &Shared, body: &Bytes, attempt: u32, panic: &str
 
 /// A new span id for this hop; the outgoing `traceparent` names it as the parent.
 fn hop_traceparent(env: &Envelope, span: &Span) -> Option<String> {
-    let parent = env.headers.get(HEADER_TRACEPARENT)?.as_str()?;
+    let parent = env.headers.str(HEADER_TRACEPARENT)?;
     let span_id = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
-    let tp = child_traceparent(parent, span_id)?;
+    let tp = child_traceparent(&parent, span_id)?;
     span.record("span_id", field::display(format_args!("{span_id:016x}")));
     Some(tp)
 }
@@ -395,7 +395,7 @@ fn upstream(cx: &Ctx<'_>, payload: serde_json::Value) {
     {
         r.report(Report::Upstream {
             envelope_id: cx.hop.input.id.clone(),
-            trace_id: cx.hop.input.trace_id().to_owned(),
+            trace_id: cx.hop.input.trace_id().into_owned(),
             actor: cx.s.actor.to_string(),
             payload,
         });
@@ -591,7 +591,7 @@ async fn settle_in(s: &Shared, h: Handled) {
         r.report(Report::Hop(HopReport {
             actors_completed: env.route.prev.len() + 1,
             total_actors: env.route.actors().count(),
-            trace_id: env.trace_id().to_owned(),
+            trace_id: env.trace_id().into_owned(),
             envelope_id: env.id,
             parent_id: env.parent_id,
             actor: s.actor.to_string(),

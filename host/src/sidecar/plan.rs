@@ -40,16 +40,15 @@ pub(crate) const PAUSE_ACTOR: &str = "x-pause";
 
 /// `x-asya-mesh-status: off` turns the gateway's reports off for an envelope.
 pub(crate) fn reports_wanted(env: &Envelope) -> bool {
-    env.headers.get(HEADER_MESH_STATUS).and_then(Value::as_str) != Some("off")
+    env.headers.str(HEADER_MESH_STATUS).as_deref() != Some("off")
 }
 
 /// The physical actor `x-asya-route-override` names for `logical`, when it names one.
-fn route_override<'e>(env: &'e Envelope, logical: &str) -> Option<&'e str> {
-    env.headers
-        .get(HEADER_ROUTE_OVERRIDE)?
-        .get(logical)?
-        .as_str()
-        .filter(|t| !t.is_empty())
+fn route_override(env: &Envelope, logical: &str) -> Option<String> {
+    match env.headers.value(HEADER_ROUTE_OVERRIDE)?.get_mut(logical)?.take() {
+        Value::String(t) if !t.is_empty() => Some(t),
+        _ => None,
+    }
 }
 
 /// What the decisions need from the sidecar's configuration.
@@ -286,8 +285,8 @@ pub(crate) fn raw_envelope(body: &[u8], error: ErrorInfo) -> Envelope {
         .expect("a JSON string is JSON");
     let mut env = Envelope::new(unparseable_envelope_id(body), Route::default(), payload);
     if let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body) {
-        if let Some(h) = obj.get("headers").and_then(|h| h.as_object()) {
-            env.headers = h.clone();
+        if let Some(Value::Object(h)) = obj.get("headers") {
+            env.headers = h.clone().into();
         }
     }
     env.status_mut().error = Some(error);
@@ -479,7 +478,7 @@ pub(crate) fn route_frame(
         return;
     }
     let id = MsgId::frame(&input.id, h.digest, h.hop, cand.index).to_string();
-    if let Some(meta) = out.headers.get(HEADER_PAUSE).cloned() {
+    if let Some(meta) = out.headers.value(HEADER_PAUSE) {
         // Not routed: parked on the pause queue (the gateway resumes it), status paused.
         if let Ok(queue) = h.rules.queue.sibling(PAUSE_ACTOR) {
             stamp_phase(h, &mut out, Phase::Paused).reason = None;
@@ -495,7 +494,7 @@ pub(crate) fn route_frame(
         (MessageType::Sink, h.rules.sink_queue.clone())
     } else {
         let logical = out.route.curr.clone();
-        let physical = route_override(&out, &logical).map(str::to_owned);
+        let physical = route_override(&out, &logical);
         match h
             .rules
             .queue
@@ -529,16 +528,13 @@ pub(crate) fn route_frame(
 /// Record an applied route override in `x-asya-route-resolved` (kept across hops).
 fn resolved(h: &Hop, out: &mut Envelope, logical: String, target: String) {
     let entry = serde_json::json!({"target": target, "by": &*h.rules.actor});
-    let audit = out
-        .headers
-        .entry(HEADER_ROUTE_RESOLVED)
-        .or_insert_with(|| Value::Object(Default::default()));
-    if !audit.is_object() {
-        *audit = Value::Object(Default::default());
-    }
-    if let Value::Object(m) = audit {
-        m.insert(logical, entry);
-    }
+    let mut audit = match out.headers.value(HEADER_ROUTE_RESOLVED) {
+        Some(Value::Object(m)) => m,
+        _ => Default::default(),
+    };
+    audit.insert(logical, entry);
+    out.headers
+        .insert_value(HEADER_ROUTE_RESOLVED, &Value::Object(audit));
 }
 
 /// Steps 5–7 after the runtime call: what its answer means for the input.
@@ -743,9 +739,9 @@ fn failed_call(h: &Hop, info: ErrorInfo, reason: FailReason, code: Option<&'stat
 
 /// The queue of the input's `_on_error` actor, when it names one a queue can carry.
 fn on_error(h: &Hop) -> Option<(String, QueueName)> {
-    let actor = h.input.headers.get(HEADER_ON_ERROR)?.as_str()?;
-    let queue = h.rules.queue.sibling(actor).ok()?;
-    Some((actor.to_owned(), queue))
+    let actor = h.input.headers.str(HEADER_ON_ERROR)?;
+    let queue = h.rules.queue.sibling(&actor).ok()?;
+    Some((actor.into_owned(), queue))
 }
 
 /// A failure that would go to x-sump goes to the `_on_error` actor instead: the input's
@@ -911,10 +907,7 @@ fn timestamp(t: DateTime<Utc>) -> String {
 /// An output of this hop: carries the hop's `traceparent`.
 fn emit(h: &Hop, (kind, queue): (MessageType, QueueName), id: String, mut env: Envelope) -> Output {
     if let Some(tp) = &h.traceparent {
-        env.headers.insert(
-            HEADER_TRACEPARENT.to_owned(),
-            serde_json::Value::from(tp.as_str()),
-        );
+        env.headers.insert_str(HEADER_TRACEPARENT, tp);
     }
     Output {
         kind,

@@ -823,21 +823,21 @@ fn every_output_of_a_hop_carries_the_hops_traceparent() {
         r#"{"route":{"prev":["a"],"curr":"b"},"headers":{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},"payload":2}"#,
     );
     let p = after_invoke(&h, call(Answer::Frames(routed(&h, vec![echo], None))));
-    assert_eq!(p.outputs[0].envelope.headers["traceparent"], tp);
+    assert_eq!(p.outputs[0].envelope.headers.value("traceparent").unwrap(), tp);
     let p = after_invoke(&h, call(Answer::Handler(handler_error("E"))));
     assert!(p.outputs.is_empty());
     let mut last = h.clone();
     last.attempt = 3;
     let p = after_invoke(&last, call(Answer::Handler(handler_error("E"))));
     assert_eq!(
-        p.outputs[0].envelope.headers["traceparent"], tp,
+        p.outputs[0].envelope.headers.value("traceparent").unwrap(), tp,
         "x-sump too"
     );
     // Without a hop traceparent the input's header passes unchanged.
     let h = hop(&r, &i, 1);
     let p = after_invoke(&h, call(Answer::Abort));
     assert_eq!(
-        p.outputs[0].envelope.headers["traceparent"],
+        p.outputs[0].envelope.headers.value("traceparent").unwrap(),
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     );
 }
@@ -956,7 +956,7 @@ fn a_route_override_sends_the_next_hop_to_the_physical_queue_and_records_it() {
         "the route keeps the logical name"
     );
     assert_eq!(
-        o.envelope.headers[HEADER_ROUTE_RESOLVED],
+        o.envelope.headers.value(HEADER_ROUTE_RESOLVED).unwrap(),
         serde_json::json!({"b": {"target": "b-canary", "by": "a"}})
     );
     // Without an entry for the next actor: routed as usual, no audit.
@@ -1010,7 +1010,7 @@ fn on_error_sends_a_failure_to_the_handler_actor_instead_of_sump() {
         }
     );
     assert!(!o.envelope.headers.contains_key(HEADER_ON_ERROR));
-    assert_eq!(o.envelope.headers["k"], 1);
+    assert_eq!(o.envelope.headers.value("k").unwrap(), 1);
     assert_eq!(o.envelope.payload.get(), r#"{"k":1}"#, "payload untouched");
     let st = status(o);
     assert_eq!(st.phase, Some(Phase::Failed));
