@@ -370,7 +370,7 @@ pub(crate) fn before_invoke(h: &Hop) -> Result<Invoke, Box<Plan>> {
         return Err(Box::new(plan));
     }
     if input.route.curr != *h.rules.actor
-        && route_override(input, &input.route.curr) != Some(&*h.rules.actor)
+        && route_override(input, &input.route.curr).as_deref() != Some(&*h.rules.actor)
     {
         let msg = format!(
             "envelope for actor {:?} arrived at actor {:?}",
