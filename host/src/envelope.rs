@@ -602,13 +602,20 @@ mod tests {
         assert_eq!(h.value("o").unwrap()["k"][0], 1);
         let once = env.to_vec();
         let text_once = String::from_utf8(once.clone()).unwrap();
-        assert!(text_once.contains(r#""big":-123456789012345678901234"#), "{text_once}");
+        assert!(
+            text_once.contains(r#""big":-123456789012345678901234"#),
+            "{text_once}"
+        );
         assert!(text_once.contains(r#""f":1.10"#), "{text_once}");
         assert_eq!(Envelope::parse(&once).unwrap().to_vec(), once, "stable");
         let mut h = Headers::new();
         h.insert_str("a", "x\ny");
         h.insert_missing("a", &RawJson(RawValue::from_string("1".into()).unwrap()));
-        assert_eq!(h.raw("a"), Some(r#""x\ny""#), "insert_missing keeps the value");
+        assert_eq!(
+            h.raw("a"),
+            Some(r#""x\ny""#),
+            "insert_missing keeps the value"
+        );
     }
 
     #[test]

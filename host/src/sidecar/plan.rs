@@ -45,7 +45,12 @@ pub(crate) fn reports_wanted(env: &Envelope) -> bool {
 
 /// The physical actor `x-asya-route-override` names for `logical`, when it names one.
 fn route_override(env: &Envelope, logical: &str) -> Option<String> {
-    match env.headers.value(HEADER_ROUTE_OVERRIDE)?.get_mut(logical)?.take() {
+    match env
+        .headers
+        .value(HEADER_ROUTE_OVERRIDE)?
+        .get_mut(logical)?
+        .take()
+    {
         Value::String(t) if !t.is_empty() => Some(t),
         _ => None,
     }

@@ -823,14 +823,18 @@ fn every_output_of_a_hop_carries_the_hops_traceparent() {
         r#"{"route":{"prev":["a"],"curr":"b"},"headers":{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},"payload":2}"#,
     );
     let p = after_invoke(&h, call(Answer::Frames(routed(&h, vec![echo], None))));
-    assert_eq!(p.outputs[0].envelope.headers.value("traceparent").unwrap(), tp);
+    assert_eq!(
+        p.outputs[0].envelope.headers.value("traceparent").unwrap(),
+        tp
+    );
     let p = after_invoke(&h, call(Answer::Handler(handler_error("E"))));
     assert!(p.outputs.is_empty());
     let mut last = h.clone();
     last.attempt = 3;
     let p = after_invoke(&last, call(Answer::Handler(handler_error("E"))));
     assert_eq!(
-        p.outputs[0].envelope.headers.value("traceparent").unwrap(), tp,
+        p.outputs[0].envelope.headers.value("traceparent").unwrap(),
+        tp,
         "x-sump too"
     );
     // Without a hop traceparent the input's header passes unchanged.
