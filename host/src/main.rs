@@ -388,6 +388,10 @@ struct UpArgs {
     /// Bearer token required by the gateway API.
     #[arg(long, env = "ASYA_GATEWAY_TOKEN", hide_env_values = true)]
     gateway_token: Option<String>,
+    /// How long an MCP tools/call (/mcp) waits for its task before answering with the
+    /// task form (task id, then tasks/get).
+    #[arg(long, env = "ASYA_GATEWAY_MCP_WAIT", default_value = "5s")]
+    mcp_wait: String,
     /// One admin server (/metrics, /readyz, /debug/inflight) for every actor.
     #[arg(long)]
     metrics_addr: Option<String>,
@@ -427,6 +431,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     opts.output = args.output;
     opts.gateway_addr = addr("--gateway-addr", args.gateway_addr)?;
     opts.gateway_token = args.gateway_token.filter(|t| !t.is_empty());
+    opts.mcp_wait = parse_duration(&args.mcp_wait)
+        .map_err(|e| anyhow::anyhow!("--mcp-wait (ASYA_GATEWAY_MCP_WAIT): {e}"))?;
     opts.metrics_addr = addr("--metrics-addr", args.metrics_addr)?;
     opts.python = args.python;
     use asya_host::transport::{wasm, TransportKind, TransportSettings};
