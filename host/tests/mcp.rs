@@ -3,7 +3,8 @@
 //! flows are the tools (descriptions and input schemas from the flow file), a call returns
 //! its result with progress on the way, a bad argument is a tool error, a slow flow goes
 //! through the task form (task id, `tasks/get`) to completion, `tasks/cancel` ends in
-//! `cancelled`, and `/mcp` takes the task API's bearer token.
+//! `cancelled`, a call the client gives up on cancels its task, and `/mcp` takes the task
+//! API's bearer token.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -148,4 +149,7 @@ fn mcp_client_lists_calls_waits_for_and_cancels_flows() {
     // Cancel: the MCP task and the gateway task.
     assert_eq!(seen["cancelled"]["status"], "cancelled", "{seen}");
     assert_eq!(seen["cancelled"]["gateway_status"], "canceled", "{seen}");
+    // A call the client gave up on (its read timeout) cancelled its task too.
+    assert_eq!(seen["abandoned"], "MCPError", "{seen}");
+    assert_eq!(seen["canceled_ticket_tasks"], 2, "{seen}");
 }
