@@ -86,9 +86,11 @@ pub fn check_input_schema(flow: &str, v: Value) -> Result<JsonObject, String> {
     };
     match o.get("type") {
         Some(Value::String(t)) if t == "object" => {}
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "flow {flow}: input_schema must have type = \"object\" (tool arguments are an object)"
-        )),
+        ))
+        }
     }
     for key in ["properties"] {
         if o.get(key).is_some_and(|p| !p.is_object()) {

@@ -650,6 +650,65 @@ summarize = ["tokenize", "store"]
     }
 
     #[test]
+    fn flows_in_the_table_form_carry_what_mcp_shows() {
+        let f = parse(
+            r#"
+[actors.a]
+handler = "m.f"
+[actors.b]
+handler = "m.g"
+[flows]
+plain = ["a"]
+[flows.rich]
+actors = ["a", "b"]
+description = "Does a then b."
+[flows.rich.input_schema]
+type = "object"
+required = ["text"]
+properties = { text = { type = "string" } }
+[flows.bare]
+actors = ["b"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.flows["plain"], vec!["a"]);
+        assert_eq!(f.flows["rich"], vec!["a", "b"]);
+        assert_eq!(f.flows["bare"], vec!["b"]);
+        assert_eq!(f.flow_docs.len(), 1);
+        let doc = &f.flow_docs["rich"];
+        assert_eq!(doc.description.as_deref(), Some("Does a then b."));
+        let schema = doc.input_schema.as_ref().unwrap();
+        assert_eq!(schema["required"], serde_json::json!(["text"]));
+        assert_eq!(schema["properties"]["text"]["type"], "string");
+
+        for (text, line, want) in [
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\nactors = [\"a\"]\ninput_schema = { type = \"string\" }\n",
+                "dir/flow.toml:5:",
+                "type = \"object\"",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\nactors = [\"a\"]\ndescripton = \"x\"\n",
+                "dir/flow.toml:5:",
+                "unknown field",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\nactors = [\"a\", \"b\"]\n",
+                "dir/flow.toml:4:",
+                "unknown actor \"b\"",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\ndescription = \"x\"\n",
+                "dir/flow.toml:",
+                "actors",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(line) && e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let cases = [
             (
