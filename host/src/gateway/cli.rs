@@ -349,6 +349,7 @@ pub async fn run_gateway(
         mcp: super::mcp::McpOptions {
             wait: cfg.mcp_wait,
             docs: Arc::new(flow_docs),
+            retention: cfg.retention,
         },
     };
     super::serve_with(listener, gw, opts, shutdown).await;

@@ -66,6 +66,9 @@ pub struct McpOptions {
     pub wait: Duration,
     /// Descriptions and input schemas of the flows.
     pub docs: Arc<FlowDocs>,
+    /// How long the store keeps a task after its last update (`ASYA_GATEWAY_RETENTION`):
+    /// the tasks' `ttlMs` is their age at the last update plus this.
+    pub retention: Duration,
 }
 
 impl Default for McpOptions {
@@ -73,6 +76,7 @@ impl Default for McpOptions {
         McpOptions {
             wait: DEFAULT_WAIT,
             docs: Arc::new(FlowDocs::new()),
+            retention: super::store::DEFAULT_RETENTION,
         }
     }
 }
@@ -295,8 +299,16 @@ fn status_message(v: &TaskView) -> String {
     )
 }
 
-/// The MCP task of a gateway task.
-fn mcp_task(v: &TaskView) -> DetailedTask {
+/// The MCP task of a gateway task; it is kept `retention` after its last update.
+fn mcp_task(v: &TaskView, retention: Duration) -> DetailedTask {
+    let age = match (
+        chrono::DateTime::parse_from_rfc3339(&v.created_at),
+        chrono::DateTime::parse_from_rfc3339(&v.updated_at),
+    ) {
+        (Ok(c), Ok(u)) => (u - c).to_std().unwrap_or_default(),
+        _ => Duration::ZERO,
+    };
+    let ttl = u64::try_from((age + retention).as_millis()).unwrap_or(u64::MAX);
     let task = McpTask::new(
         v.id.clone(),
         McpStatus::Working,
@@ -304,6 +316,7 @@ fn mcp_task(v: &TaskView) -> DetailedTask {
         v.updated_at.clone(),
     )
     .with_status_message(status_message(v))
+    .with_ttl_ms(ttl)
     .with_poll_interval_ms(POLL_INTERVAL_MS);
     let payload = match v.status {
         TaskStatus::Pending | TaskStatus::Running | TaskStatus::Paused => TaskPayload::Working,
@@ -478,7 +491,7 @@ impl ServerHandler for Handler {
                 let now = self.gw.get(&view.id).await.unwrap_or(view);
                 debug!(task_id = %now.id, flow = %flow, "MCP tool call continues as a task");
                 Ok(CallToolResponse::Task(CreateTaskResult::new(
-                    mcp_task(&now).task,
+                    mcp_task(&now, self.opts.retention).task,
                 )))
             }
         }
@@ -490,7 +503,7 @@ impl ServerHandler for Handler {
         _context: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, McpError> {
         match self.gw.get(&request.task_id).await {
-            Some(v) => Ok(GetTaskResult::new(mcp_task(&v))),
+            Some(v) => Ok(GetTaskResult::new(mcp_task(&v, self.opts.retention))),
             None => Err(McpError::invalid_params(
                 self.gw.not_found(&request.task_id).to_string(),
                 None,
@@ -661,16 +674,19 @@ actors = ["a"]
 
     #[test]
     fn task_states_map_to_mcp() {
-        let t = serde_json::to_value(mcp_task(&view(TaskStatus::Running))).unwrap();
+        let day = Duration::from_secs(24 * 3600);
+        let t = serde_json::to_value(mcp_task(&view(TaskStatus::Running), day)).unwrap();
         assert_eq!(t["status"], "working");
+        // Kept a day after its last update, one second after its creation.
+        assert_eq!(t["ttlMs"], 24 * 3600 * 1000 + 1000);
         assert_eq!(t["taskId"], "t1");
         assert_eq!(t["statusMessage"], "running at b (1/2 actors)");
-        let t = serde_json::to_value(mcp_task(&view(TaskStatus::Canceled))).unwrap();
+        let t = serde_json::to_value(mcp_task(&view(TaskStatus::Canceled), day)).unwrap();
         assert_eq!(t["status"], "cancelled");
 
         let mut ok = view(TaskStatus::Succeeded);
         ok.result = Some(json!([1, 2]));
-        let t = serde_json::to_value(mcp_task(&ok)).unwrap();
+        let t = serde_json::to_value(mcp_task(&ok, day)).unwrap();
         assert_eq!(t["status"], "completed");
         assert_eq!(t["result"]["isError"], false);
         assert_eq!(t["result"]["structuredContent"], json!({"result": [1, 2]}));
@@ -678,7 +694,7 @@ actors = ["a"]
 
         let mut failed = view(TaskStatus::Failed);
         failed.error = Some(crate::envelope::ErrorInfo::new("ValueError", "no text"));
-        let t = serde_json::to_value(mcp_task(&failed)).unwrap();
+        let t = serde_json::to_value(mcp_task(&failed, day)).unwrap();
         assert_eq!(t["status"], "completed");
         assert_eq!(t["result"]["isError"], true);
         assert_eq!(t["result"]["content"][0]["text"], "ValueError: no text");

@@ -616,6 +616,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             mcp: gateway::mcp::McpOptions {
                 wait: opts.mcp_wait,
                 docs: Arc::new(flow.flow_docs.clone()),
+                ..gateway::mcp::McpOptions::default()
             },
             ..gateway::ServeOptions::with_token(opts.gateway_token.clone())
         };
