@@ -715,5 +715,20 @@ mod default_tests {
         assert_eq!(n(gvars::MAX_TASKS), super::super::store::DEFAULT_MAX_TASKS);
         assert_eq!(d(gvars::READ_TIMEOUT), super::super::DEFAULT_READ_TIMEOUT);
         assert_eq!(d(gvars::RETENTION), super::super::store::DEFAULT_RETENTION);
+        assert_eq!(d(gvars::MCP_WAIT), super::super::mcp::DEFAULT_WAIT);
+    }
+
+    #[test]
+    fn mcp_wait_is_read_and_may_be_zero() {
+        let c = GatewayConfig::from_source(&[(gvars::TOKEN.name, "t")]).unwrap();
+        assert_eq!(c.mcp_wait, Duration::from_secs(5));
+        let c =
+            GatewayConfig::from_source(&[(gvars::TOKEN.name, "t"), (gvars::MCP_WAIT.name, "0s")])
+                .unwrap();
+        assert_eq!(c.mcp_wait, Duration::ZERO);
+        let e =
+            GatewayConfig::from_source(&[(gvars::TOKEN.name, "t"), (gvars::MCP_WAIT.name, "soon")])
+                .unwrap_err();
+        assert_eq!(e.var, gvars::MCP_WAIT);
     }
 }
