@@ -33,8 +33,8 @@ fn mcp_client_lists_calls_waits_for_and_cancels_flows() {
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics}"))
             .env("ASYA_GATEWAY_TOKEN", TOKEN)
-            // Short, so that the 4 s ticket flow goes through the task form.
-            .env("ASYA_GATEWAY_MCP_WAIT", "2s")
+            // Short, so that the 6 s ticket call goes through the task form.
+            .env("ASYA_GATEWAY_MCP_WAIT", "3s")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -131,9 +131,9 @@ fn mcp_client_lists_calls_waits_for_and_cancels_flows() {
         "{seen}"
     );
 
-    // The slow flow: the task form after the 2 s bound, then completed with its result.
+    // The slow flow: the task form after the 3 s bound, then completed with its result.
     let answered = seen["slow_answered_after_s"].as_f64().unwrap();
-    assert!((1.5..4.0).contains(&answered), "{answered}");
+    assert!((2.5..5.0).contains(&answered), "{answered}");
     assert_eq!(seen["slow_created"]["status"], "working", "{seen}");
     let fin = &seen["slow_final"];
     assert_eq!(fin["status"], "completed", "{seen}");
