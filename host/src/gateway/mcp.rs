@@ -96,10 +96,10 @@ pub fn check_input_schema(flow: &str, v: Value) -> Result<JsonObject, String> {
         ))
         }
     }
-    for key in ["properties"] {
-        if o.get(key).is_some_and(|p| !p.is_object()) {
-            return Err(format!("flow {flow}: input_schema.{key} must be a table"));
-        }
+    if o.get("properties").is_some_and(|p| !p.is_object()) {
+        return Err(format!(
+            "flow {flow}: input_schema.properties must be a table"
+        ));
     }
     if o.get("required")
         .is_some_and(|r| !r.as_array().is_some_and(|a| a.iter().all(Value::is_string)))
@@ -235,12 +235,9 @@ fn tool(name: &str, actors: &[String], doc: Option<&FlowDoc>) -> Tool {
     let description = doc
         .and_then(|d| d.description.clone())
         .unwrap_or_else(|| format!("Runs the flow {name} ({}).", actors.join(" -> ")));
-    let schema = doc.and_then(|d| d.input_schema.clone()).unwrap_or_else(|| {
-        let Value::Object(o) = json!({"type": "object"}) else {
-            unreachable!()
-        };
-        o
-    });
+    let schema = doc
+        .and_then(|d| d.input_schema.clone())
+        .unwrap_or_else(|| JsonObject::from_iter([("type".to_owned(), json!("object"))]));
     Tool::new(name.to_owned(), description, Arc::new(schema))
 }
 
@@ -249,6 +246,8 @@ fn tool(name: &str, actors: &[String], doc: Option<&FlowDoc>) -> Tool {
 struct Handler {
     gw: Arc<Gateway>,
     opts: McpOptions,
+    /// The gateway's shutdown: it cancels every request too, but not their tasks.
+    shutdown: CancellationToken,
 }
 
 fn text_result(text: String, is_error: bool) -> CallToolResult {
@@ -481,6 +480,10 @@ impl ServerHandler for Handler {
         let until = tasks.then(|| tokio::time::Instant::now() + self.opts.wait);
         match self.wait(&view.id, rx, until, &context).await {
             Some(done) => Ok(tool_result(&done).into()),
+            None if self.shutdown.is_cancelled() => Err(McpError::internal_error(
+                format!("the gateway is shutting down; task {} goes on", view.id),
+                None,
+            )),
             None if context.ct.is_cancelled() => {
                 // The client gave up on the call (cancelled it, or went away before the
                 // task form was given): the task goes with it.
@@ -539,7 +542,11 @@ impl Endpoint {
         max_body: usize,
         shutdown: CancellationToken,
     ) -> Endpoint {
-        let handler = Handler { gw, opts };
+        let handler = Handler {
+            gw,
+            opts,
+            shutdown: shutdown.clone(),
+        };
         // Stateless (no sessions: every request stands alone, as 2026-07-28 has it); SSE
         // answers so progress can stream; any Host (the bearer token guards the gateway,
         // which is served beyond loopback as the task API is).
