@@ -201,7 +201,17 @@ fn init_logging(log: &LogSettings, default_level: &str) {
         .filter
         .as_deref()
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(log.level_or(default_level)));
+        .unwrap_or_else(|| {
+            // The MCP SDK logs every stateless /mcp request at info; keep it to warnings
+            // unless debugging.
+            let level = log.level_or(default_level);
+            let sdk = if level.contains("debug") || level.contains("trace") {
+                ""
+            } else {
+                ",rmcp=warn"
+            };
+            EnvFilter::new(format!("{level}{sdk}"))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
