@@ -2,7 +2,7 @@
 
 parse      -> cleans and validates a review
 sentiment  -> Sentiment.score: lexicon-based score; angry reviews get priority "high"
-escalate   -> opens a support ticket (reached only through the priority-router policy)
+escalate   -> opens a support ticket (through the priority-router policy, or the ticket flow)
 aspects    -> fan-out: one message per product aspect the review talks about
 tally      -> Tally.add: running mentions and average sentiment per aspect
 """
@@ -10,6 +10,7 @@ tally      -> Tally.add: running mentions and average sentiment per aspect
 import hashlib
 import os
 import re
+import time
 
 WORD = re.compile(r"[a-z']+")
 
@@ -71,7 +72,13 @@ class Sentiment:
 
 
 def escalate(review):
-    """Open a (pretend) support ticket for an angry customer."""
+    """Open a (pretend) support ticket for an angry customer.
+
+    The ticket system is slow at times: `latency_s` (seconds, at most 30) simulates it.
+    """
+    latency = min(max(float(review.get("latency_s") or 0), 0.0), 30.0)
+    if latency:
+        time.sleep(latency)
     ticket = "T-" + hashlib.sha1(review["id"].encode()).hexdigest()[:8].upper()
     return dict(review, ticket=ticket)
 

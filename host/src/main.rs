@@ -201,7 +201,17 @@ fn init_logging(log: &LogSettings, default_level: &str) {
         .filter
         .as_deref()
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(log.level_or(default_level)));
+        .unwrap_or_else(|| {
+            // The MCP SDK logs every stateless /mcp request at info; keep it to warnings
+            // unless debugging.
+            let level = log.level_or(default_level);
+            let sdk = if level.contains("debug") || level.contains("trace") {
+                ""
+            } else {
+                ",rmcp=warn"
+            };
+            EnvFilter::new(format!("{level}{sdk}"))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -388,6 +398,10 @@ struct UpArgs {
     /// Bearer token required by the gateway API.
     #[arg(long, env = "ASYA_GATEWAY_TOKEN", hide_env_values = true)]
     gateway_token: Option<String>,
+    /// How long an MCP tools/call (/mcp) waits for its task before answering with the
+    /// task form (task id, then tasks/get).
+    #[arg(long, env = "ASYA_GATEWAY_MCP_WAIT", default_value = "5s")]
+    mcp_wait: String,
     /// One admin server (/metrics, /readyz, /debug/inflight) for every actor.
     #[arg(long)]
     metrics_addr: Option<String>,
@@ -427,6 +441,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     opts.output = args.output;
     opts.gateway_addr = addr("--gateway-addr", args.gateway_addr)?;
     opts.gateway_token = args.gateway_token.filter(|t| !t.is_empty());
+    opts.mcp_wait = parse_duration(&args.mcp_wait)
+        .map_err(|e| anyhow::anyhow!("--mcp-wait (ASYA_GATEWAY_MCP_WAIT): {e}"))?;
     opts.metrics_addr = addr("--metrics-addr", args.metrics_addr)?;
     opts.python = args.python;
     use asya_host::transport::{wasm, TransportKind, TransportSettings};

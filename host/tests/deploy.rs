@@ -416,6 +416,12 @@ fn actor_pods_scaling_and_monitoring_objects_fit_together() {
     let flows =
         asya_host::gateway::parse_flows(cm["data"]["flows.toml"].as_str().unwrap()).unwrap();
     assert_eq!(flows, flow.flows);
+    // The gateway's /mcp shows the flows' descriptions and input schemas there too.
+    let docs_of_flows =
+        asya_host::gateway::mcp::parse_flow_docs(cm["data"]["flows.toml"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(docs_of_flows, flow.flow_docs);
+    assert_eq!(docs_of_flows.len(), 2);
     let svc = find(&docs, "Service", "asya-gateway");
     let pod_labels = &gw["spec"]["template"]["metadata"]["labels"];
     assert!(svc["spec"]["selector"]

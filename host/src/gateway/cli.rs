@@ -88,6 +88,11 @@ pub mod gvars {
         "24h",
         "how long a finished task is kept (the nats store's bucket max_age)",
     );
+    pub const MCP_WAIT: Var = Var::new(
+        "ASYA_GATEWAY_MCP_WAIT",
+        "5s",
+        "how long an MCP tools/call waits for its task before answering with the task form",
+    );
     pub const MAX_TASKS: Var = Var::new(
         "ASYA_GATEWAY_MAX_TASKS",
         "100000",
@@ -108,6 +113,7 @@ pub mod gvars {
         MAX_TASKS,
         MAX_PAYLOAD_BYTES,
         KV_BUCKET,
+        MCP_WAIT,
     ];
     /// Where a sidecar reports.
     pub const REPORTING: &[Var] = &[URL, REPORT_TOKEN, TOKEN, OTLP_ENDPOINT, OTLP_SERVICE_NAME];
@@ -137,6 +143,8 @@ pub struct GatewayConfig {
     pub retention: Duration,
     pub max_tasks: usize,
     pub max_payload_bytes: usize,
+    /// `ASYA_GATEWAY_MCP_WAIT`: how long `/mcp` tools/call waits before the task form.
+    pub mcp_wait: Duration,
     pub namespace: String,
     pub ends: EndActors,
     pub kv_bucket: String,
@@ -203,6 +211,7 @@ impl GatewayConfig {
             retention,
             max_tasks,
             max_payload_bytes: r.parse(gvars::MAX_PAYLOAD_BYTES)?,
+            mcp_wait: r.duration(gvars::MCP_WAIT)?,
             kv_bucket: r
                 .raw(gvars::KV_BUCKET)
                 .unwrap_or_else(|| format!("asya-{namespace}-tasks")),
@@ -274,6 +283,10 @@ pub async fn run_gateway(
         Some(p) => super::load_flows(p)?,
         None => super::Flows::new(),
     };
+    let flow_docs = match &cfg.flows {
+        Some(p) => super::mcp::load_flow_docs(p)?,
+        None => super::mcp::FlowDocs::new(),
+    };
     let (transport, nats_client): (Arc<dyn Transport>, Option<async_nats::Client>) =
         match &transport {
             TransportSettings::Nats(c) => {
@@ -333,6 +346,11 @@ pub async fn run_gateway(
         report_token: cfg.report_token,
         read_timeout: cfg.read_timeout,
         max_connections: cfg.max_connections,
+        mcp: super::mcp::McpOptions {
+            wait: cfg.mcp_wait,
+            docs: Arc::new(flow_docs),
+            retention: cfg.retention,
+        },
     };
     super::serve_with(listener, gw, opts, shutdown).await;
     Ok(())
@@ -697,5 +715,20 @@ mod default_tests {
         assert_eq!(n(gvars::MAX_TASKS), super::super::store::DEFAULT_MAX_TASKS);
         assert_eq!(d(gvars::READ_TIMEOUT), super::super::DEFAULT_READ_TIMEOUT);
         assert_eq!(d(gvars::RETENTION), super::super::store::DEFAULT_RETENTION);
+        assert_eq!(d(gvars::MCP_WAIT), super::super::mcp::DEFAULT_WAIT);
+    }
+
+    #[test]
+    fn mcp_wait_is_read_and_may_be_zero() {
+        let c = GatewayConfig::from_source(&[(gvars::TOKEN.name, "t")]).unwrap();
+        assert_eq!(c.mcp_wait, Duration::from_secs(5));
+        let c =
+            GatewayConfig::from_source(&[(gvars::TOKEN.name, "t"), (gvars::MCP_WAIT.name, "0s")])
+                .unwrap();
+        assert_eq!(c.mcp_wait, Duration::ZERO);
+        let e =
+            GatewayConfig::from_source(&[(gvars::TOKEN.name, "t"), (gvars::MCP_WAIT.name, "soon")])
+                .unwrap_err();
+        assert_eq!(e.var, gvars::MCP_WAIT);
     }
 }

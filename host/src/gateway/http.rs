@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::mcp::{Endpoint as McpEndpoint, McpOptions};
 use super::{Gateway, GatewayError, SubmitRequest, TaskEvent, TaskStatus, WireReport};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -85,6 +86,8 @@ pub struct ServeOptions {
     pub read_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// `/mcp`: the flows' descriptions and input schemas, and how long a tool call waits.
+    pub mcp: McpOptions,
 }
 
 impl ServeOptions {
@@ -95,6 +98,7 @@ impl ServeOptions {
             report_token: token,
             read_timeout: DEFAULT_READ_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            mcp: McpOptions::default(),
         }
     }
 }
@@ -131,11 +135,11 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn read_body(
-    req: Request<Incoming>,
+    body: Incoming,
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, Response<Body>> {
-    match tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect()).await {
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -221,6 +225,7 @@ fn percent_decode(s: &str) -> String {
 async fn route(
     gw: Arc<Gateway>,
     auth: Arc<Auth>,
+    mcp: McpEndpoint,
     read_timeout: Duration,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -240,11 +245,21 @@ async fn route(
     } else if !authorized(&req, auth.client.as_deref()) {
         return unauthorized("missing or wrong bearer token (ASYA_GATEWAY_TOKEN)");
     }
+    if path == "/mcp" {
+        // The body is read here, bounded in size and time as the task API's are.
+        let limit = gw.max_payload_bytes().saturating_add(SUBMIT_OVERHEAD);
+        let (head, body) = req.into_parts();
+        let body = match read_body(body, limit, read_timeout).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        return mcp.handle(Request::from_parts(head, Full::new(body))).await;
+    }
     let parts: Vec<&str> = path.split('/').skip(1).collect();
     match (&method, parts.as_slice()) {
         (&Method::POST, ["tasks"]) => {
             let limit = gw.max_payload_bytes().saturating_add(SUBMIT_OVERHEAD);
-            let body = match read_body(req, limit, read_timeout).await {
+            let body = match read_body(req.into_body(), limit, read_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -320,7 +335,7 @@ async fn route(
             Err(e) => gateway_error(e),
         },
         (&Method::POST, ["reports"]) => {
-            let body = match read_body(req, MAX_REPORTS_BODY, read_timeout).await {
+            let body = match read_body(req.into_body(), MAX_REPORTS_BODY, read_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -475,6 +490,12 @@ pub async fn serve_with(
         );
     }
     let read_timeout = opts.read_timeout;
+    let mcp = McpEndpoint::new(
+        gw.clone(),
+        opts.mcp,
+        gw.max_payload_bytes().saturating_add(SUBMIT_OVERHEAD),
+        shutdown.child_token(),
+    );
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
     let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS));
     loop {
@@ -495,13 +516,15 @@ pub async fn serve_with(
         };
         let gw = gw.clone();
         let auth = auth.clone();
+        let mcp = mcp.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let svc = service_fn(move |req| {
                 let gw = gw.clone();
                 let auth = auth.clone();
-                async move { Ok::<_, Infallible>(route(gw, auth, read_timeout, req).await) }
+                let mcp = mcp.clone();
+                async move { Ok::<_, Infallible>(route(gw, auth, mcp, read_timeout, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

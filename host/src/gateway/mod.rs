@@ -3,7 +3,7 @@
 //!
 //! - [`Gateway`]: the library API (`asya-host up` uses it in process).
 //! - [`serve`]: the HTTP API (`POST /tasks`, `GET /tasks[/{id}[/stream|/trace]]`,
-//!   `POST /tasks/{id}/cancel`, internal `POST /reports`).
+//!   `POST /tasks/{id}/cancel`, internal `POST /reports`), and [`mcp`] at `/mcp`.
 //! - [`store`]: task stores (memory, NATS JetStream KV).
 //! - [`HttpReporter`]: how a standalone sidecar reports (`ASYA_GATEWAY_URL`).
 //! - [`otlp`]: one span per hop over OTLP/HTTP JSON (`OTEL_EXPORTER_OTLP_ENDPOINT`).
@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod client;
 mod http;
+pub mod mcp;
 pub mod otlp;
 pub mod reporter;
 pub mod store;

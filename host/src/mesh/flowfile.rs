@@ -18,6 +18,12 @@
 //!
 //! [flows]
 //! summarize = ["tokenize", "summarize", "store"]
+//!
+//! # The table form adds what MCP clients see of the flow (a tool, `/mcp`).
+//! [flows.classify]
+//! actors = ["tokenize", "classify"]
+//! description = "Classifies a text."
+//! input_schema = { type = "object", required = ["text"], properties = { text = { type = "string" } } }
 //! ```
 //!
 //! Kubernetes keys (`image`, `replicas`, `min`, `max`, `resources`; `asya-host render k8s`)
@@ -35,6 +41,7 @@ use toml::Spanned;
 
 use super::deploy::{check_image, DeploySpec, RawDeploy, RawResources};
 use crate::config::{parse_duration, validate_actor_name, Resiliency};
+use crate::gateway::mcp::{check_input_schema, FlowDoc, FlowDocs};
 use crate::plugin::PolicySpec;
 
 /// Largest `concurrency` an actor may ask for.
@@ -119,6 +126,8 @@ pub struct FlowFile {
     pub actors: Vec<ActorSpec>,
     /// Flow name → ordered actor names.
     pub flows: BTreeMap<String, Vec<String>>,
+    /// `description` and `input_schema` of the flows in the table form that have them.
+    pub flow_docs: FlowDocs,
     /// Default runtime image of every actor (top-level `image`; `up` ignores it).
     pub image: Option<String>,
 }
@@ -129,8 +138,60 @@ struct RawFile {
     namespace: Option<Spanned<String>>,
     actors: Option<Spanned<BTreeMap<Spanned<String>, RawActor>>>,
     #[serde(default)]
-    flows: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
+    flows: BTreeMap<Spanned<String>, Spanned<RawFlow>>,
     image: Option<Spanned<String>>,
+}
+
+/// A flow: `name = ["a", "b"]`, or the table `[flows.name]` with `actors` and what MCP
+/// clients see (`description`, `input_schema`).
+struct RawFlow {
+    actors: Vec<Spanned<String>>,
+    description: Option<String>,
+    input_schema: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowTable {
+    actors: Vec<Spanned<String>>,
+    description: Option<String>,
+    input_schema: Option<Spanned<toml::Value>>,
+}
+
+impl<'de> Deserialize<'de> for RawFlow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawFlow;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of actors, or a table with actors, description, input_schema")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawFlow, A::Error> {
+                let mut actors = Vec::new();
+                while let Some(a) = seq.next_element()? {
+                    actors.push(a);
+                }
+                Ok(RawFlow {
+                    actors,
+                    description: None,
+                    input_schema: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawFlow, A::Error> {
+                let t =
+                    RawFlowTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawFlow {
+                    actors: t.actors,
+                    description: t.description,
+                    input_schema: t.input_schema,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -404,11 +465,31 @@ impl FlowFile {
             });
         }
         let mut flows = BTreeMap::new();
-        for (name, route) in raw.flows {
+        let mut flow_docs = FlowDocs::new();
+        for (name, flow) in raw.flows {
             let name_span = name.span();
             let name = name.into_inner();
-            let route_span = route.span();
-            let route = route.into_inner();
+            let route_span = flow.span();
+            let flow = flow.into_inner();
+            let route = flow.actors;
+            let input_schema = match flow.input_schema {
+                None => None,
+                Some(s) => {
+                    let span = s.span();
+                    let v = serde_json::to_value(s.into_inner())
+                        .map_err(|e| invalid(Some(span.clone()), format!("flow {name}: {e}")))?;
+                    Some(check_input_schema(&name, v).map_err(|m| invalid(Some(span), m))?)
+                }
+            };
+            if flow.description.is_some() || input_schema.is_some() {
+                flow_docs.insert(
+                    name.clone(),
+                    FlowDoc {
+                        description: flow.description,
+                        input_schema,
+                    },
+                );
+            }
             if name.trim().is_empty() {
                 return Err(invalid(Some(name_span), "empty flow name".into()));
             }
@@ -448,6 +529,7 @@ impl FlowFile {
             namespace,
             actors,
             flows,
+            flow_docs,
         })
     }
 
@@ -565,6 +647,65 @@ summarize = ["tokenize", "store"]
         // Unset keys: exactly the sidecar's defaults.
         assert_eq!(s.resiliency(), Resiliency::default());
         assert_eq!(f.flows["summarize"], vec!["tokenize", "store"]);
+    }
+
+    #[test]
+    fn flows_in_the_table_form_carry_what_mcp_shows() {
+        let f = parse(
+            r#"
+[actors.a]
+handler = "m.f"
+[actors.b]
+handler = "m.g"
+[flows]
+plain = ["a"]
+[flows.rich]
+actors = ["a", "b"]
+description = "Does a then b."
+[flows.rich.input_schema]
+type = "object"
+required = ["text"]
+properties = { text = { type = "string" } }
+[flows.bare]
+actors = ["b"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.flows["plain"], vec!["a"]);
+        assert_eq!(f.flows["rich"], vec!["a", "b"]);
+        assert_eq!(f.flows["bare"], vec!["b"]);
+        assert_eq!(f.flow_docs.len(), 1);
+        let doc = &f.flow_docs["rich"];
+        assert_eq!(doc.description.as_deref(), Some("Does a then b."));
+        let schema = doc.input_schema.as_ref().unwrap();
+        assert_eq!(schema["required"], serde_json::json!(["text"]));
+        assert_eq!(schema["properties"]["text"]["type"], "string");
+
+        for (text, line, want) in [
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\nactors = [\"a\"]\ninput_schema = { type = \"string\" }\n",
+                "dir/flow.toml:5:",
+                "type = \"object\"",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\nactors = [\"a\"]\ndescripton = \"x\"\n",
+                "dir/flow.toml:5:",
+                "unknown field",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\nactors = [\"a\", \"b\"]\n",
+                "dir/flow.toml:4:",
+                "unknown actor \"b\"",
+            ),
+            (
+                "[actors.a]\nhandler = \"m.f\"\n[flows.f]\ndescription = \"x\"\n",
+                "dir/flow.toml:",
+                "actors",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(line) && e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct UpOptions {
     pub gateway_addr: Option<SocketAddr>,
     /// Bearer token of the gateway API.
     pub gateway_token: Option<String>,
+    /// How long an MCP `tools/call` waits before the task form (`ASYA_GATEWAY_MCP_WAIT`).
+    pub mcp_wait: Duration,
     /// One admin server (`/metrics`, `/readyz`, ...) for every in-process sidecar.
     pub metrics_addr: Option<SocketAddr>,
     /// Python interpreter (`ASYA_PYTHONEXECUTABLE`, default `python3`).
@@ -118,6 +120,7 @@ impl UpOptions {
             output: None,
             gateway_addr: None,
             gateway_token: None,
+            mcp_wait: gateway::mcp::DEFAULT_WAIT,
             metrics_addr: None,
             python: "python3".into(),
             task_timeout: Duration::from_secs(300),
@@ -609,10 +612,18 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
     let gateway_stop = CancellationToken::new();
     if let Some(listener) = gateway_listener {
         let addr = listener.local_addr().ok();
-        tokio::spawn(gateway::serve(
+        let serve_opts = gateway::ServeOptions {
+            mcp: gateway::mcp::McpOptions {
+                wait: opts.mcp_wait,
+                docs: Arc::new(flow.flow_docs.clone()),
+                ..gateway::mcp::McpOptions::default()
+            },
+            ..gateway::ServeOptions::with_token(opts.gateway_token.clone())
+        };
+        tokio::spawn(gateway::serve_with(
             listener,
             gw.clone(),
-            opts.gateway_token.clone(),
+            serve_opts,
             gateway_stop.clone(),
         ));
         if let Some(addr) = addr {

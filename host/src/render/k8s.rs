@@ -431,18 +431,46 @@ fn scaled_object(flow: &FlowFile, opts: &K8sOptions, k8s_ns: &str, a: &ActorSpec
     }))
 }
 
-/// The gateway's flows file: the namespace and the `[flows]` table.
+/// The gateway's flows file: the namespace and the `[flows]` table (the table form, with
+/// `description` and `input_schema`, for the flows that have them: `/mcp` shows them).
 pub fn flows_toml(flow: &FlowFile) -> String {
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Entry<'a> {
+        List(&'a [String]),
+        Table {
+            actors: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            description: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            input_schema: Option<&'a serde_json::Map<String, Value>>,
+        },
+    }
     #[derive(serde::Serialize)]
     struct File<'a> {
         namespace: &'a str,
-        flows: &'a std::collections::BTreeMap<String, Vec<String>>,
+        flows: std::collections::BTreeMap<&'a str, Entry<'a>>,
     }
+    let flows = flow
+        .flows
+        .iter()
+        .map(|(name, actors)| {
+            let entry = match flow.flow_docs.get(name) {
+                None => Entry::List(actors),
+                Some(doc) => Entry::Table {
+                    actors,
+                    description: doc.description.as_deref(),
+                    input_schema: doc.input_schema.as_ref(),
+                },
+            };
+            (name.as_str(), entry)
+        })
+        .collect();
     toml::to_string(&File {
         namespace: &flow.namespace,
-        flows: &flow.flows,
+        flows,
     })
-    .expect("strings and lists serialise to TOML")
+    .expect("strings, lists and the schemas read from TOML serialise to TOML")
 }
 
 fn gateway_objects(flow: &FlowFile, opts: &K8sOptions, k8s_ns: &str) -> Vec<Value> {
