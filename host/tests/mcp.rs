@@ -127,7 +127,7 @@ fn mcp_client_lists_calls_waits_for_and_cancels_flows() {
         seen["bad_argument"]["text"]
             .as_str()
             .unwrap()
-            .contains("missing required argument \"text\""),
+            .contains("\"text\" is a required property"),
         "{seen}"
     );
 

@@ -96,18 +96,7 @@ pub fn check_input_schema(flow: &str, v: Value) -> Result<JsonObject, String> {
         ))
         }
     }
-    if o.get("properties").is_some_and(|p| !p.is_object()) {
-        return Err(format!(
-            "flow {flow}: input_schema.properties must be a table"
-        ));
-    }
-    if o.get("required")
-        .is_some_and(|r| !r.as_array().is_some_and(|a| a.iter().all(Value::is_string)))
-    {
-        return Err(format!(
-            "flow {flow}: input_schema.required must be a list of names"
-        ));
-    }
+    compile(&o).map_err(|e| format!("flow {flow}: input_schema is {e}"))?;
     Ok(o)
 }
 
@@ -160,67 +149,27 @@ pub fn load_flow_docs(path: &std::path::Path) -> Result<FlowDocs, super::FlowsEr
     })
 }
 
-/// Why the arguments do not fit the schema (the subset checked: `required`, the JSON type
-/// of each declared property, `enum`, and `additionalProperties = false`).
+/// Why the arguments do not fit the schema (validated by the `jsonschema` crate: every
+/// keyword of the schema's draft, `$ref` within the schema; no remote references): the first
+/// error, with where it is.
 pub fn check_arguments(schema: &JsonObject, args: &JsonObject) -> Result<(), String> {
-    if let Some(Value::Array(required)) = schema.get("required") {
-        for r in required.iter().filter_map(Value::as_str) {
-            if !args.contains_key(r) {
-                return Err(format!("missing required argument {r:?}"));
-            }
+    let validator = compile(schema)?;
+    let args = Value::Object(args.clone());
+    let first = validator.iter_errors(&args).next().map(|e| {
+        let at = e.instance_path().to_string();
+        if at.is_empty() {
+            e.to_string()
+        } else {
+            format!("{at}: {e}")
         }
-    }
-    let props = schema.get("properties").and_then(Value::as_object);
-    for (k, v) in args {
-        let Some(p) = props.and_then(|p| p.get(k)) else {
-            if schema.get("additionalProperties") == Some(&Value::Bool(false)) {
-                return Err(format!("unknown argument {k:?}"));
-            }
-            continue;
-        };
-        if let Some(t) = p.get("type") {
-            let types: Vec<&str> = match t {
-                Value::String(s) => vec![s.as_str()],
-                Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-                _ => Vec::new(),
-            };
-            if !types.is_empty() && !types.iter().any(|t| json_type_is(v, t)) {
-                return Err(format!(
-                    "argument {k:?} must be {} (got {})",
-                    types.join(" or "),
-                    json_type_name(v)
-                ));
-            }
-        }
-        if let Some(Value::Array(allowed)) = p.get("enum") {
-            if !allowed.contains(v) {
-                return Err(format!(
-                    "argument {k:?} must be one of {}",
-                    Value::Array(allowed.clone())
-                ));
-            }
-        }
-    }
-    Ok(())
+    });
+    first.map_or(Ok(()), Err)
 }
 
-fn json_type_is(v: &Value, t: &str) -> bool {
-    match t {
-        "integer" => v.as_i64().is_some() || v.as_u64().is_some(),
-        "number" => v.is_number(),
-        other => json_type_name(v) == other,
-    }
-}
-
-fn json_type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
+/// The validator of a flow's input schema.
+fn compile(schema: &JsonObject) -> Result<jsonschema::Validator, String> {
+    jsonschema::validator_for(&Value::Object(schema.clone()))
+        .map_err(|e| format!("not a valid JSON Schema: {e}"))
 }
 
 /// The tools: one per flow.
@@ -621,7 +570,7 @@ actors = ["a"]
             ),
             (
                 "[flows.f]\nactors = [\"a\"]\ninput_schema = { type = \"object\", required = \"x\" }",
-                "required must be a list",
+                "input_schema is not a valid JSON Schema",
             ),
             ("[flows.f]\nactors = [\"a\"]\ndescription = 3", "description must be a string"),
         ] {
@@ -646,19 +595,22 @@ actors = ["a"]
         let ok = |v: Value| check_arguments(&schema, &obj(v));
         ok(json!({"text": "x", "rating": 3, "score": null, "mode": "a"})).unwrap();
         ok(json!({"text": "x", "score": 1.5})).unwrap();
-        assert!(ok(json!({"rating": 3})).unwrap_err().contains("\"text\""));
-        assert!(ok(json!({"text": 1}))
-            .unwrap_err()
-            .contains("must be string (got number)"));
-        assert!(ok(json!({"text": "x", "rating": 1.5}))
-            .unwrap_err()
-            .contains("integer"));
-        assert!(ok(json!({"text": "x", "mode": "c"}))
-            .unwrap_err()
-            .contains("one of"));
-        assert!(ok(json!({"text": "x", "other": 1}))
-            .unwrap_err()
-            .contains("unknown argument \"other\""));
+        let err = |v: Value| ok(v).unwrap_err();
+        assert!(err(json!({"rating": 3})).contains("\"text\" is a required property"));
+        let e = err(json!({"text": 1}));
+        assert!(e.contains("/text") && e.contains("\"string\""), "{e}");
+        let e = err(json!({"text": "x", "rating": 1.5}));
+        assert!(e.contains("/rating") && e.contains("integer"), "{e}");
+        let e = err(json!({"text": "x", "mode": "c"}));
+        assert!(e.contains("/mode") && e.contains("one of"), "{e}");
+        assert!(err(json!({"text": "x", "other": 1})).contains("'other' was unexpected"));
+        // Keywords beyond the flat ones: nested objects, string bounds.
+        let nested = obj(
+            json!({"type": "object", "properties": {"item": {"type": "object",
+            "required": ["sku"], "properties": {"sku": {"type": "string", "minLength": 3}}}}}),
+        );
+        let e = check_arguments(&nested, &obj(json!({"item": {"sku": "ab"}}))).unwrap_err();
+        assert!(e.contains("/item/sku"), "{e}");
     }
 
     fn view(status: TaskStatus) -> TaskView {
