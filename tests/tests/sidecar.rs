@@ -172,7 +172,10 @@ async fn deadline_cutting_a_running_call_sumps_acks_and_crashes() {
     let out = sump.next().await;
     assert_eq!(status(&out)["reason"], "Timeout");
     assert_eq!(status(&out)["phase"], "failed");
-    let msg = status(&out)["error"]["message"].as_str().unwrap().to_owned();
+    let msg = status(&out)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(msg.contains("deadline"), "{msg}");
     assert_eq!(h.join().await, Exit::RuntimeTimeout);
     assert_eq!(h.transport.depth(h.cfg.queue().unwrap()), 0, "acked");
@@ -189,7 +192,10 @@ async fn deadline_cutting_a_running_call_without_crash_on_timeout_keeps_serving(
     h.send_raw(slow_envelope_with_a_near_deadline()).await;
     let out = sump.next().await;
     assert_eq!(status(&out)["reason"], "Timeout");
-    assert_eq!(out["payload"]["original_payload"], json!({"op": "sleep", "s": 2}));
+    assert_eq!(
+        out["payload"]["original_payload"],
+        json!({"op": "sleep", "s": 2})
+    );
     h.send("next", &["b"], json!({"op": "echo"})).await;
     assert_eq!(b.next().await["id"], "next");
     assert_eq!(h.stop().await, Exit::Shutdown);

@@ -226,6 +226,10 @@ pub struct Gateway {
     events: broadcast::Sender<Arc<TaskEvent>>,
     reports: mpsc::Sender<WireReport>,
     dropped: AtomicU64,
+    /// Canceled task ids for sidecars in this process ([`Gateway::canceled`]).
+    canceled: Arc<crate::cancel::Canceled>,
+    /// Where canceled ids are announced to standalone sidecars (NATS KV).
+    cancel_bucket: std::sync::OnceLock<async_nats::jetstream::kv::Store>,
 }
 
 impl Gateway {
@@ -254,6 +258,8 @@ impl Gateway {
             events,
             reports: tx,
             dropped: AtomicU64::new(0),
+            canceled: crate::cancel::Canceled::new(),
+            cancel_bucket: std::sync::OnceLock::new(),
         });
         tokio::spawn(apply_reports(Arc::downgrade(&gw), rx));
         gw
@@ -461,13 +467,36 @@ impl Gateway {
         Ok(tasks.iter().map(Task::view).collect())
     }
 
-    /// Cancel a task that has not finished (its envelopes are not recalled; later reports
-    /// only append to the timeline).
+    /// Cancel a task that has not finished: its status becomes `canceled` at once, and its
+    /// id is announced to the sidecars ([`crate::cancel`]), which send its envelopes to
+    /// x-sink as canceled instead of calling their runtimes (calls already running finish;
+    /// later reports only append to the timeline).
     pub async fn cancel(&self, id: &str) -> Result<TaskView, GatewayError> {
-        self.update_task(id, |t| t.cancel())
+        let t = self
+            .update_task(id, |t| t.cancel())
             .await
-            .map(|t| t.view())
-            .ok_or_else(|| self.not_found(id))
+            .ok_or_else(|| self.not_found(id))?;
+        if t.status == TaskStatus::Canceled {
+            self.canceled.insert(&t.id);
+            if let Some(kv) = self.cancel_bucket.get() {
+                if let Err(e) = crate::cancel::announce(kv, &t.id).await {
+                    warn!(task_id = %t.id, error = %e, "cannot announce the cancel to the sidecars");
+                }
+            }
+        }
+        Ok(t.view())
+    }
+
+    /// Canceled task ids, for sidecars running in this process (`asya-host up`): give it to
+    /// their [`crate::SidecarBuilder::canceled`].
+    pub fn canceled(&self) -> Arc<crate::cancel::Canceled> {
+        self.canceled.clone()
+    }
+
+    /// Announce canceled ids in this NATS KV bucket too (standalone sidecars on NATS watch
+    /// it; see [`crate::cancel::open_bucket`]). Only the first call counts.
+    pub fn set_cancel_bucket(&self, kv: async_nats::jetstream::kv::Store) {
+        let _ = self.cancel_bucket.set(kv);
     }
 
     /// Wait until the task is final (succeeded, failed or canceled) or `timeout` passes;

@@ -539,6 +539,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             .inflight(inflight.clone())
             .reporter(Some(reporter.clone()))
             .policy(Some(policy))
+            .canceled(Some(gw.canceled()))
             .build();
         checks.push(sidecar.ready_check());
         live.push(sidecar.live_check());
