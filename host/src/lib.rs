@@ -13,6 +13,7 @@ pub mod provision;
 pub mod queue;
 pub mod queue_depth;
 pub mod render;
+pub mod replay;
 pub mod runtime;
 pub mod settings;
 pub mod sidecar;

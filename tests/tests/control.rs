@@ -1,16 +1,20 @@
-//! The task control plane of issue #19 end to end: a cancel that reaches the actors (real
-//! nats-server, stock Python runtimes, in-process sidecars and gateway).
+//! The task control plane of issue #19 end to end: a cancel that reaches the actors and
+//! x-sump replay (real nats-server, stock Python runtimes, in-process sidecars and gateway).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use asya_host::cancel::{self, Canceled};
+use asya_host::config::SidecarConfig;
 use asya_host::gateway::{Gateway, MemoryStore, SubmitRequest, TaskStatus};
-use asya_host::queue::EndActors;
+use asya_host::queue::{EndActors, QueueName};
+use asya_host::replay::{replay, ReplayOptions, ReplaySummary};
 use asya_host::sidecar::Reporter;
 use asya_host::transport::nats::{provision, NatsConfig, NatsTransport};
 use asya_host::transport::Transport;
-use asya_test_support::{eventually, eventually_async, NatsServer};
+use asya_host::SidecarBuilder;
+use asya_test_support::runtime::stock_command;
+use asya_test_support::{eventually, eventually_async, repo_root, NatsServer, Proc};
 use asya_tests::mesh::Mesh;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -171,4 +175,153 @@ async fn canceled_ids_travel_through_the_nats_kv_bucket() {
     );
     assert_eq!(after.len(), 1);
     stop.cancel();
+}
+
+/// The stock runtime serving `gw_handlers.fragile` in `dir`, fixed or not.
+fn fragile_runtime(dir: &std::path::Path, fixed: bool) -> Proc {
+    let mut cmd = stock_command(
+        dir,
+        "gw_handlers.fragile",
+        &repo_root().join("tests/fixtures/handlers"),
+    );
+    cmd.env("ASYA_LOG_LEVEL", "WARNING");
+    if fixed {
+        cmd.env("GW_FIXED", "1");
+    }
+    Proc(cmd.spawn().expect("python3 starts"))
+}
+
+async fn depth(t: &dyn Transport, ns: &str, actor: &str) -> u64 {
+    t.queue_depth(&QueueName::new(ns, actor).unwrap())
+        .await
+        .unwrap()
+        .unwrap_or(0)
+}
+
+/// Acceptance (issue #19, replay): a failing handler sends 20 tasks to x-sump; its runtime
+/// is restarted fixed; a replay sends the 20 back and they succeed; an envelope that still
+/// fails is replayed `max_replays` times, then stays in x-sump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_the_fix_succeeds_and_a_still_failing_envelope_stops() {
+    let ns = format!("ctlr{}", std::process::id());
+    let (_server, _cfg, nats) = nats(&ns, &["fragile".to_owned()]).await;
+    let transport: Arc<dyn Transport> = nats;
+    let gw = Gateway::new(
+        Arc::new(MemoryStore::new()),
+        transport.clone(),
+        ns.clone(),
+        Default::default(),
+        "x-sink".into(),
+        "x-sump".into(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut runtime = fragile_runtime(dir.path(), false);
+    let stop = CancellationToken::new();
+    let mut cfg = SidecarConfig::new("fragile", &ns, dir.path());
+    cfg.transport = asya_host::transport::TransportKind::Nats;
+    cfg.ready_timeout = Duration::from_secs(20);
+    // Two attempts: after the runtime restart, the first call can land on a pooled
+    // connection to the killed runtime ("lost"), which one attempt would send to x-sump.
+    cfg.resiliency.max_attempts = 2;
+    cfg.resiliency.backoff_initial = Duration::from_millis(50);
+    cfg.shutdown_grace = Duration::from_secs(2);
+    let sidecar = SidecarBuilder::new(cfg, transport.clone())
+        .reporter(Some(gw.reporter()))
+        .build()
+        .spawn(stop.clone());
+    // x-sink records results; no x-sump end actor, so failures wait in x-sump for replay.
+    let mut sink = SidecarConfig::new("x-sink", &ns, std::env::temp_dir());
+    sink.is_end_actor = true;
+    sink.transport = asya_host::transport::TransportKind::Nats;
+    let sink = SidecarBuilder::new(sink, transport.clone())
+        .reporter(Some(gw.reporter()))
+        .build()
+        .spawn(stop.clone());
+
+    let route = || Some(vec!["fragile".to_owned()]);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let sub = gw
+            .submit(SubmitRequest {
+                route: route(),
+                payload: json!({"i": i}),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ids.push(sub.id);
+    }
+    let stubborn = gw
+        .submit(SubmitRequest {
+            route: route(),
+            payload: json!({"always": true}),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t = &*transport;
+    assert!(
+        eventually_async(WAIT, || async { depth(t, &ns, "x-sump").await == 21 }).await,
+        "the failures never reached x-sump: depth {}",
+        depth(t, &ns, "x-sump").await
+    );
+
+    // Fix the handler: restart its runtime with the flag.
+    drop(runtime);
+    runtime = fragile_runtime(dir.path(), true);
+
+    let mut opts = ReplayOptions::new(&ns);
+    opts.idle = Duration::from_secs(1);
+    // A dry run shows all 21 and changes nothing.
+    opts.dry_run = true;
+    let mut lines = Vec::new();
+    let s = replay(t, &opts, |l| lines.push(l.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(s.replayed, 21, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("would replay")),
+        "{lines:?}"
+    );
+    assert!(eventually_async(WAIT, || async { depth(t, &ns, "x-sump").await == 21 }).await);
+    opts.dry_run = false;
+    // The dry run handed everything back 3 s after it ended.
+    opts.idle = Duration::from_secs(4);
+    let s = replay(t, &opts, |_| {}).await.unwrap();
+    assert_eq!(s.replayed, 21, "{s:?}");
+    for id in &ids {
+        let v = gw.wait_final(id, WAIT).await.unwrap();
+        assert_eq!(v.status, TaskStatus::Succeeded, "{v:?}");
+        assert_eq!(v.result.as_ref().unwrap()["fixed"], true);
+    }
+    // The stubborn one fails again: replays 2 and 3, then it stays. (A run sees it once it
+    // is back in x-sump; one handed back right after a run can wait for NATS' ack_wait.)
+    for n in 2..=4u32 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let (s, lines) = loop {
+            let mut lines = Vec::new();
+            let s = replay(t, &opts, |l| lines.push(l.to_string()))
+                .await
+                .unwrap();
+            if s != ReplaySummary::default() || tokio::time::Instant::now() > deadline {
+                break (s, lines);
+            }
+        };
+        if n <= opts.max_replays {
+            // (Back within this run after its last allowed replay: already stopped.)
+            assert_eq!(s.replayed, 1, "replay {n}: {lines:?}");
+            assert!(s.stopped <= usize::from(n == opts.max_replays), "{lines:?}");
+            assert!(lines[0].contains(&format!("replay {n})")), "{lines:?}");
+        } else {
+            assert_eq!((s.replayed, s.stopped), (0, 1), "replay {n}: {lines:?}");
+            assert!(lines[0].contains("replayed 3 times"), "{lines:?}");
+        }
+    }
+    assert!(eventually_async(WAIT, || async { depth(t, &ns, "x-sump").await == 1 }).await);
+    let v = gw.get(&stubborn.id).await.unwrap();
+    assert_ne!(v.status, TaskStatus::Succeeded, "{v:?}");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), sidecar).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), sink).await;
+    drop(runtime);
 }
