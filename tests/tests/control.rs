@@ -1,12 +1,15 @@
-//! The task control plane of issue #19 end to end: a cancel that reaches the actors and
-//! x-sump replay (real nats-server, stock Python runtimes, in-process sidecars and gateway).
+//! The task control plane of issue #19 end to end: a cancel that reaches the actors, x-sump
+//! replay, pause and resume (real nats-server, stock Python runtimes, in-process sidecars and gateway).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use asya_host::cancel::{self, Canceled};
 use asya_host::config::SidecarConfig;
-use asya_host::gateway::{Gateway, MemoryStore, SubmitRequest, TaskStatus};
+use asya_host::gateway::client::{call, Endpoint};
+use asya_host::gateway::{
+    self, Gateway, KvStore, MemoryStore, SubmitRequest, TaskStatus, TaskStore,
+};
 use asya_host::queue::{EndActors, QueueName};
 use asya_host::replay::{replay, ReplayOptions, ReplaySummary};
 use asya_host::sidecar::Reporter;
@@ -16,7 +19,9 @@ use asya_host::SidecarBuilder;
 use asya_test_support::runtime::stock_command;
 use asya_test_support::{eventually, eventually_async, repo_root, NatsServer, Proc};
 use asya_tests::mesh::Mesh;
-use serde_json::json;
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -324,4 +329,159 @@ async fn replay_after_the_fix_succeeds_and_a_still_failing_envelope_stops() {
     let _ = tokio::time::timeout(Duration::from_secs(10), sidecar).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), sink).await;
     drop(runtime);
+}
+
+/// A gateway on the KV bucket `bucket`, parking paused frames, served over HTTP at `addr`
+/// (a free port when `None`); stopped with the returned token.
+async fn kv_gateway(
+    nats: &NatsTransport,
+    transport: &Arc<dyn Transport>,
+    ns: &str,
+    bucket: &str,
+    addr: Option<std::net::SocketAddr>,
+) -> (Arc<Gateway>, String, CancellationToken) {
+    let client = nats.client().clone();
+    let store: Arc<dyn TaskStore> = Arc::new(KvStore::open(client, bucket).await.unwrap());
+    let gw = Gateway::new(
+        store,
+        transport.clone(),
+        ns.to_owned(),
+        Default::default(),
+        "x-sink".into(),
+        "x-sump".into(),
+    );
+    let stop = CancellationToken::new();
+    gw.spawn_parking(stop.clone());
+    let listener = tokio::net::TcpListener::bind(addr.unwrap_or(([127, 0, 0, 1], 0).into()))
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(gateway::serve(listener, gw.clone(), None, stop.clone()));
+    (gw, url, stop)
+}
+
+async fn resume(url: &str, id: &str, input: Value) -> (StatusCode, Value) {
+    let ep = Endpoint::parse(url).unwrap();
+    let body = Bytes::from(json!({ "input": input }).to_string());
+    let (s, b) = call(
+        &ep,
+        Method::POST,
+        &format!("/tasks/{id}/resume"),
+        None,
+        Some(body),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+/// Acceptance (issue #19, pause/resume over NATS): a handler pauses the task (the stock
+/// runtime's pause marker) → `paused` within one hop with its metadata; the gateway and every
+/// sidecar restart; resume → `succeeded` with the merged fields (the task's 5 s deadline
+/// passed while paused: the SLA clock was frozen); a second resume is 409; a pause past its
+/// own timeout → `failed/Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_survives_restarts_and_resume_merges_the_input_over_nats() {
+    let ns = format!("ctlp{}", std::process::id());
+    let names = vec!["ask".to_owned(), "finish".to_owned()];
+    let (_server, _cfg, nats) = nats(&ns, &names).await;
+    let transport: Arc<dyn Transport> = nats.clone();
+    let bucket = format!("{ns}-tasks");
+    let actors = [("ask", "gw_handlers.ask"), ("finish", "gw_handlers.finish")];
+    let nats_kind = |c: &mut SidecarConfig| c.transport = asya_host::transport::TransportKind::Nats;
+
+    let (gw1, url1, stop1) = kv_gateway(&nats, &transport, &ns, &bucket, None).await;
+    let mesh = Mesh::start(transport.clone(), &ns, &actors, gw1.reporter(), nats_kind);
+    let sub = gw1
+        .submit(SubmitRequest {
+            route: Some(names.clone()),
+            payload: json!({"order": 7}),
+            timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let parked = eventually_async(WAIT, || async {
+        gw1.get_task(&sub.id)
+            .await
+            .is_some_and(|t| t.status == TaskStatus::Paused && t.parked.is_some())
+    })
+    .await;
+    assert!(
+        parked,
+        "never paused and parked: {:?}",
+        gw1.get(&sub.id).await
+    );
+    let v = gw1.get(&sub.id).await.unwrap();
+    assert_eq!(v.actors_completed, 1, "paused after one hop: {v:?}");
+    assert_eq!(
+        v.pause_metadata,
+        Some(json!({"prompt": "approve?", "fields": ["approved"]}))
+    );
+    // Not resumable before it is paused, nor with a non-object input.
+    let other = gw1
+        .submit(SubmitRequest {
+            route: Some(vec!["finish".into()]),
+            payload: json!({}),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (s, _) = resume(&url1, &sub.id, json!(5)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let v = gw1.wait_final(&other.id, WAIT).await.unwrap();
+    assert_eq!(v.status, TaskStatus::Succeeded);
+    let (s, body) = resume(&url1, &other.id, json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+
+    // Restart the gateway and every sidecar.
+    let addr: std::net::SocketAddr = url1.trim_start_matches("http://").parse().unwrap();
+    stop1.cancel();
+    mesh.stop().await;
+    drop(gw1);
+    let (gw2, url2, stop2) = kv_gateway(&nats, &transport, &ns, &bucket, Some(addr)).await;
+    assert_eq!(url2, url1);
+    let mesh = Mesh::start(transport.clone(), &ns, &actors, gw2.reporter(), nats_kind);
+    let v = gw2.get(&sub.id).await.unwrap();
+    assert_eq!(v.status, TaskStatus::Paused, "{v:?}");
+    // Paused past the task's 5 s deadline: frozen, so the task still succeeds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(gw2.get(&sub.id).await.unwrap().status, TaskStatus::Paused);
+
+    let (s, body) = resume(&url2, &sub.id, json!({"approved": true, "order": 8})).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "running");
+    let v = gw2.wait_final(&sub.id, WAIT).await.unwrap();
+    assert_eq!(v.status, TaskStatus::Succeeded, "{v:?}");
+    assert_eq!(
+        v.result,
+        Some(json!({"order": 8, "asked": true, "approved": true, "done": true}))
+    );
+    let (s, body) = resume(&url2, &sub.id, json!({"approved": false})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "conflict");
+
+    // A pause past its own timeout fails the task.
+    let timed = gw2
+        .submit(SubmitRequest {
+            route: Some(names.clone()),
+            payload: json!({"pause_timeout": 1}),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let failed = eventually_async(WAIT, || async {
+        gw2.get(&timed.id)
+            .await
+            .is_some_and(|v| v.status == TaskStatus::Failed)
+    })
+    .await;
+    let v = gw2.get(&timed.id).await.unwrap();
+    assert!(failed, "{v:?}");
+    assert_eq!(v.error.unwrap().kind, "Timeout");
+    let (s, _) = resume(&url2, &timed.id, json!({"approved": true})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    stop2.cancel();
+    mesh.stop().await;
 }

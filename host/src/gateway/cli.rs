@@ -341,6 +341,8 @@ pub async fn run_gateway(
         read_timeout: cfg.read_timeout,
         max_connections: cfg.max_connections,
     };
+    // Paused frames: parked in the task store, resumed by `POST /tasks/{id}/resume`.
+    let _parking = gw.spawn_parking(shutdown.clone());
     super::serve_with(listener, gw, opts, shutdown).await;
     Ok(())
 }
