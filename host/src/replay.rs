@@ -33,6 +33,9 @@ use crate::transport::{Acker, OutMessage, Transport, TransportError};
 pub const HEADER_REPLAYS: &str = "x-asya-replays";
 /// Default `--max-replays`.
 pub const DEFAULT_MAX_REPLAYS: u32 = 3;
+/// Default [`ReplayOptions::hand_back_delay`]: longer than a NATS pull request lives (2 s),
+/// so the run's own last pull request, still open on the server after the run, cannot take
+/// a handed-back message (which would then wait for `ASYA_NATS_ACK_WAIT`).
 pub const HAND_BACK_DELAY: Duration = Duration::from_secs(3);
 /// Unsettled x-sump messages a run holds at most (filtered-out ones wait until its end).
 pub const MAX_HELD: usize = 1000;
@@ -62,10 +65,6 @@ pub struct ReplayOptions {
     /// ([`HAND_BACK_DELAY`]).
     pub hand_back_delay: Duration,
 }
-
-/// Default [`ReplayOptions::hand_back_delay`]: longer than a NATS pull request lives (2 s),
-/// so the run's own last pull request, still open on the server after the run, cannot take
-/// a handed-back message (which would then wait for `ASYA_NATS_ACK_WAIT`).
 
 impl ReplayOptions {
     pub fn new(namespace: &str) -> ReplayOptions {
