@@ -463,6 +463,11 @@ impl Gateway {
                     return;
                 }
             };
+            // Sidecars publish there: make sure it exists (transports that create queues on
+            // demand, as NATS, need nothing).
+            if let Err(e) = transport.ensure_queues(std::slice::from_ref(&queue)).await {
+                warn!(%queue, error = %e, "cannot make sure the pause queue exists");
+            }
             let mut rx = loop {
                 match transport.subscribe(&queue, 16).await {
                     Ok(rx) => break rx,
