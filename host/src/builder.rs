@@ -52,6 +52,12 @@ impl SidecarBuilder {
         self
     }
 
+    /// Canceled task ids this sidecar honours ([`crate::cancel`]).
+    pub fn canceled(mut self, canceled: Option<Arc<crate::cancel::Canceled>>) -> Self {
+        self.deps.canceled = canceled;
+        self
+    }
+
     /// Call this runtime instead of a [`crate::runtime::RuntimeClient`] on the configured
     /// socket (tests script the runtime this way, with no process).
     pub fn runtime(mut self, runtime: Arc<dyn crate::runtime::Runtime>) -> Self {

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod builder;
+pub mod cancel;
 pub mod config;
 pub mod envelope;
 pub mod gateway;
@@ -12,6 +13,7 @@ pub mod provision;
 pub mod queue;
 pub mod queue_depth;
 pub mod render;
+pub mod replay;
 pub mod runtime;
 pub mod settings;
 pub mod sidecar;
@@ -71,8 +73,34 @@ pub async fn serve_sidecar(
         ),
         None => None,
     };
-    let transport = transport::connect(&transport).await?;
+    let (transport, nats_client): (Arc<dyn transport::Transport>, _) = match &transport {
+        transport::TransportSettings::Nats(c) => {
+            let t = transport::nats::NatsTransport::connect(c.clone()).await?;
+            let client = t.client().clone();
+            (Arc::new(t), Some(client))
+        }
+        other => (transport::connect(other).await?, None),
+    };
     transport.attach_metrics(metrics.clone());
+    // Canceled tasks: watched in the namespace's NATS KV bucket (see `cancel`).
+    let cancel_stop = CancellationToken::new();
+    let _cancel_guard = cancel_stop.clone().drop_guard();
+    let canceled = match nats_client {
+        Some(client) if !cfg.is_end_actor => {
+            match cancel::open_bucket(client, &cfg.namespace).await {
+                Ok(kv) => {
+                    let set = cancel::Canceled::new();
+                    cancel::watch(kv, set.clone(), cancel_stop.clone());
+                    Some(set)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "canceled tasks will not be known to this sidecar");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let _depth = queue_depth::spawn(
         transport.clone(),
         metrics.clone(),
@@ -83,6 +111,7 @@ pub async fn serve_sidecar(
         .metrics(metrics.clone())
         .policy(policy)
         .reporter(reporter)
+        .canceled(canceled)
         .build();
     let admin_stop = CancellationToken::new();
     if let Some(listener) = admin_listener {

@@ -85,11 +85,61 @@ enum Command {
         #[command(subcommand)]
         command: RenderCommand,
     },
+    /// Dead letters (x-sump) of a namespace.
+    #[command(after_help = settings::help(&settings::provision_vars()))]
+    Sump {
+        #[command(subcommand)]
+        command: SumpCommand,
+    },
     /// WebAssembly plugin tools.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum SumpCommand {
+    /// Read x-sump (on the transport of ASYA_TRANSPORT), show what would be replayed, and
+    /// republish the original envelopes (unwrapped from the x-sump shape) to the actor each
+    /// one was for; `x-asya-replays` counts replays, and an envelope replayed --max-replays
+    /// times stays in x-sump. Everything not replayed is handed back to x-sump unchanged.
+    /// x-sump is a work queue: an x-sump end actor running meanwhile takes envelopes first.
+    Replay(ReplayArgs),
+}
+
+/// Options of `asya-host sump replay`.
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Namespace (queues `asya-<namespace>-<actor>`).
+    #[arg(long, env = "ASYA_NAMESPACE")]
+    namespace: String,
+    /// Only envelopes that failed at this actor.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Only this reason: status.reason (RuntimeError, MaxRetriesExhausted, Timeout, ...) or
+    /// the x-sump payload's error code (processing_error, ...).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only envelopes that went to x-sump at or after this time (RFC 3339, or a duration
+    /// back from now such as 1h).
+    #[arg(long)]
+    since: Option<String>,
+    /// Replay at most this many envelopes.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Show what would be replayed; publish nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// An envelope replayed this many times already stays in x-sump.
+    #[arg(long, default_value_t = asya_host::replay::DEFAULT_MAX_REPLAYS)]
+    max_replays: u32,
+    /// The run ends when x-sump stays quiet this long.
+    #[arg(long, default_value = "2s")]
+    idle: String,
+    /// NATS server URL(s) with ASYA_TRANSPORT=nats; overrides ASYA_NATS_URL.
+    #[arg(long)]
+    nats_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -261,6 +311,9 @@ fn main() -> ExitCode {
                 gateway,
             } => send(&flow, &json, wait, timeout.as_deref(), &gateway).await,
             Command::Up(args) => up(args).await,
+            Command::Sump {
+                command: SumpCommand::Replay(args),
+            } => sump_replay(args).await,
             Command::Render {
                 command: RenderCommand::K8s(args),
             } => render_k8s(args),
@@ -374,6 +427,41 @@ async fn provision(
     for line in asya_host::provision::provision(&transport, namespace, actors, &ends).await? {
         println!("{line}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sump_replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    use asya_host::replay::{replay, ReplayOptions};
+    use asya_host::transport::TransportSettings;
+    let (mut transport, ends) = settings::provision_settings(&ProcessEnv)?;
+    match (&mut transport, args.nats_url.as_deref()) {
+        (TransportSettings::Nats(cfg), Some(u)) => cfg.url = u.to_owned(),
+        (_, Some(_)) => anyhow::bail!("--nats-url: only with ASYA_TRANSPORT=nats"),
+        _ => {}
+    }
+    let mut opts = ReplayOptions::new(&args.namespace);
+    opts.sump = ends.sump.clone();
+    opts.actor = args.actor;
+    opts.reason = args.reason;
+    opts.dry_run = args.dry_run;
+    opts.max_replays = args.max_replays;
+    opts.limit = args.limit.unwrap_or(usize::MAX);
+    opts.idle = asya_host::config::parse_duration(&args.idle)
+        .map_err(|e| anyhow::anyhow!("--idle {:?}: {e}", args.idle))?;
+    if let Some(since) = &args.since {
+        opts.since = Some(match chrono::DateTime::parse_from_rfc3339(since) {
+            Ok(t) => t.with_timezone(&chrono::Utc),
+            Err(_) => {
+                let back = asya_host::config::parse_duration(since).map_err(|e| {
+                    anyhow::anyhow!("--since {since:?}: neither RFC 3339 nor a duration: {e}")
+                })?;
+                chrono::Utc::now() - chrono::Duration::from_std(back)?
+            }
+        });
+    }
+    let transport = asya_host::transport::connect(&transport).await?;
+    let summary = replay(&*transport, &opts, |line| println!("{line}")).await?;
+    println!("{}{summary}", if opts.dry_run { "dry run: " } else { "" });
     Ok(ExitCode::SUCCESS)
 }
 

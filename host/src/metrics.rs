@@ -176,6 +176,7 @@ pub struct Metrics {
     pub worker_panics: Family<QueueLabel, Counter>,
     /// Times the runtime became unreachable (socket gone, connection refused or lost).
     pub runtime_outages: Family<QueueLabel, Counter>,
+    pub messages_canceled: Family<QueueLabel, Counter>,
     pub plugin_calls: Family<PluginLabels, Counter>,
     pub plugin_duration: HistFamily<PluginLabels>,
     /// Pending + unacked messages of a queue, refreshed by `crate::queue_depth`.
@@ -204,6 +205,7 @@ impl Metrics {
         let duplicates_suppressed = Family::default();
         let worker_panics = Family::default();
         let runtime_outages = Family::default();
+        let messages_canceled = Family::default();
         let plugin_calls = Family::default();
         let plugin_duration = HistFamily::new_with_constructor(plugin_histogram as fn() -> _);
         let queue_depth = Family::default();
@@ -277,6 +279,11 @@ impl Metrics {
             runtime_outages.clone(),
         );
         registry.register(
+            n("messages_canceled"),
+            "Envelopes of a canceled task sent to x-sink without calling the runtime",
+            messages_canceled.clone(),
+        );
+        registry.register(
             "asya_plugin_calls",
             "Plugin calls, by plugin, kind and outcome",
             plugin_calls.clone(),
@@ -319,6 +326,7 @@ impl Metrics {
             duplicates_suppressed,
             worker_panics,
             runtime_outages,
+            messages_canceled,
             plugin_calls,
             plugin_duration,
             transport_retries,
@@ -373,6 +381,7 @@ pub struct ActorMetrics {
     pub duplicates: Counter,
     pub panics: Counter,
     pub outages: Counter,
+    pub canceled: Counter,
 }
 
 impl ActorMetrics {
@@ -421,10 +430,12 @@ impl ActorMetrics {
         let duplicates = metrics.duplicates_suppressed.get_or_create(&q()).clone();
         let panics = metrics.worker_panics.get_or_create(&q()).clone();
         let outages = metrics.runtime_outages.get_or_create(&q()).clone();
+        let canceled = metrics.messages_canceled.get_or_create(&q()).clone();
         ActorMetrics {
             duplicates,
             panics,
             outages,
+            canceled,
             received,
             processed_success,
             processed_error,

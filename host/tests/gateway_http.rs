@@ -11,7 +11,7 @@ use asya_host::gateway::task::FinalUpdate;
 use asya_host::gateway::WireReport;
 use asya_host::queue::EndActors;
 use asya_host::transport::nats::{provision, NatsConfig};
-use asya_test_support::{free_port, NatsServer};
+use asya_test_support::{free_port, FixtureRuntime, NatsServer, Proc};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_asya-host");
@@ -541,4 +541,72 @@ fn gateway_answers_out_of_range_fields_with_400_naming_them() {
     );
     assert_eq!(s, 202);
     gw.wait_for(&id, None, |s, b| s == 200 && b.contains("\"succeeded\""));
+}
+
+// ------------------------------------------------------------------ cancel
+
+/// Issue #19: `POST /tasks/{id}/cancel` on the gateway binary reaches standalone sidecar
+/// binaries on NATS (the `asya-<ns>-canceled` KV bucket): a 3-actor flow of 2 s calls,
+/// canceled after the first hop, costs at most one more runtime call.
+#[test]
+fn cancel_reaches_standalone_sidecars_through_the_nats_bucket() {
+    let gw = Gateway::start(&[("ASYA_GATEWAY_STORE", "nats")]);
+    let url = format!("http://{}", gw.addr);
+    let mut runtimes = Vec::new();
+    let mut sidecars = Vec::new();
+    for a in ["s1", "s2", "s3"] {
+        let rt = FixtureRuntime::start();
+        let log = std::fs::File::create(rt.dir.path().join("sidecar.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("sidecar")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("ASYA_ACTOR_NAME", a)
+            .env("ASYA_NAMESPACE", &gw.ns)
+            .env("ASYA_NATS_URL", gw._nats.url())
+            .env("ASYA_SOCKET_DIR", rt.dir.path())
+            .env("ASYA_GATEWAY_URL", &url)
+            .env("ASYA_METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("ASYA_LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("sidecar starts");
+        sidecars.push(Proc(child));
+        runtimes.push(rt);
+    }
+    let (s, b) = gw.call(
+        "POST",
+        "/tasks",
+        None,
+        Some(r#"{"route": ["s1", "s2", "s3"], "payload": {"op": "sleep", "s": 2}}"#),
+    );
+    assert_eq!(s, 201, "{b}");
+    let id = serde_json::from_str::<Value>(&b).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    gw.wait_for(&id, None, |s, b| {
+        s == 200 && serde_json::from_str::<Value>(b).unwrap()["actors_completed"] == 1
+    });
+    let calls = || -> usize { runtimes.iter().map(|r| r.invocations().len()).sum() };
+    let at_cancel = calls();
+    assert!(at_cancel >= 1, "s1 was called");
+    let (s, b) = gw.call("POST", &format!("/tasks/{id}/cancel"), None, None);
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"canceled\""), "{b}");
+    // Time for two more 2 s calls, had the flow gone on.
+    std::thread::sleep(Duration::from_secs(6));
+    let total = calls();
+    let logs: String = runtimes
+        .iter()
+        .map(|r| std::fs::read_to_string(r.dir.path().join("sidecar.log")).unwrap_or_default())
+        .collect();
+    assert!(
+        total <= at_cancel + 1 && total <= 2,
+        "runtime calls: {at_cancel} at the cancel, {total} in all\n{logs}"
+    );
+    assert!(logs.contains("task canceled"), "{logs}");
+    drop(sidecars);
 }

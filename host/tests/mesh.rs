@@ -635,3 +635,174 @@ def work(p):
     );
     assert_clean(tmp.path());
 }
+
+const CONTROL_FLOW: &str = r#"
+namespace = "ctl"
+[actors.s1]
+handler = "h.step"
+[actors.s2]
+handler = "h.step"
+[actors.s3]
+handler = "h.step"
+[actors.ask]
+handler = "h.ask"
+[flows]
+long = ["s1", "s2", "s3"]
+review = ["ask", "s1"]
+"#;
+
+const CONTROL_HANDLERS: &str = r#"
+import os, time
+CALLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls")
+
+def step(p):
+    with open(CALLS, "a") as f:
+        f.write("call\n")
+    time.sleep(p.get("sleep", 0))
+    return dict(p, steps=p.get("steps", 0) + 1)
+
+def ask(p):
+    return {"__asya_pause__": {"prompt": "ok?"}, "payload": dict(p, asked=True)}
+"#;
+
+/// One HTTP/1.1 request to the gateway at `addr`: (status, body).
+fn gw_call(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let resp = http(
+        addr,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Issue #19 on the local mesh (`up`, memory transport): a cancel reaches the in-process
+/// sidecars (at most one more runtime call), and a paused task resumes with the merged input.
+#[test]
+fn up_cancel_reaches_the_actors_and_a_paused_task_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flow = write_flow(tmp.path(), CONTROL_FLOW, CONTROL_HANDLERS);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = up(
+        tmp.path(),
+        &[flow.to_str().unwrap(), "--gateway-addr", &addr],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("asya-host starts");
+    let guard = ChildGuard(child.id());
+    let rx = stderr_lines(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("gateway on http://") => break,
+            Ok(_) => {}
+            Err(_) => panic!("no gateway line"),
+        }
+    }
+    let calls_file = tmp.path().join("flow/calls");
+    let calls = || {
+        std::fs::read_to_string(&calls_file)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let (s, v) = gw_call(
+        &addr,
+        "POST",
+        "/tasks",
+        r#"{"flow": "long", "payload": {"sleep": 2}}"#,
+    );
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(
+        poll_until(Duration::from_secs(30), || {
+            gw_call(&addr, "GET", &format!("/tasks/{id}"), "").1["actors_completed"] == 1
+        }),
+        "the first hop never finished"
+    );
+    let at_cancel = calls();
+    let (s, v) = gw_call(&addr, "POST", &format!("/tasks/{id}/cancel"), "");
+    assert_eq!((s, v["status"].as_str()), (200, Some("canceled")), "{v}");
+    std::thread::sleep(Duration::from_secs(5));
+    let total = calls();
+    assert!(
+        total <= at_cancel + 1 && total <= 2,
+        "runtime calls: {at_cancel} at the cancel, {total} in all"
+    );
+
+    let (s, v) = gw_call(
+        &addr,
+        "POST",
+        "/tasks",
+        r#"{"flow": "review", "payload": {"n": 1}}"#,
+    );
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(
+        poll_until(Duration::from_secs(30), || {
+            let (_, v) = gw_call(&addr, "GET", &format!("/tasks/{id}"), "");
+            v["status"] == "paused" && v["pause_metadata"]["prompt"] == "ok?"
+        }),
+        "never paused"
+    );
+    // Parked asynchronously: a resume answers 409 until the frame is stored.
+    let mut resumed = (0, Value::Null);
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            resumed = gw_call(
+                &addr,
+                "POST",
+                &format!("/tasks/{id}/resume"),
+                r#"{"input": {"ok": true}}"#,
+            );
+            resumed.0 == 200
+        }),
+        "{resumed:?}"
+    );
+    assert!(
+        poll_until(Duration::from_secs(30), || {
+            gw_call(&addr, "GET", &format!("/tasks/{id}"), "").1["status"] == "succeeded"
+        }),
+        "the resumed task never succeeded"
+    );
+    let (_, v) = gw_call(&addr, "GET", &format!("/tasks/{id}"), "");
+    assert_eq!(
+        v["result"],
+        serde_json::json!({"n": 1, "asked": true, "ok": true, "steps": 1})
+    );
+    let (s, _) = gw_call(
+        &addr,
+        "POST",
+        &format!("/tasks/{id}/resume"),
+        r#"{"input": {}}"#,
+    );
+    assert_eq!(s, 409);
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let status = wait_output(child, Duration::from_secs(30)).status;
+    // Reaped: nothing left to kill (and its pid may be reused).
+    std::mem::forget(guard);
+    assert!(status.success(), "{status:?}");
+}
+
+/// Kills the `up` process (SIGKILL) if a test fails before stopping it.
+struct ChildGuard(u32);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = Pid::from_raw(self.0 as i32) {
+            if test_kill_process(pid).is_ok() {
+                let _ = kill_process(pid, Signal::KILL);
+            }
+        }
+    }
+}

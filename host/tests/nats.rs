@@ -375,3 +375,62 @@ mod e2e {
         scenario(&mut server, "restart", 0, true).await;
     }
 }
+
+/// `asya-host sump replay` over NATS: `--dry-run` shows and keeps, a run republishes the
+/// original envelope (unwrapped, `x-asya-replays: 1`) to its actor's queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sump_replay_command_republishes_the_original_envelope() {
+    use asya_host::transport::{OutMessage, QueueName};
+    let server = NatsServer::start();
+    let cfg = nats_config(&server);
+    let ns = format!("rpl{}", std::process::id());
+    provision(cfg.clone(), &ns, &["a".to_owned()], &EndActors::default())
+        .await
+        .unwrap();
+    let t = NatsTransport::connect(cfg).await.unwrap();
+    let body = r#"{"id":"e1","route":{"prev":[],"curr":"a","next":[]},"headers":{"trace_id":"t"},"payload":{"error":"processing_error","details":null,"original_payload":{"k":1}},"status":{"phase":"failed","reason":"RuntimeError","actor":"a"}}"#;
+    t.send(OutMessage {
+        queue: QueueName::new(&ns, "x-sump").unwrap(),
+        id: "s1".into(),
+        body: body.into(),
+    })
+    .await
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_asya-host"))
+            .args(["sump", "replay", "--namespace", &ns])
+            .args(extra)
+            .env("ASYA_TRANSPORT", "nats")
+            .env("ASYA_NATS_URL", server.url())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dry = run(&["--dry-run", "--idle", "1s"]);
+    assert!(
+        dry.contains("would replay e1 -> a (reason RuntimeError/processing_error, replay 1)"),
+        "{dry}"
+    );
+    assert!(dry.contains("dry run: replayed 1"), "{dry}");
+    // Handed back 3 s after the run (past the run's last pull request).
+    let other = run(&["--actor", "b", "--idle", "5s"]);
+    assert!(
+        other.contains("replayed 0") && other.contains("not matching 1"),
+        "{other}"
+    );
+    let out = run(&["--idle", "5s"]);
+    assert!(out.contains("replayed e1 -> a"), "{out}");
+    let mut rx = t
+        .subscribe(&QueueName::new(&ns, "a").unwrap(), 1)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let env: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+    assert_eq!(env["payload"], serde_json::json!({"k": 1}));
+    assert_eq!(env["headers"]["x-asya-replays"], 1);
+    assert_eq!(env["status"]["phase"], "pending");
+}

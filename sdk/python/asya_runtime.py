@@ -48,6 +48,11 @@ LOG = logging.getLogger("asya.runtime")
 #: A generator handler that yields ``{UPSTREAM_KEY: value}`` (exactly that one key) emits an
 #: ``upstream`` event (progress / partial output) instead of a downstream frame.
 UPSTREAM_KEY = "__asya_upstream__"
+#: A payload-mode result (or yielded item) ``{PAUSE_KEY: metadata, "payload": p}`` (exactly
+#: those two keys) is a frame with payload ``p`` and header ``x-asya-pause: metadata``: the
+#: sidecar parks it and the task pauses until the gateway resumes it (see ``pause``).
+PAUSE_KEY = "__asya_pause__"
+PAUSE_HEADER = "x-asya-pause"
 
 READY_FILE_NAME = "runtime-ready"
 MAX_HEADER_BYTES = 64 * 1024
@@ -65,6 +70,42 @@ def upstream(payload):
     # type: (Any) -> Dict[str, Any]
     """Wrap ``payload`` so that a generator handler's ``yield`` emits an ``upstream`` event."""
     return {UPSTREAM_KEY: payload}
+
+
+def pause(payload, prompt=None, fields=None, timeout=None, **extra):
+    # type: (Any, Optional[str], Any, Any, Any) -> Dict[str, Any]
+    """Return (or yield) this to pause the task (human in the loop): the frame carrying
+    ``payload`` is parked with ``x-asya-pause`` metadata ``{prompt, fields, timeout, ...}``
+    (``timeout``: seconds or a duration such as ``"10m"``; past it the task fails with
+    Timeout), and ``POST /tasks/{id}/resume {"input": {...}}`` merges the input into
+    ``payload`` and sends it on to the next actor."""
+    meta = dict(extra)  # type: Dict[str, Any]
+    if prompt is not None:
+        meta["prompt"] = prompt
+    if fields is not None:
+        meta["fields"] = fields
+    if timeout is not None:
+        meta["timeout"] = timeout
+    return {PAUSE_KEY: meta, "payload": payload}
+
+
+def _pause_marker(item):
+    # type: (Any) -> bool
+    return type(item) is dict and len(item) == 2 and PAUSE_KEY in item and "payload" in item
+
+
+def _payload_frame(base, item):
+    # type: (Dict[str, Any], Any) -> Dict[str, Any]
+    """A payload-mode frame: ``base`` with ``item`` as payload (a pause marker sets the pause
+    header)."""
+    frame = dict(base)
+    if _pause_marker(item):
+        headers = dict(frame.get("headers") or {})
+        headers[PAUSE_HEADER] = item[PAUSE_KEY]
+        frame["headers"] = headers
+        item = item["payload"]
+    frame["payload"] = item
+    return frame
 
 
 # --------------------------------------------------------------------------------------------
@@ -999,14 +1040,8 @@ class Invoker(object):
             return [self.envelope_frame(item, snapshot) for item in items]
         base = self.base_frame(env)
         if type(result) is not list:
-            base["payload"] = result
-            return [base]
-        out = []
-        for item in result:
-            frame = dict(base)
-            frame["payload"] = item
-            out.append(frame)
-        return out
+            return [_payload_frame(base, result)]
+        return [_payload_frame(base, item) for item in result]
 
     def base_frame(self, env):
         # type: (Dict[str, Any]) -> Dict[str, Any]
@@ -1077,8 +1112,7 @@ class Invoker(object):
         if self.envelope_mode:
             frame = self.envelope_frame(item, snapshot)
         else:
-            frame = dict(base)  # type: ignore[arg-type]
-            frame["payload"] = item
+            frame = _payload_frame(base, item)  # type: ignore[arg-type]
         return b"event: downstream\ndata: " + dumps(frame) + b"\n\n"
 
 

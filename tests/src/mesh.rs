@@ -29,6 +29,19 @@ impl Mesh {
         reporter: Arc<dyn Reporter>,
         tweak: impl Fn(&mut SidecarConfig),
     ) -> Mesh {
+        Mesh::start_with(transport, namespace, actors, reporter, None, tweak)
+    }
+
+    /// [`Mesh::start`] with every sidecar honouring the canceled task ids of `canceled`
+    /// (the gateway's [`asya_host::gateway::Gateway::canceled`]).
+    pub fn start_with(
+        transport: Arc<dyn Transport>,
+        namespace: &str,
+        actors: &[(&str, &str)],
+        reporter: Arc<dyn Reporter>,
+        canceled: Option<Arc<asya_host::cancel::Canceled>>,
+        tweak: impl Fn(&mut SidecarConfig),
+    ) -> Mesh {
         init_logging();
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new("asya_actor");
@@ -38,6 +51,7 @@ impl Mesh {
             let sidecar = SidecarBuilder::new(cfg, transport.clone())
                 .metrics(metrics.clone())
                 .reporter(Some(reporter.clone()))
+                .canceled(canceled.clone())
                 .build();
             tasks.push(sidecar.spawn(shutdown.clone()));
         };

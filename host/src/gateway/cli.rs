@@ -296,6 +296,7 @@ pub async fn run_gateway(
             }
             other => (crate::transport::connect(other).await?, None),
         };
+    let cancel_client = nats_client.clone();
     let store: Arc<dyn TaskStore> = match cfg.store {
         StoreKind::Memory => Arc::new(MemoryStore::with_limits(cfg.retention, cfg.max_tasks)),
         StoreKind::Nats => {
@@ -333,6 +334,12 @@ pub async fn run_gateway(
         cfg.ends.sink.clone(),
         cfg.ends.sump.clone(),
     );
+    if let Some(client) = &cancel_client {
+        match crate::cancel::open_bucket(client.clone(), &cfg.namespace).await {
+            Ok(kv) => gw.set_cancel_bucket(kv),
+            Err(e) => tracing::warn!(error = %e, "canceled tasks will not reach the sidecars"),
+        }
+    }
     gw.set_max_payload_bytes(cfg.max_payload_bytes);
     gw.set_retention(cfg.retention);
     let listener = tokio::net::TcpListener::bind(cfg.addr)
@@ -352,6 +359,8 @@ pub async fn run_gateway(
             retention: cfg.retention,
         },
     };
+    // Paused frames: parked in the task store, resumed by `POST /tasks/{id}/resume`.
+    let _parking = gw.spawn_parking(shutdown.clone());
     super::serve_with(listener, gw, opts, shutdown).await;
     Ok(())
 }

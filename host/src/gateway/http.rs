@@ -65,6 +65,7 @@ fn gateway_error(e: GatewayError) -> Response<Body> {
         GatewayError::NotFound { .. } => error(StatusCode::NOT_FOUND, "not_found", e),
         GatewayError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, "store_error", e),
         GatewayError::Transport(_) => error(StatusCode::SERVICE_UNAVAILABLE, "transport_error", e),
+        GatewayError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", e),
     }
 }
 
@@ -334,6 +335,22 @@ async fn route(
             Ok(v) => json_reply(StatusCode::OK, &v),
             Err(e) => gateway_error(e),
         },
+        (&Method::POST, ["tasks", id, "resume"]) => {
+            let limit = gw.max_payload_bytes().saturating_add(SUBMIT_OVERHEAD);
+            let body = match read_body(req.into_body(), limit, read_timeout).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let input = match serde_json::from_slice::<Value>(&body) {
+                Ok(Value::Object(mut o)) => o.remove("input").unwrap_or(Value::Null),
+                Ok(_) => Value::Null,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
+            };
+            match gw.resume(id, input).await {
+                Ok(v) => json_reply(StatusCode::OK, &v),
+                Err(e) => gateway_error(e),
+            }
+        }
         (&Method::POST, ["reports"]) => {
             let body = match read_body(req.into_body(), MAX_REPORTS_BODY, read_timeout).await {
                 Ok(b) => b,

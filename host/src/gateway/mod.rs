@@ -28,6 +28,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::envelope::{now_rfc3339, Envelope, Phase, Route, HEADER_TRACEPARENT, HEADER_TRACE_ID};
@@ -200,6 +201,9 @@ pub enum GatewayError {
     Store(#[from] StoreError),
     #[error("cannot publish the first envelope: {0}")]
     Transport(#[from] TransportError),
+    /// The task is not in a state that allows this (resume of a task that is not paused).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// One update of a task, as streamed over SSE.
@@ -227,6 +231,10 @@ pub struct Gateway {
     events: broadcast::Sender<Arc<TaskEvent>>,
     reports: mpsc::Sender<WireReport>,
     dropped: AtomicU64,
+    /// Canceled task ids for sidecars in this process ([`Gateway::canceled`]).
+    canceled: Arc<crate::cancel::Canceled>,
+    /// Where canceled ids are announced to standalone sidecars (NATS KV).
+    cancel_bucket: std::sync::OnceLock<async_nats::jetstream::kv::Store>,
 }
 
 impl Gateway {
@@ -255,6 +263,8 @@ impl Gateway {
             events,
             reports: tx,
             dropped: AtomicU64::new(0),
+            canceled: crate::cancel::Canceled::new(),
+            cancel_bucket: std::sync::OnceLock::new(),
         });
         tokio::spawn(apply_reports(Arc::downgrade(&gw), rx));
         gw
@@ -428,7 +438,228 @@ impl Gateway {
         if !t.status.is_final() && t.clone().expire(expiry_grace()) {
             return self.update_task(id, |t| t.expire(expiry_grace())).await;
         }
+        let now = chrono::Utc::now();
+        if t.clone().pause_expire(now) {
+            return self.update_task(id, |t| t.pause_expire(now)).await;
+        }
         Some(t)
+    }
+
+    /// Consume the namespace's `x-pause` queue until `stop`: each parked frame is stored in
+    /// its task's record (the task store: NATS KV survives restarts), and only then acked;
+    /// every [`PAUSE_SWEEP`] a paused task past its pause timeout is failed with Timeout.
+    /// `asya-host gateway` and `up` run it; several gateways may share the queue.
+    pub fn spawn_parking(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let gw = Arc::downgrade(self);
+        let transport = self.transport.clone();
+        let queue = QueueName::new(&self.namespace, PAUSE_QUEUE_ACTOR);
+        tokio::spawn(async move {
+            let queue = match queue {
+                Ok(q) => q,
+                Err(e) => {
+                    warn!(error = %e, "no pause queue: paused tasks cannot be resumed");
+                    return;
+                }
+            };
+            // Sidecars publish there: make sure it exists (transports that create queues on
+            // demand, as NATS, need nothing).
+            if let Err(e) = transport.ensure_queues(std::slice::from_ref(&queue)).await {
+                warn!(%queue, error = %e, "cannot make sure the pause queue exists");
+            }
+            let mut rx = loop {
+                match transport.subscribe(&queue, 16).await {
+                    Ok(rx) => break rx,
+                    Err(e) => {
+                        warn!(%queue, error = %e, "cannot consume the pause queue; trying again")
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            };
+            let mut sweep = tokio::time::interval(PAUSE_SWEEP);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = sweep.tick() => match gw.upgrade() {
+                        Some(gw) => gw.sweep_pauses().await,
+                        None => return,
+                    },
+                    d = rx.recv() => match d {
+                        Ok(d) => {
+                            let Some(g) = gw.upgrade() else { return };
+                            let settled = match g.park(&d.body).await {
+                                Ok(()) => d.acker.ack().await,
+                                Err(e) => {
+                                    warn!(error = %e, "cannot park a paused frame; it is redelivered");
+                                    d.acker.nack(Duration::from_secs(1)).await
+                                }
+                            };
+                            if let Err(e) = settled {
+                                debug!(error = %e, "settling a parked frame failed");
+                            }
+                        }
+                        Err(TransportError::Closed) => return,
+                        Err(e) => {
+                            warn!(error = %e, "pause queue receive failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    },
+                }
+            }
+        })
+    }
+
+    /// Store one frame from `x-pause` in its task. `Err`: try again later (the store failed).
+    async fn park(&self, body: &[u8]) -> Result<(), StoreError> {
+        let env = match Envelope::parse(body) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "an x-pause message is not an envelope; dropped");
+                return Ok(());
+            }
+        };
+        let Some(id) = self
+            .resolve(&env.id, env.parent_id.as_deref(), &env.trace_id())
+            .await
+        else {
+            warn!(envelope_id = %env.id, "a paused frame of an unknown task; dropped");
+            return Ok(());
+        };
+        let meta = env.headers.value(HEADER_PAUSE).unwrap_or(Value::Null);
+        let text = String::from_utf8_lossy(body).into_owned();
+        let _g = self.update.lock().await;
+        let Some(mut t) = self.store.get(&id).await? else {
+            return Ok(());
+        };
+        if t.park(text, meta, chrono::Utc::now()) {
+            self.store.put(&t).await?;
+            debug!(task_id = %id, "task paused; frame parked");
+            self.emit(&id, "progress", &t.view());
+        }
+        Ok(())
+    }
+
+    /// Fail every paused task past its pause timeout.
+    async fn sweep_pauses(&self) {
+        let now = chrono::Utc::now();
+        let tasks = match self.store.list().await {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(error = %e, "pause sweep: cannot list tasks");
+                return;
+            }
+        };
+        for t in tasks {
+            if t.status == TaskStatus::Paused && t.clone().pause_expire(now) {
+                self.update_task(&t.id, |t| t.pause_expire(now)).await;
+            }
+        }
+    }
+
+    /// Resume a paused task: `input` (a JSON object) is merged into the parked frame's
+    /// payload (shallow: each top-level key of `input` replaces the payload's; a null
+    /// payload becomes `input`), `x-asya-pause` is removed, the deadline moves later by the
+    /// time spent paused, and the frame is published to its `route.curr` actor (x-sink when
+    /// the route had ended). [`GatewayError::Conflict`] when the task is not paused (a
+    /// second resume, a finished task) or its pause timed out.
+    pub async fn resume(&self, id: &str, input: Value) -> Result<TaskView, GatewayError> {
+        let Value::Object(input) = input else {
+            return Err(GatewayError::BadRequest(
+                "input: must be a JSON object".into(),
+            ));
+        };
+        let _g = self.update.lock().await;
+        let mut t = self
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| self.not_found(id))?;
+        let now = chrono::Utc::now();
+        if t.pause_expire(now) {
+            self.store.put(&t).await?;
+            self.emit(id, "final", &t.view());
+        }
+        let parked = match (&t.parked, t.status) {
+            (Some(p), TaskStatus::Paused) => p.clone(),
+            (_, status) => {
+                return Err(GatewayError::Conflict(format!(
+                    "task {id} is {}, not paused",
+                    status.as_str()
+                )))
+            }
+        };
+        let mut env = Envelope::parse(parked.as_bytes())
+            .map_err(|e| GatewayError::Conflict(format!("the parked frame cannot be used: {e}")))?;
+        let merged = match serde_json::from_str::<Value>(env.payload.get()) {
+            Ok(Value::Object(mut m)) => {
+                m.extend(input);
+                Value::Object(m)
+            }
+            Ok(Value::Null) => Value::Object(input),
+            _ => {
+                return Err(GatewayError::BadRequest(
+                    "the parked payload is not a JSON object: input cannot be merged into it"
+                        .into(),
+                ))
+            }
+        };
+        env.payload = serde_json::value::RawValue::from_string(merged.to_string())
+            .expect("a JSON value serialises");
+        env.headers.remove(HEADER_PAUSE);
+        // The SLA clock was frozen while paused.
+        let paused_for = t
+            .paused_at
+            .as_deref()
+            .and_then(|p| chrono::DateTime::parse_from_rfc3339(p).ok())
+            .map(|p| (now - p.with_timezone(&chrono::Utc)).max(chrono::Duration::zero()))
+            .unwrap_or_else(chrono::Duration::zero);
+        let shift = |d: &str| {
+            chrono::DateTime::parse_from_rfc3339(d)
+                .ok()
+                .and_then(|d| d.with_timezone(&chrono::Utc).checked_add_signed(paused_for))
+                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        };
+        let st = env.status_mut();
+        st.phase = Some(Phase::Pending);
+        st.reason = None;
+        st.updated_at = Some(now_rfc3339());
+        if let Some(d) = st.deadline_at.as_deref().and_then(shift) {
+            st.deadline_at = Some(d);
+        }
+        if let Some(d) = t.deadline_at.as_deref().and_then(shift) {
+            t.deadline_at = Some(d);
+        }
+        let dest = if env.route.curr.is_empty() {
+            self.sink.clone()
+        } else {
+            env.route.curr.clone()
+        };
+        let queue = QueueName::new(&self.namespace, &dest).map_err(|e| TransportError::Queue {
+            queue: dest.clone(),
+            message: e.to_string(),
+        })?;
+        self.transport
+            .send(OutMessage {
+                queue,
+                id: format!("{}:resume:{}", env.id, t.resumed + 1),
+                body: Bytes::from(env.to_vec()),
+            })
+            .await?;
+        t.resumed += 1;
+        t.parked = None;
+        t.paused_at = None;
+        t.pause_until = None;
+        t.pause_metadata = None;
+        t.status = TaskStatus::Running;
+        t.current_actor_name = Some(dest);
+        t.updated_at = now_rfc3339();
+        self.store.put(&t).await?;
+        let view = t.view();
+        self.emit(id, "progress", &view);
+        debug!(task_id = %id, "task resumed");
+        Ok(view)
     }
 
     /// Tasks matching the filters, newest first.
@@ -459,13 +690,36 @@ impl Gateway {
         Ok(tasks.iter().map(Task::view).collect())
     }
 
-    /// Cancel a task that has not finished (its envelopes are not recalled; later reports
-    /// only append to the timeline).
+    /// Cancel a task that has not finished: its status becomes `canceled` at once, and its
+    /// id is announced to the sidecars ([`crate::cancel`]), which send its envelopes to
+    /// x-sink as canceled instead of calling their runtimes (calls already running finish;
+    /// later reports only append to the timeline).
     pub async fn cancel(&self, id: &str) -> Result<TaskView, GatewayError> {
-        self.update_task(id, |t| t.cancel())
+        let t = self
+            .update_task(id, |t| t.cancel())
             .await
-            .map(|t| t.view())
-            .ok_or_else(|| self.not_found(id))
+            .ok_or_else(|| self.not_found(id))?;
+        if t.status == TaskStatus::Canceled {
+            self.canceled.insert(&t.id);
+            if let Some(kv) = self.cancel_bucket.get() {
+                if let Err(e) = crate::cancel::announce(kv, &t.id).await {
+                    warn!(task_id = %t.id, error = %e, "cannot announce the cancel to the sidecars");
+                }
+            }
+        }
+        Ok(t.view())
+    }
+
+    /// Canceled task ids, for sidecars running in this process (`asya-host up`): give it to
+    /// their [`crate::SidecarBuilder::canceled`].
+    pub fn canceled(&self) -> Arc<crate::cancel::Canceled> {
+        self.canceled.clone()
+    }
+
+    /// Announce canceled ids in this NATS KV bucket too (standalone sidecars on NATS watch
+    /// it; see [`crate::cancel::open_bucket`]). Only the first call counts.
+    pub fn set_cancel_bucket(&self, kv: async_nats::jetstream::kv::Store) {
+        let _ = self.cancel_bucket.set(kv);
     }
 
     /// Wait until the task is final (succeeded, failed or canceled) or `timeout` passes;
@@ -643,6 +897,14 @@ impl Gateway {
         &self.sump
     }
 }
+
+/// The sibling queue where sidecars park paused frames (`asya-<ns>-x-pause`).
+pub const PAUSE_QUEUE_ACTOR: &str = "x-pause";
+/// The header that pauses a task (its value: the pause metadata).
+pub const HEADER_PAUSE: &str = "x-asya-pause";
+/// How often the gateway looks for paused tasks past their pause timeout (they are also
+/// failed when read).
+pub const PAUSE_SWEEP: Duration = Duration::from_secs(5);
 
 /// How long after its deadline a task without a final report is failed on read.
 fn expiry_grace() -> chrono::Duration {

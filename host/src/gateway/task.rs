@@ -189,6 +189,18 @@ pub struct Task {
     /// The `x-asya-pause` metadata of the frame that paused the task.
     #[serde(default)]
     pub pause_metadata: Option<Value>,
+    /// The parked frame (envelope JSON) while paused: what `resume` republishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
+    /// When the frame was parked (RFC 3339): the SLA clock stops there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<String>,
+    /// The pause's own timeout (metadata `timeout`) as a time: past it the task fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_until: Option<String>,
+    /// Times the task was resumed.
+    #[serde(default)]
+    pub resumed: u32,
 }
 
 /// Timeline entries kept per task (a runaway fan-out must not grow a record forever).
@@ -225,6 +237,10 @@ impl Task {
             fanned_out: false,
             timeline: Vec::new(),
             pause_metadata: None,
+            parked: None,
+            paused_at: None,
+            pause_until: None,
+            resumed: 0,
         }
     }
 
@@ -289,9 +305,12 @@ impl Task {
         }
         if let Some(meta) = h.pause {
             // The parked frame stays an outstanding branch: the task cannot finish while
-            // paused.
-            self.status = TaskStatus::Paused;
-            self.pause_metadata = Some(meta);
+            // paused. (A report that arrives after a resume does not pause again: the
+            // gateway's parking pauses a resumed task, when it pauses anew.)
+            if self.resumed == 0 || self.parked.is_some() {
+                self.status = TaskStatus::Paused;
+                self.pause_metadata = Some(meta);
+            }
         }
         if h.actors_completed >= self.actors_completed {
             self.actors_completed = h.actors_completed;
@@ -404,9 +423,61 @@ impl Task {
         true
     }
 
-    /// Mark failed with Timeout when the deadline passed long ago and no final arrived.
-    pub fn expire(&mut self, grace: chrono::Duration) -> bool {
+    /// Park a paused frame (`frame`: its envelope JSON; `meta`: its `x-asya-pause` value):
+    /// the task is paused from `now`, until the metadata's `timeout` (seconds, or a duration
+    /// such as `"30s"`) when it has one. False when the task is final already.
+    pub fn park(&mut self, frame: String, meta: Value, now: chrono::DateTime<chrono::Utc>) -> bool {
         if self.status.is_final() {
+            return false;
+        }
+        let timeout = match meta.get("timeout") {
+            Some(Value::Number(n)) => n.as_f64().filter(|s| *s > 0.0 && s.is_finite()).map(|s| {
+                std::time::Duration::from_secs_f64(s.min(super::MAX_TIMEOUT.as_secs_f64()))
+            }),
+            Some(Value::String(t)) => crate::config::parse_duration(t).ok(),
+            _ => None,
+        };
+        self.pause_until = timeout
+            .and_then(|t| chrono::Duration::from_std(t).ok())
+            .and_then(|t| now.checked_add_signed(t))
+            .map(rfc3339);
+        self.paused_at = Some(rfc3339(now));
+        self.parked = Some(frame);
+        self.pause_metadata = Some(meta);
+        self.status = TaskStatus::Paused;
+        self.updated_at = now_rfc3339();
+        true
+    }
+
+    /// Fail with Timeout a task paused past its pause timeout.
+    pub fn pause_expire(&mut self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        if self.status != TaskStatus::Paused {
+            return false;
+        }
+        let Some(until) = self
+            .pause_until
+            .as_deref()
+            .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+        else {
+            return false;
+        };
+        if now < until.with_timezone(&chrono::Utc) {
+            return false;
+        }
+        self.status = TaskStatus::Failed;
+        self.error = Some(ErrorInfo::new(
+            "Timeout",
+            "the task was paused longer than its pause timeout and was not resumed",
+        ));
+        self.parked = None;
+        self.updated_at = now_rfc3339();
+        true
+    }
+
+    /// Mark failed with Timeout when the deadline passed long ago and no final arrived
+    /// (never while paused: the SLA clock is frozen then; resume shifts the deadline).
+    pub fn expire(&mut self, grace: chrono::Duration) -> bool {
+        if self.status.is_final() || self.status == TaskStatus::Paused {
             return false;
         }
         let Some(d) = self
@@ -430,6 +501,10 @@ impl Task {
         self.updated_at = now_rfc3339();
         true
     }
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]
@@ -547,5 +622,36 @@ mod tests {
         h.entry.retried = true;
         t.apply_hop(h);
         assert_eq!(t.outstanding, 1);
+    }
+
+    #[test]
+    fn a_parked_task_is_paused_its_sla_frozen_and_its_pause_timeout_fails_it() {
+        let mut t = Task::new(
+            "t".into(),
+            "t".into(),
+            None,
+            vec!["a".into()],
+            Some("2000-01-01T00:00:00Z".into()),
+        );
+        let now = chrono::Utc::now();
+        assert!(t.park("{}".into(), serde_json::json!({"timeout": "10s"}), now));
+        assert_eq!(t.status, TaskStatus::Paused);
+        assert!(
+            !t.clone().expire(chrono::Duration::zero()),
+            "SLA frozen while paused"
+        );
+        assert!(!t.pause_expire(now + chrono::Duration::seconds(9)));
+        assert!(t.pause_expire(now + chrono::Duration::seconds(10)));
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert_eq!(t.error.as_ref().unwrap().kind, "Timeout");
+        assert!(t.parked.is_none());
+        assert!(
+            !t.park("{}".into(), Value::Null, now),
+            "a final task stays final"
+        );
+        // Without a timeout, a pause lasts.
+        let mut t = Task::new("u".into(), "u".into(), None, vec!["a".into()], None);
+        assert!(t.park("{}".into(), serde_json::json!({"timeout": "soon"}), now));
+        assert!(!t.pause_expire(now + chrono::Duration::days(365)));
     }
 }

@@ -500,6 +500,9 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
         opts.ends.sink.clone(),
         opts.ends.sump.clone(),
     );
+    let parking_stop = CancellationToken::new();
+    let _parking_guard = parking_stop.clone().drop_guard();
+    gw.spawn_parking(parking_stop.clone());
     let stats = summary::StatsReporter::new(Some(gw.reporter()));
     let reporter: Arc<dyn Reporter> = stats.clone();
     let inflight = Inflight::new();
@@ -542,6 +545,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> Result<UpReport
             .inflight(inflight.clone())
             .reporter(Some(reporter.clone()))
             .policy(Some(policy))
+            .canceled(Some(gw.canceled()))
             .build();
         checks.push(sidecar.ready_check());
         live.push(sidecar.live_check());

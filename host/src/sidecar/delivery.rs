@@ -234,6 +234,14 @@ async fn process(mut cx: Ctx<'_>, log: &mut HopLog) -> Settlement {
     // The handler sees the stamped status: one serialisation of the envelope.
     let body = Bytes::from(cx.hop.input.to_vec());
     let (invoke, reply, call_start, gave_up) = loop {
+        if s.canceled
+            .as_ref()
+            .is_some_and(|c| c.holds_task_of(cx.hop.input))
+        {
+            debug!("task canceled: to x-sink without calling the runtime");
+            s.metrics.canceled.inc();
+            return apply(s, &cx.hop, log, plan::canceled(&cx.hop)).await;
+        }
         let invoke = match plan::before_invoke(&cx.hop) {
             Ok(invoke) => invoke,
             Err(plan) => return apply(s, &cx.hop, log, *plan).await,

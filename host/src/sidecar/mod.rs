@@ -107,6 +107,8 @@ pub struct Deps {
     /// The runtime to call; `None` (the default): a [`RuntimeClient`] on the configured
     /// socket.
     pub runtime: Option<Arc<dyn Runtime>>,
+    /// Canceled task ids: an envelope of one goes to x-sink as canceled, uncalled.
+    pub canceled: Option<Arc<crate::cancel::Canceled>>,
 }
 
 impl Deps {
@@ -119,6 +121,7 @@ impl Deps {
             policy: None,
             reporter: None,
             runtime: None,
+            canceled: None,
         }
     }
 }
@@ -136,6 +139,7 @@ struct Shared {
     inflight: Arc<Inflight>,
     policy: Option<Arc<dyn RoutePolicy>>,
     reporter: Option<Arc<dyn Reporter>>,
+    canceled: Option<Arc<crate::cancel::Canceled>>,
 }
 
 /// Run one sidecar until `shutdown` is cancelled (→ [`Exit::Shutdown`]), the runtime times
@@ -188,6 +192,7 @@ pub async fn run(
         inflight: deps.inflight.clone(),
         policy: deps.policy.clone(),
         reporter: deps.reporter.clone(),
+        canceled: deps.canceled.clone(),
         cfg,
     });
     // Cancelled by a worker that hit a runtime timeout with crash-on-timeout.

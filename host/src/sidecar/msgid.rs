@@ -57,6 +57,8 @@ enum Kind {
     OnError { hop: usize },
     /// Bytes that are not an envelope, sent to x-sump: `<uuid of the bytes>:sump`.
     Unparseable,
+    /// The input of a canceled task sent to x-sink: `<id>:<digest>:<hop>:canceled`.
+    Canceled { hop: usize },
 }
 
 impl<'a> MsgId<'a> {
@@ -109,6 +111,14 @@ impl<'a> MsgId<'a> {
         }
     }
 
+    pub fn canceled(input: &'a str, digest: Digest, hop: usize) -> Self {
+        MsgId {
+            input,
+            digest: Some(digest),
+            kind: Kind::Canceled { hop },
+        }
+    }
+
     /// The x-sump message of bytes that are not an envelope; `envelope_id` is
     /// [`unparseable_envelope_id`] of those bytes.
     pub fn unparseable(envelope_id: &'a str) -> Self {
@@ -140,6 +150,7 @@ impl fmt::Display for MsgId<'_> {
             Kind::Abort { hop } => write!(f, ":{hop}:abort"),
             Kind::Unparseable => f.write_str(":sump"),
             Kind::OnError { hop } => write!(f, ":{hop}:on_error"),
+            Kind::Canceled { hop } => write!(f, ":{hop}:canceled"),
         }
     }
 }
@@ -178,6 +189,10 @@ mod tests {
         assert_eq!(
             MsgId::on_error("e", g, 4).to_string(),
             format!("e:{g}:4:on_error")
+        );
+        assert_eq!(
+            MsgId::canceled("e", g, 1).to_string(),
+            format!("e:{g}:1:canceled")
         );
         assert_eq!(MsgId::unparseable("u").to_string(), "u:sump");
         assert_eq!(g.to_string().len(), 16);

@@ -771,6 +771,20 @@ fn to_error_handler(h: &Hop, (actor, queue): (String, QueueName), why: Why) -> P
     plan
 }
 
+/// The input's task was canceled (its id is in the sidecar's canceled set, an input of
+/// this decision): the input to x-sink with phase `canceled`, its payload untouched, and
+/// no runtime call. Counted on `messages_canceled_total`, not as a failure.
+pub(crate) fn canceled(h: &Hop) -> Plan {
+    let mut out = h.input.clone();
+    let st = stamp_phase(h, &mut out, Phase::Canceled);
+    st.reason = None;
+    let id = MsgId::canceled(&h.input.id, h.digest, h.hop).to_string();
+    let dest = (MessageType::Sink, h.rules.sink_queue.clone());
+    let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Success));
+    plan.outputs.push(emit(h, dest, id, out));
+    plan
+}
+
 /// Step 3 (or a call cut short by the deadline): the input to x-sink, failed with reason
 /// Timeout, its payload untouched.
 fn expired(h: &Hop) -> Plan {

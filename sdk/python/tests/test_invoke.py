@@ -207,3 +207,34 @@ def test_missing_payload_is_null(start_runtime):
     env = envelope()
     del env["payload"]
     assert rt.invoke(env).json()["frames"][0]["payload"]["got"] is None
+
+
+def test_pause_marker_becomes_a_frame_with_the_pause_header(start_runtime):
+    rt = start_runtime("basic.ask_human")
+    frames = rt.invoke(envelope({"k": 1}, curr="a", next=["b"])).json()["frames"]
+    assert frames == [{
+        "payload": {"k": 1, "asked": True},
+        "route": {"prev": ["a"], "curr": "b", "next": []},
+        "headers": {"trace_id": "trace-1",
+                    "x-asya-pause": {"prompt": "approve?", "fields": ["approved"], "timeout": 60}},
+    }]
+
+
+def test_pause_marker_in_a_list_pauses_only_its_frame(start_runtime):
+    rt = start_runtime("basic.ask_then_more")
+    frames = rt.invoke(envelope(0, curr="a", next=["b"])).json()["frames"]
+    assert [f["payload"] for f in frames] == [1, 2]
+    assert frames[0]["headers"]["x-asya-pause"] == {"prompt": "p"}
+    assert "x-asya-pause" not in frames[1]["headers"]
+
+
+def test_pause_helper_builds_the_marker():
+    import importlib.util, pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "asya_runtime.py"
+    spec = importlib.util.spec_from_file_location("asya_runtime_for_pause", str(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.pause({"a": 1}, prompt="ok?", fields=["x"], timeout="10m") == {
+        "__asya_pause__": {"prompt": "ok?", "fields": ["x"], "timeout": "10m"},
+        "payload": {"a": 1},
+    }

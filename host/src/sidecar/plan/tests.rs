@@ -1057,3 +1057,26 @@ fn mesh_status_off_turns_reports_off() {
     let on = env(r#"{"id":"e","route":{"curr":"a"},"headers":{"x-asya-mesh-status":"on"}}"#);
     assert!(reports_wanted(&on));
 }
+
+#[test]
+fn a_canceled_task_goes_to_sink_as_canceled_uncalled_with_the_payload_untouched() {
+    let r = rules();
+    let i = input();
+    let p = canceled(&hop(&r, &i, 1));
+    assert!(p.failures.is_empty());
+    assert_eq!(
+        (p.settle, p.processed),
+        (Settlement::Ack, Some(Processed::Success))
+    );
+    let [o] = &p.outputs[..] else { panic!() };
+    assert_eq!(
+        (o.kind, o.queue.as_str()),
+        (MessageType::Sink, "asya-ns-x-sink")
+    );
+    assert_eq!(o.id, mid("1:canceled"));
+    assert_eq!(o.envelope.payload.get(), i.payload.get());
+    assert_eq!(o.envelope.route, i.route);
+    let st = status(o);
+    assert_eq!((st.phase, st.reason), (Some(Phase::Canceled), None));
+    assert_eq!(st.actor.as_deref(), Some("a"));
+}

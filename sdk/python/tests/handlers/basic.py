@@ -114,3 +114,16 @@ def deep_output_stream(payload):
     """A generator whose second item is too deep to serialise."""
     yield {"first": True}
     yield deep_output(payload)
+
+
+def ask_human(payload):
+    """Pauses the task: the marker ``asya_runtime.pause`` builds, written out."""
+    return {
+        "__asya_pause__": {"prompt": "approve?", "fields": ["approved"], "timeout": 60},
+        "payload": dict(payload, asked=True),
+    }
+
+
+def ask_then_more(payload):
+    """A list: the first frame pauses, the second goes on."""
+    return [{"__asya_pause__": {"prompt": "p"}, "payload": 1}, 2]
