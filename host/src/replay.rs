@@ -377,7 +377,11 @@ mod tests {
         assert_eq!(line.reason, "RuntimeError/processing_error");
         assert_eq!(u.queue.as_str(), "asya-ns-a");
         let env = u.envelope;
-        assert_eq!(env.payload.get(), r#"{"k":1.5}"#);
+        assert_eq!(
+            env.payload.get(),
+            r#"{"k": 1.50}"#,
+            "the payload that failed, as its text"
+        );
         assert_eq!(env.route.prev, ["p"]);
         assert_eq!(env.route.next, ["z"]);
         assert_eq!(env.headers.value(HEADER_REPLAYS).unwrap(), 1);

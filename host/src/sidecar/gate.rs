@@ -115,6 +115,9 @@ pub(super) async fn watch(shared: Arc<Shared>) {
                     }
                     Err(why) => why,
                 };
+                // Pooled connections lead to the runtime that went away: a call after its
+                // restart must not meet one of them (it would count as a lost call).
+                shared.runtime.reset();
                 gate.outages.inc();
                 gate.set(State::Down);
                 let timeout = shared.cfg.ready_timeout;
@@ -122,6 +125,7 @@ pub(super) async fn watch(shared: Arc<Shared>) {
                 let since = Instant::now();
                 match shared.runtime.wait_ready(ready_file, timeout).await {
                     Ok(()) => {
+                        shared.runtime.reset();
                         info!(actor = %shared.actor, after = ?since.elapsed(), "runtime is back; consuming again");
                         gate.set(State::Up);
                     }
