@@ -84,10 +84,7 @@ impl Canceled {
 
     pub fn contains(&self, id: &str) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match inner.ids.get(id) {
-            Some(at) => at.elapsed() < self.ttl,
-            None => false,
-        }
+        inner.ids.get(id).is_some_and(|at| at.elapsed() < self.ttl)
     }
 
     /// Ids held now.
@@ -106,19 +103,16 @@ impl Canceled {
     /// Whether `env` belongs to a canceled task: its envelope id (the task id for the first
     /// envelope), or its trace id read as a uuid (the gateway's task id, carried by every
     /// envelope of the task, fan-out children included), or its parent id.
+    /// Checked for every delivery: one lock, and nothing parsed while the set is empty.
     pub fn holds_task_of(&self, env: &Envelope) -> bool {
-        if self.is_empty() {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.ids.is_empty() {
             return false;
         }
-        if self.contains(&env.id) {
-            return true;
-        }
-        if let Ok(u) = uuid::Uuid::parse_str(&env.trace_id()) {
-            if self.contains(&u.to_string()) {
-                return true;
-            }
-        }
-        env.parent_id.as_deref().is_some_and(|p| self.contains(p))
+        let held = |id: &str| inner.ids.get(id).is_some_and(|at| at.elapsed() < self.ttl);
+        held(&env.id)
+            || uuid::Uuid::parse_str(&env.trace_id()).is_ok_and(|u| held(&u.to_string()))
+            || env.parent_id.as_deref().is_some_and(held)
     }
 }
 

@@ -194,7 +194,12 @@ fn examine(body: &[u8], opts: &ReplayOptions) -> (Line, Option<Unwrapped>) {
     struct Shape {
         #[serde(default)]
         error: Option<Value>,
+        /// Absent: not the x-sump shape; `null` is a payload like any other.
+        #[serde(default, deserialize_with = "present")]
         original_payload: Option<Box<RawValue>>,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+        <Box<RawValue> as serde::Deserialize>::deserialize(d).map(Some)
     }
     let shape: Shape = serde_json::from_str(env.payload.get()).unwrap_or_default();
     let code = shape.error.as_ref().and_then(Value::as_str).unwrap_or("");
@@ -389,6 +394,26 @@ mod tests {
         let st = env.status.unwrap();
         assert_eq!(st.phase, Some(Phase::Pending));
         assert!(st.error.is_none() && st.reason.is_none());
+    }
+
+    #[test]
+    fn a_null_original_payload_is_replayed_and_a_missing_one_is_unusable() {
+        let opts = ReplayOptions::new("ns");
+        let with = |payload: &str| {
+            String::from_utf8(sump_message("e1", "a", None))
+                .unwrap()
+                .replace(r#""original_payload":{"k": 1.50}"#, payload)
+                .into_bytes()
+        };
+        let (_, out) = examine(&with(r#""original_payload":null"#), &opts);
+        assert_eq!(out.expect("replayed").envelope.payload.get(), "null");
+        let (line, out) = examine(&with(r#""other":1"#), &opts);
+        assert!(out.is_none());
+        assert!(
+            matches!(line.verdict, Verdict::Unusable(_)),
+            "{:?}",
+            line.verdict
+        );
     }
 
     #[test]
