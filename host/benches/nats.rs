@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::pull::Config as PullConfig};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use asya_host::config::SidecarConfig;
@@ -42,7 +41,7 @@ use asya_host::sidecar::{self, Deps};
 use asya_host::transport::nats::{NatsConfig, NatsTransport};
 use asya_host::transport::{OutMessage, Transport, TransportKind};
 use asya_test_support::{nats_server, NatsServer};
-use echo_runtime::serve_echo;
+use echo_runtime::spawn_echo_thread;
 
 fn envelope(id: &str) -> Bytes {
     envelope_with(id, 1)
@@ -285,8 +284,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let server = NatsServer::start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // As `asya-host sidecar` runs: one thread (see host/src/main.rs); the echo runtime on a
+    // thread of its own, as a handler runtime is a process of its own.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
@@ -295,9 +295,7 @@ fn main() {
 
 async fn run(server: &NatsServer, n: usize, tput: usize) {
     let dir = tempfile::tempdir().unwrap();
-    tokio::spawn(serve_echo(
-        UnixListener::bind(dir.path().join("asya-runtime.sock")).unwrap(),
-    ));
+    spawn_echo_thread(&dir.path().join("asya-runtime.sock"));
     std::fs::write(dir.path().join("runtime-ready"), "ready").unwrap();
     let cfg = NatsConfig::new(&server.url());
     let connect = |_ns: &str| NatsTransport::connect(cfg.clone());

@@ -283,10 +283,24 @@ fn main() -> ExitCode {
             _ => "info",
         },
     );
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The sidecar runs on one thread. A delivery is a chain of hand-offs (transport → worker →
+    // runtime socket → worker → transport); across the worker threads of a multi-thread
+    // runtime each one is a cross-thread wake-up, tens of µs on these VMs, while the host's
+    // own work per hop is ~10 µs of CPU (host/benches/hop.rs: hop p50 78–83 µs on two worker
+    // threads, 52–55 µs on one, same machine and run). One thread carries tens of thousands of
+    // hops per second, more than any handler runtime next to it. Everything else (`up` runs
+    // many sidecars and a gateway in one process) uses every core.
+    let one_thread = matches!(cli.command, None | Some(Command::Sidecar));
+    let built = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("asya-host: cannot start the async runtime: {e}");

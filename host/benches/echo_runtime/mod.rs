@@ -67,7 +67,7 @@ fn fanout(payload: &str) -> usize {
         .map_or(1, |n| n as usize)
 }
 
-pub async fn serve_echo(listener: UnixListener) {
+async fn serve_echo(listener: UnixListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             return;
@@ -78,4 +78,24 @@ pub async fn serve_echo(listener: UnixListener) {
                 .await;
         });
     }
+}
+
+/// Serve the echo runtime on `path` from a thread of its own, with a runtime of its own (a
+/// handler runtime is a process of its own next to the sidecar: its scheduling is not the
+/// sidecar's). Returns once the socket accepts connections.
+pub fn spawn_echo_thread(path: &std::path::Path) {
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind the echo socket");
+    listener.set_nonblocking(true).expect("non-blocking socket");
+    std::thread::Builder::new()
+        .name("echo-runtime".into())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("echo runtime")
+                .block_on(async move {
+                    serve_echo(UnixListener::from_std(listener).expect("a tokio listener")).await
+                });
+        })
+        .expect("spawn the echo thread");
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -349,14 +350,24 @@ impl RuntimeClient {
 
     /// `POST /invoke` with the envelope bytes; answer within `deadline`.
     pub async fn invoke(&self, envelope: Bytes, deadline: Instant) -> Result<Reply, RuntimeError> {
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let req = Request::post("/invoke")
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(REQUEST_ID, &request_id)
-            .body(Full::new(envelope))
-            .expect("static request parts are valid");
-        let (resp, mut conn) = self.request(req, &request_id, deadline).await?;
+        // Built from constants, not parsed from strings by the request builder (a runtime
+        // call is on every delivery's path).
+        let mut id_text = uuid::Uuid::encode_buffer();
+        let request_id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text);
+        let mut req = Request::new(Full::new(envelope));
+        *req.method_mut() = hyper::Method::POST;
+        *req.uri_mut() = hyper::Uri::from_static("/invoke");
+        let headers = req.headers_mut();
+        headers.insert(hyper::header::HOST, HeaderValue::from_static("localhost"));
+        headers.insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            HeaderName::from_static(REQUEST_ID),
+            HeaderValue::from_str(request_id).expect("a uuid is a header value"),
+        );
+        let (resp, mut conn) = self.request(req, request_id, deadline).await?;
         let status = resp.status();
         let is_sse = resp
             .headers()

@@ -301,7 +301,7 @@ pub(crate) fn raw_envelope(body: &[u8], error: ErrorInfo) -> Envelope {
 /// A panic kept failing this delivery: `h.input` is [`raw_envelope`] of the bytes; it goes
 /// to x-sump (the panic is counted on its own metric, not as a failure reason).
 pub(crate) fn panicked(h: &Hop) -> Plan {
-    let id = MsgId::unparseable(&h.input.id).to_string();
+    let id = MsgId::unparseable(&h.input.id).render();
     let why = Why {
         reason: Reason::NonRetryableFailure,
         error: None,
@@ -324,7 +324,7 @@ pub(crate) fn unparseable(h: &Hop, e: &EnvelopeError) -> Plan {
         error: None,
         code: None,
     };
-    let id = MsgId::unparseable(&h.input.id).to_string();
+    let id = MsgId::unparseable(&h.input.id).render();
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error))
         .failed(fail, format!("unusable message: {e}"));
     plan.outputs.push(to_sump(h, h.input.clone(), id, why));
@@ -437,7 +437,8 @@ pub(crate) fn route_frame(
     policy: Option<Result<Decision, String>>,
 ) {
     let input = h.input;
-    let sump_id = MsgId::frame_sump(&input.id, h.digest, h.hop, cand.index).to_string();
+    // Only a frame that breaks a rule needs it.
+    let sump_id = || MsgId::frame_sump(&input.id, h.digest, h.hop, cand.index).render();
     if let Some(v) = cand.violation {
         routed.failures.push(Failed {
             reason: FailReason::RouteMismatch,
@@ -448,7 +449,9 @@ pub(crate) fn route_frame(
             error: Some(ErrorInfo::new("RouteMismatch", v.to_string())),
             code: None,
         };
-        routed.outputs.push(to_sump(h, input.clone(), sump_id, why));
+        routed
+            .outputs
+            .push(to_sump(h, input.clone(), sump_id(), why));
         return;
     }
     let mut out = cand.envelope;
@@ -479,10 +482,10 @@ pub(crate) fn route_frame(
             error: Some(ErrorInfo::new("PolicyRejected", why)),
             code: None,
         };
-        routed.outputs.push(to_sump(h, out, sump_id, why));
+        routed.outputs.push(to_sump(h, out, sump_id(), why));
         return;
     }
-    let id = MsgId::frame(&input.id, h.digest, h.hop, cand.index).to_string();
+    let id = MsgId::frame(&input.id, h.digest, h.hop, cand.index).render();
     if let Some(meta) = out.headers.value(HEADER_PAUSE) {
         // Not routed: parked on the pause queue (the gateway resumes it), status paused.
         if let Ok(queue) = h.rules.queue.sibling(PAUSE_ACTOR) {
@@ -522,7 +525,7 @@ pub(crate) fn route_frame(
                     error: Some(ErrorInfo::new("RouteMismatch", e.to_string())),
                     code: None,
                 };
-                routed.outputs.push(to_sump(h, out, sump_id, why));
+                routed.outputs.push(to_sump(h, out, sump_id(), why));
                 return;
             }
         }
@@ -558,7 +561,7 @@ pub(crate) fn after_invoke(h: &Hop, call: Call) -> Plan {
         Answer::Abort => {
             let mut out = h.input.clone();
             stamp(h, &mut out, Phase::Succeeded, Reason::Completed);
-            let id = MsgId::abort(&h.input.id, h.digest, h.hop).to_string();
+            let id = MsgId::abort(&h.input.id, h.digest, h.hop).render();
             let mut plan = succeeded(h);
             let dest = (MessageType::Sink, rules.sink_queue.clone());
             plan.outputs.push(emit(h, dest, id, out));
@@ -764,7 +767,7 @@ fn to_error_handler(h: &Hop, (actor, queue): (String, QueueName), why: Why) -> P
     if why.error.is_some() {
         st.error = why.error;
     }
-    let id = MsgId::on_error(&h.input.id, h.digest, h.hop).to_string();
+    let id = MsgId::on_error(&h.input.id, h.digest, h.hop).render();
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error));
     plan.outputs
         .push(emit(h, (MessageType::Routing, queue), id, out));
@@ -778,7 +781,7 @@ pub(crate) fn canceled(h: &Hop) -> Plan {
     let mut out = h.input.clone();
     let st = stamp_phase(h, &mut out, Phase::Canceled);
     st.reason = None;
-    let id = MsgId::canceled(&h.input.id, h.digest, h.hop).to_string();
+    let id = MsgId::canceled(&h.input.id, h.digest, h.hop).render();
     let dest = (MessageType::Sink, h.rules.sink_queue.clone());
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Success));
     plan.outputs.push(emit(h, dest, id, out));
@@ -793,7 +796,7 @@ fn expired(h: &Hop) -> Plan {
         "Timeout",
         "deadline passed before processing finished",
     ));
-    let id = MsgId::expired(&h.input.id, h.digest, h.hop).to_string();
+    let id = MsgId::expired(&h.input.id, h.digest, h.hop).render();
     let dest = (MessageType::Sink, h.rules.sink_queue.clone());
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Success)).failed(
         FailReason::SlaExpired,
@@ -816,7 +819,7 @@ fn sump_input(h: &Hop, reason: Reason, error: Option<ErrorInfo>) -> Plan {
 }
 
 fn sump_input_why(h: &Hop, why: Why) -> Plan {
-    let id = MsgId::sump(&h.input.id, h.digest, h.hop).to_string();
+    let id = MsgId::sump(&h.input.id, h.digest, h.hop).render();
     let mut plan = Plan::new(h.rules, Settlement::Ack, Some(Processed::Error));
     plan.outputs.push(to_sump(h, h.input.clone(), id, why));
     plan
