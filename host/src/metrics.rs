@@ -382,7 +382,21 @@ pub struct ActorMetrics {
     pub panics: Counter,
     pub outages: Counter,
     pub canceled: Counter,
+    /// The `sent` / `send_duration` handles of the destinations seen so far (a family lookup
+    /// hashes and allocates its label set: twice per output otherwise).
+    sent_handles: Arc<std::sync::Mutex<Vec<SentHandles>>>,
 }
+
+struct SentHandles {
+    queue: String,
+    kind: MessageType,
+    sent: Counter,
+    duration: Histogram,
+}
+
+/// Destinations whose handles [`ActorMetrics::sent`] keeps (routes to more actors than this
+/// look the rest up each time).
+const SENT_HANDLES: usize = 64;
 
 impl ActorMetrics {
     pub fn new(metrics: Arc<Metrics>, queue: &str, transport: &'static str) -> Self {
@@ -450,6 +464,7 @@ impl ActorMetrics {
             queue: queue.to_owned(),
             transport,
             metrics,
+            sent_handles: Default::default(),
         }
     }
 
@@ -470,20 +485,78 @@ impl ActorMetrics {
         took: Duration,
         bytes: usize,
     ) {
-        self.metrics
+        self.size_sent.observe(bytes as f64);
+        let mut cache = self.sent_handles.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = cache
+            .iter()
+            .find(|h| h.kind == message_type && h.queue == destination_queue)
+        {
+            h.sent.inc();
+            h.duration.observe(took.as_secs_f64());
+            return;
+        }
+        // One statement per handle (see `new`).
+        let sent = self
+            .metrics
             .sent
             .get_or_create(&Sent {
                 destination_queue: destination_queue.to_owned(),
                 message_type: message_type.as_str(),
             })
-            .inc();
-        self.metrics
+            .clone();
+        let duration = self
+            .metrics
             .send_duration
             .get_or_create(&DestTransport {
                 destination_queue: destination_queue.to_owned(),
                 transport: self.transport,
             })
-            .observe(took.as_secs_f64());
-        self.size_sent.observe(bytes as f64);
+            .clone();
+        sent.inc();
+        duration.observe(took.as_secs_f64());
+        if cache.len() < SENT_HANDLES {
+            cache.push(SentHandles {
+                queue: destination_queue.to_owned(),
+                kind: message_type,
+                sent,
+                duration,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line that starts with `prefix`.
+    fn sample(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn sent_counts_each_destination_and_kind_through_its_cached_handles() {
+        let m = Metrics::new("asya_actor");
+        let a = ActorMetrics::new(m.clone(), "asya-ns-a", "memory");
+        let ms = Duration::from_millis(1);
+        a.sent("asya-ns-b", MessageType::Routing, ms, 10);
+        a.sent("asya-ns-b", MessageType::Routing, ms, 10);
+        a.sent("asya-ns-x-sink", MessageType::Sink, ms, 10);
+        // A second handle set on the same family shares the counters.
+        a.clone().sent("asya-ns-b", MessageType::Routing, ms, 10);
+        let text = m.encode();
+        let sent = |queue: &str, kind: &str| {
+            sample(
+                &text,
+                &format!(
+                    "asya_actor_messages_sent_total{{destination_queue=\"{queue}\",message_type=\"{kind}\"}}"
+                ),
+            )
+        };
+        assert_eq!(sent("asya-ns-b", "routing"), Some(3.0), "{text}");
+        assert_eq!(sent("asya-ns-x-sink", "sink"), Some(1.0), "{text}");
+        assert_eq!(sent("asya-ns-b", "sink"), None, "{text}");
     }
 }
