@@ -115,6 +115,24 @@ pub enum Reason {
     NonRetryableFailure,
 }
 
+impl Reason {
+    /// The x-sump payload's `error` for a failure the host found itself (upstream's
+    /// snake_case codes; `status.reason` itself keeps the variant's name).
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Completed => "completed",
+            Reason::RuntimeError => "runtime_error",
+            Reason::Timeout => "timeout",
+            Reason::ParseError => "parse_error",
+            Reason::ValidationError => "validation_error",
+            Reason::RouteMismatch => "route_mismatch",
+            Reason::PolicyRejected => "policy_rejected",
+            Reason::MaxRetriesExhausted => "max_retries_exhausted",
+            Reason::NonRetryableFailure => "non_retryable_failure",
+        }
+    }
+}
+
 /// The error carried by a failed envelope (the runtime's 500 body, or the host's own).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ErrorInfo {
@@ -604,6 +622,54 @@ impl Frame {
             extra: input.extra.clone(),
         }
     }
+}
+
+/// Namespace of the uuid-v5 ids the host assigns (fan-out children, bytes that are not an
+/// envelope).
+pub(crate) const ID_NS: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6173_7961_2d66_616e_2d6f_7574_2d69_6473);
+
+/// The envelope id given to bytes that are not an envelope: a redelivered copy of the same
+/// bytes gets the same id (and is deduplicated).
+pub fn unparseable_envelope_id(body: &[u8]) -> String {
+    uuid::Uuid::new_v5(&ID_NS, body).to_string()
+}
+
+/// An envelope carrying `body` as received (a JSON string payload) and `error`, with an id
+/// derived from the bytes and the headers salvaged from them when they are an object: how
+/// bytes that cannot be handled as an envelope reach x-sump.
+pub fn raw_envelope(body: &[u8], error: ErrorInfo) -> Envelope {
+    let text = String::from_utf8_lossy(body);
+    let payload = RawValue::from_string(serde_json::to_string(&text).expect("a string serialises"))
+        .expect("a JSON string is JSON");
+    let mut env = Envelope::new(unparseable_envelope_id(body), Route::default(), payload);
+    if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) {
+        if let Some(Value::Object(h)) = obj.get("headers") {
+            env.headers = h.clone().into();
+        }
+    }
+    env.status_mut().error = Some(error);
+    env
+}
+
+/// Upstream's x-sump payload around `original` (kept as its raw text): `{"error": code,
+/// "details": {message, type, mro, traceback} or null, "original_payload": original}`.
+pub fn sump_payload(code: &str, error: Option<&ErrorInfo>, original: &RawValue) -> Box<RawValue> {
+    let details = error.map(|e| {
+        serde_json::json!({
+            "message": e.message,
+            "type": e.kind,
+            "mro": e.mro,
+            "traceback": e.traceback,
+        })
+    });
+    let text = format!(
+        r#"{{"error":{},"details":{},"original_payload":{}}}"#,
+        Value::from(code),
+        details.unwrap_or(Value::Null),
+        original.get()
+    );
+    RawValue::from_string(text).expect("parts that are JSON make JSON")
 }
 
 #[cfg(test)]

@@ -485,3 +485,92 @@ async fn pause_survives_restarts_and_resume_merges_the_input_over_nats() {
     stop2.cancel();
     mesh.stop().await;
 }
+
+/// One bad message costs one message, on the pause queue too: bytes that are not an
+/// envelope and a paused frame of a task the gateway does not know go to x-sump, each with a
+/// reason that says what is wrong, and leave x-pause (they were acked, not dropped silently
+/// or redelivered for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparkable_pause_messages_go_to_sump_with_their_reason() {
+    let ns = format!("ctlu{}", std::process::id());
+    let (_server, _cfg, nats) = nats(&ns, &["a".to_owned()]).await;
+    let transport: Arc<dyn Transport> = nats.clone();
+    let mut sump = transport
+        .subscribe(&QueueName::new(&ns, "x-sump").unwrap(), 1)
+        .await
+        .unwrap();
+    let (_gw, _url, stop) = kv_gateway(&nats, &transport, &ns, &format!("{ns}-tasks"), None).await;
+    let pause = QueueName::new(&ns, "x-pause").unwrap();
+    let ghost = json!({
+        "id": "ghost-1",
+        "route": {"prev": ["a"], "curr": "b", "next": []},
+        "headers": {"x-asya-pause": {"prompt": "approve?"}},
+        "payload": {"k": 1},
+    });
+    for (id, body) in [
+        ("junk", Bytes::from_static(b"{not json")),
+        ("ghost", Bytes::from(ghost.to_string())),
+    ] {
+        transport
+            .send(asya_host::transport::OutMessage {
+                queue: pause.clone(),
+                id: id.into(),
+                body,
+            })
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(WAIT, sump.recv())
+            .await
+            .expect("an x-sump message within the wait")
+            .unwrap();
+        seen.push(serde_json::from_slice::<Value>(&d.body).unwrap());
+        d.acker.ack().await.unwrap();
+    }
+    seen.sort_by_key(|v| v["status"]["reason"].to_string());
+    let (junk, ghost_out) = (&seen[0], &seen[1]);
+    assert_eq!(junk["status"]["phase"], "failed", "{junk}");
+    assert_eq!(junk["status"]["reason"], "ParseError", "{junk}");
+    assert_eq!(junk["status"]["actor"], "x-pause", "{junk}");
+    assert_eq!(junk["payload"]["error"], "parse_error", "{junk}");
+    assert_eq!(junk["payload"]["original_payload"], "{not json", "{junk}");
+    assert!(
+        junk["status"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not an envelope"),
+        "{junk}"
+    );
+    assert_eq!(ghost_out["id"], "ghost-1", "{ghost_out}");
+    assert_eq!(
+        ghost_out["status"]["reason"], "ValidationError",
+        "{ghost_out}"
+    );
+    assert_eq!(
+        ghost_out["payload"]["error"], "validation_error",
+        "{ghost_out}"
+    );
+    assert_eq!(
+        ghost_out["status"]["error"]["type"], "UnknownTask",
+        "{ghost_out}"
+    );
+    assert_eq!(
+        ghost_out["payload"]["original_payload"],
+        json!({"k": 1}),
+        "{ghost_out}"
+    );
+    assert_eq!(
+        ghost_out["headers"]["x-asya-pause"],
+        json!({"prompt": "approve?"})
+    );
+    assert!(
+        eventually_async(WAIT, || async {
+            depth(&*transport, &ns, "x-pause").await == 0
+        })
+        .await,
+        "x-pause still holds messages"
+    );
+    stop.cancel();
+}

@@ -31,7 +31,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::envelope::{now_rfc3339, Envelope, Phase, Route, HEADER_TRACEPARENT, HEADER_TRACE_ID};
+use crate::envelope::{
+    now_rfc3339, raw_envelope, sump_payload, unparseable_envelope_id, Envelope, ErrorInfo, Phase,
+    Reason, Route, HEADER_TRACEPARENT, HEADER_TRACE_ID,
+};
 use crate::transport::{OutMessage, QueueName, Transport, TransportError};
 
 pub use client::HttpReporter;
@@ -511,21 +514,43 @@ impl Gateway {
         })
     }
 
-    /// Store one frame from `x-pause` in its task. `Err`: try again later (the store failed).
-    async fn park(&self, body: &[u8]) -> Result<(), StoreError> {
+    /// Store one frame from `x-pause` in its task. A message that is not an envelope, or a
+    /// frame of a task this gateway's store does not know, goes to x-sump with the reason
+    /// (one bad message costs that message, nothing else). `Err`: try again later (the store
+    /// or the broker failed).
+    async fn park(&self, body: &[u8]) -> Result<(), ParkError> {
         let env = match Envelope::parse(body) {
             Ok(e) => e,
             Err(e) => {
-                warn!(error = %e, "an x-pause message is not an envelope; dropped");
-                return Ok(());
+                let (reason, kind) = if e.is_parse() {
+                    (Reason::ParseError, "ParseError")
+                } else {
+                    (Reason::ValidationError, "ValidationError")
+                };
+                let error = ErrorInfo::new(
+                    kind,
+                    format!("an x-pause message that cannot be parked: {e}"),
+                );
+                return self
+                    .unparkable(body, raw_envelope(body, error.clone()), reason, error)
+                    .await;
             }
         };
         let Some(id) = self
             .resolve(&env.id, env.parent_id.as_deref(), &env.trace_id())
             .await
         else {
-            warn!(envelope_id = %env.id, "a paused frame of an unknown task; dropped");
-            return Ok(());
+            let error = ErrorInfo::new(
+                "UnknownTask",
+                format!(
+                    "a paused frame (envelope {}, trace {}) of a task this gateway does not know: it cannot be resumed",
+                    env.id,
+                    env.trace_id()
+                ),
+            );
+            return self
+                .unparkable(body, env, Reason::ValidationError, error)
+                .await;
         };
         let meta = env.headers.value(HEADER_PAUSE).unwrap_or(Value::Null);
         let text = String::from_utf8_lossy(body).into_owned();
@@ -539,6 +564,37 @@ impl Gateway {
             self.emit(&id, "progress", &t.view());
         }
         Ok(())
+    }
+
+    /// An x-pause message that cannot be parked, to x-sump: failed with `reason` and `error`,
+    /// the payload in the x-sump shape (SPEC §4), under a message id derived from the bytes (a
+    /// redelivered copy is deduplicated).
+    async fn unparkable(
+        &self,
+        body: &[u8],
+        mut env: Envelope,
+        reason: Reason,
+        error: ErrorInfo,
+    ) -> Result<(), ParkError> {
+        warn!(envelope_id = %env.id, reason = reason.code(), error = %error.message, "an x-pause message cannot be parked; it goes to x-sump");
+        let now = now_rfc3339();
+        let st = env.status_mut();
+        st.phase = Some(Phase::Failed);
+        st.reason = Some(reason);
+        st.actor = Some(PAUSE_QUEUE_ACTOR.to_owned());
+        st.created_at.get_or_insert_with(|| now.clone());
+        st.updated_at = Some(now);
+        st.error = Some(error.clone());
+        env.payload = sump_payload(reason.code(), Some(&error), &env.payload);
+        let queue = QueueName::new(&self.namespace, &self.sump).map_err(ParkError::NoSump)?;
+        self.transport
+            .send(OutMessage {
+                queue,
+                id: format!("{}:x-pause:sump", unparseable_envelope_id(body)),
+                body: Bytes::from(env.to_vec()),
+            })
+            .await
+            .map_err(ParkError::Sump)
     }
 
     /// Fail every paused task past its pause timeout.
@@ -896,6 +952,17 @@ impl Gateway {
     pub fn sump(&self) -> &str {
         &self.sump
     }
+}
+
+/// Why a paused frame could not be settled now (it is redelivered).
+#[derive(Debug, thiserror::Error)]
+enum ParkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot send it to x-sump: {0}")]
+    Sump(TransportError),
+    #[error("no x-sump queue: {0}")]
+    NoSump(crate::queue::InvalidName),
 }
 
 /// The sibling queue where sidecars park paused frames (`asya-<ns>-x-pause`).

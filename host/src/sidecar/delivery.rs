@@ -187,7 +187,7 @@ pub(super) async fn panicked(s: &Shared, body: &Bytes, attempt: u32, panic: &str
     let settle = if attempt < res.max_attempts {
         Settlement::Retry(res.backoff(attempt.max(1)))
     } else {
-        let input = plan::raw_envelope(
+        let input = crate::envelope::raw_envelope(
             body,
             ErrorInfo::new("SidecarPanic", format!("the sidecar panicked: {panic}")),
         );

@@ -9,8 +9,9 @@
 
 use std::fmt;
 
-/// Namespace for the uuid-v5 ids the sidecar assigns.
-const ID_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6173_7961_2d66_616e_2d6f_7574_2d69_6473);
+#[cfg(test)]
+use crate::envelope::unparseable_envelope_id;
+use crate::envelope::ID_NS;
 
 /// A digest of the input message's bytes: XXH3-64, a specified algorithm, so a redelivery
 /// handled by another replica (or another version of the host) yields the same ids. Fast
@@ -120,7 +121,7 @@ impl<'a> MsgId<'a> {
     }
 
     /// The x-sump message of bytes that are not an envelope; `envelope_id` is
-    /// [`unparseable_envelope_id`] of those bytes.
+    /// [`crate::envelope::unparseable_envelope_id`] of those bytes.
     pub fn unparseable(envelope_id: &'a str) -> Self {
         MsgId {
             input: envelope_id,
@@ -193,12 +194,6 @@ impl fmt::Display for MsgId<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.render())
     }
-}
-
-/// The envelope id given to bytes that are not an envelope: a redelivered copy of the same
-/// bytes gets the same id (and is deduplicated).
-pub(crate) fn unparseable_envelope_id(body: &[u8]) -> String {
-    uuid::Uuid::new_v5(&ID_NS, body).to_string()
 }
 
 #[cfg(test)]

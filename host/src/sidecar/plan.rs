@@ -13,11 +13,11 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::msgid::{unparseable_envelope_id, Digest, MsgId};
+use super::msgid::{Digest, MsgId};
 use crate::config::{Resiliency, SidecarConfig};
 use crate::envelope::{
-    Envelope, EnvelopeError, ErrorInfo, Frame, Phase, Reason, Route, RouteViolation, Status,
-    HEADER_TRACEPARENT,
+    raw_envelope, sump_payload, Envelope, EnvelopeError, ErrorInfo, Frame, Phase, Reason,
+    RouteViolation, Status, HEADER_TRACEPARENT,
 };
 use crate::metrics::{FailReason, MessageType};
 use crate::plugin::Decision;
@@ -280,22 +280,6 @@ pub(crate) fn unparseable_envelope(body: &[u8], e: &EnvelopeError) -> Envelope {
         "ValidationError"
     };
     raw_envelope(body, ErrorInfo::new(kind, e.to_string()))
-}
-
-/// An envelope carrying `body` as received (a JSON string payload) and `error`, with an id
-/// derived from the bytes and the headers salvaged from them when they are an object.
-pub(crate) fn raw_envelope(body: &[u8], error: ErrorInfo) -> Envelope {
-    let text = String::from_utf8_lossy(body);
-    let payload = RawValue::from_string(serde_json::to_string(&text).expect("a string serialises"))
-        .expect("a JSON string is JSON");
-    let mut env = Envelope::new(unparseable_envelope_id(body), Route::default(), payload);
-    if let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body) {
-        if let Some(Value::Object(h)) = obj.get("headers") {
-            env.headers = h.clone().into();
-        }
-    }
-    env.status_mut().error = Some(error);
-    env
 }
 
 /// A panic kept failing this delivery: `h.input` is [`raw_envelope`] of the bytes; it goes
@@ -839,21 +823,6 @@ const CODE_HANDLER: &str = "processing_error";
 /// `error` of the x-sump payload when the runtime rejected the envelope (its 400 code).
 const CODE_REJECTED: &str = "msg_parsing_error";
 
-/// The x-sump payload's `error` for a failure the host found itself.
-fn reason_code(reason: Reason) -> &'static str {
-    match reason {
-        Reason::Completed => "completed",
-        Reason::RuntimeError => "runtime_error",
-        Reason::Timeout => "timeout",
-        Reason::ParseError => "parse_error",
-        Reason::ValidationError => "validation_error",
-        Reason::RouteMismatch => "route_mismatch",
-        Reason::PolicyRejected => "policy_rejected",
-        Reason::MaxRetriesExhausted => "max_retries_exhausted",
-        Reason::NonRetryableFailure => "non_retryable_failure",
-    }
-}
-
 /// The x-sump message for `env` (the input, a rejected frame, or unparseable bytes): failed
 /// status with the reason, the error and this hop's attempt; the payload in upstream's
 /// shape `{"error": code, "details": {message, type, mro, traceback}, "original_payload":
@@ -864,34 +833,11 @@ fn to_sump(h: &Hop, mut env: Envelope, id: String, why: Why) -> Output {
         st.error = why.error;
     }
     let error = st.error.clone();
-    let code = why.code.unwrap_or_else(|| reason_code(why.reason));
+    let code = why.code.unwrap_or_else(|| why.reason.code());
     let payload = sump_payload(code, error.as_ref(), &env.payload);
     env.payload = payload;
     let dest = (MessageType::Sump, h.rules.sump_queue.clone());
     emit(h, dest, id, env)
-}
-
-/// Upstream's x-sump payload around `original` (kept as its raw text).
-pub(crate) fn sump_payload(
-    code: &str,
-    error: Option<&ErrorInfo>,
-    original: &RawValue,
-) -> Box<RawValue> {
-    let details = error.map(|e| {
-        serde_json::json!({
-            "message": e.message,
-            "type": e.kind,
-            "mro": e.mro,
-            "traceback": e.traceback,
-        })
-    });
-    let text = format!(
-        r#"{{"error":{},"details":{},"original_payload":{}}}"#,
-        Value::from(code),
-        details.unwrap_or(Value::Null),
-        original.get()
-    );
-    RawValue::from_string(text).expect("parts that are JSON make JSON")
 }
 
 /// The one status stamp: phase, reason, this actor, this hop's attempt, now. Returns the
