@@ -11,9 +11,10 @@
 //!   (parse, invoke, route, publish, ack), one at a time;
 //! - host throughput: N envelopes queued up front, drained by one sidecar at concurrency 1.
 //!
-//! The latency samples are interleaved (a raw round trip, a client call, a hop, in turn), so
-//! the floor and the hop are measured under the same machine state; the raw rate for the
-//! throughput ratio is a separate back-to-back run.
+//! The latency samples are interleaved (a raw round trip, a client call, a hop, in turn, the
+//! order rotating), so the floor and the hop are measured under the same machine state; the
+//! raw rate for the throughput ratio is a separate back-to-back run. Before the table: context
+//! switches and CPU time per operation of each kind (Linux `/proc`).
 //!
 //! Targets (ratios, since the machines' wake-up costs differ): host hop p50 ≤ 1.5 × raw p50,
 //! throughput ≥ 0.6 × the raw round-trip rate.
@@ -128,11 +129,9 @@ async fn raw_round_trips(raw: &mut Raw, n: usize) -> Stats {
 
 /// Context switches (every thread's, voluntary or not) and CPU time (ns, every thread's) of
 /// this process so far, from /proc: the scheduler hand-offs and the work an operation costs,
-/// which its wall-clock time only hints at.
-fn sched_counters() -> (u64, u64) {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return (0, 0);
-    };
+/// which its wall-clock time only hints at. `None` without Linux's `/proc`.
+fn sched_counters() -> Option<(u64, u64)> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
     let mut switches = 0;
     let mut cpu_ns = 0;
     for t in tasks.flatten() {
@@ -151,7 +150,7 @@ fn sched_counters() -> (u64, u64) {
                 .unwrap_or(0);
         }
     }
-    (switches, cpu_ns)
+    Some((switches, cpu_ns))
 }
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
@@ -250,12 +249,12 @@ async fn run(n: usize, runs: usize) {
     }
     // Context switches and CPU time per operation, each kind on its own (2,000 each).
     let k = 2000;
-    let per_op = |before: (u64, u64)| {
-        let now = sched_counters();
-        (
-            (now.0 - before.0) as f64 / k as f64,
-            (now.1 - before.1) as f64 / 1e3 / k as f64,
-        )
+    let per_op = |before: Option<(u64, u64)>| {
+        let (b, now) = (before?, sched_counters()?);
+        Some((
+            (now.0 - b.0) as f64 / k as f64,
+            (now.1 - b.1) as f64 / 1e3 / k as f64,
+        ))
     };
     let c = sched_counters();
     for _ in 0..k {
@@ -272,11 +271,13 @@ async fn run(n: usize, runs: usize) {
         send(b.clone(), i).await;
         sink.recv().await.unwrap().acker.ack().await.unwrap();
     }
-    let hop_op = per_op(c);
-    println!(
-        "per operation (every thread of the process): raw {:.2} context switches, {:.1} us CPU; client {:.2}, {:.1} us; hop {:.2}, {:.1} us",
-        raw_op.0, raw_op.1, cli_op.0, cli_op.1, hop_op.0, hop_op.1
-    );
+    match (raw_op, cli_op, per_op(c)) {
+        (Some(r), Some(c), Some(h)) => println!(
+            "per operation (every thread of the process): raw {:.2} context switches, {:.1} us CPU; client {:.2}, {:.1} us; hop {:.2}, {:.1} us",
+            r.0, r.1, c.0, c.1, h.0, h.1
+        ),
+        _ => println!("per operation: no /proc/self/task here (context switches and CPU time not shown)"),
+    }
     println!();
     println!(
         "{:<6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
@@ -292,10 +293,9 @@ async fn run(n: usize, runs: usize) {
     );
     let mut met = 0;
     for run in 0..runs {
-        // Latency: one envelope at a time, a raw, a client and a hop sample in turn, so
-        // all three see the same machine state. (Taken in separate
-        // phases, the raw floor alone swung 37-72 us between phases on one idle VM: the
-        // ratio then measured the phase, not the host.)
+        // Latency: one envelope at a time, a raw, a client and a hop sample in turn, so all
+        // three see the same machine state. (Taken in separate phases, the raw floor alone
+        // swung 25-77 us between phases on one idle VM: the ratio measured the phase.)
         let (mut raw_s, mut cli_s, mut hop_s) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),

@@ -278,6 +278,15 @@ impl EnvelopeError {
     pub fn is_parse(&self) -> bool {
         matches!(self, EnvelopeError::Parse(_))
     }
+
+    /// The status reason of such bytes in x-sump.
+    pub fn reason(&self) -> Reason {
+        if self.is_parse() {
+            Reason::ParseError
+        } else {
+            Reason::ValidationError
+        }
+    }
 }
 
 fn null_payload() -> Box<RawValue> {
@@ -650,6 +659,17 @@ pub fn raw_envelope(body: &[u8], error: ErrorInfo) -> Envelope {
     }
     env.status_mut().error = Some(error);
     env
+}
+
+/// The x-sump envelope for bytes that are not an envelope: [`raw_envelope`] with the parse
+/// or validation error.
+pub fn unparseable_envelope(body: &[u8], e: &EnvelopeError) -> Envelope {
+    let kind = if e.is_parse() {
+        "ParseError"
+    } else {
+        "ValidationError"
+    };
+    raw_envelope(body, ErrorInfo::new(kind, e.to_string()))
 }
 
 /// Upstream's x-sump payload around `original` (kept as its raw text): `{"error": code,

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::envelope::{
-    now_rfc3339, raw_envelope, sump_payload, unparseable_envelope_id, Envelope, ErrorInfo, Phase,
-    Reason, Route, HEADER_TRACEPARENT, HEADER_TRACE_ID,
+    now_rfc3339, sump_payload, unparseable_envelope, unparseable_envelope_id, Envelope, ErrorInfo,
+    Phase, Reason, Route, HEADER_TRACEPARENT, HEADER_TRACE_ID,
 };
 use crate::transport::{OutMessage, QueueName, Transport, TransportError};
 
@@ -455,12 +455,13 @@ impl Gateway {
     pub fn spawn_parking(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let gw = Arc::downgrade(self);
         let transport = self.transport.clone();
-        let queue = QueueName::new(&self.namespace, PAUSE_QUEUE_ACTOR);
+        let queues = QueueName::new(&self.namespace, PAUSE_QUEUE_ACTOR)
+            .and_then(|pause| Ok((pause, QueueName::new(&self.namespace, &self.sump)?)));
         tokio::spawn(async move {
-            let queue = match queue {
+            let (queue, sump) = match queues {
                 Ok(q) => q,
                 Err(e) => {
-                    warn!(error = %e, "no pause queue: paused tasks cannot be resumed");
+                    warn!(error = %e, "no pause or sump queue: paused tasks cannot be resumed");
                     return;
                 }
             };
@@ -492,7 +493,7 @@ impl Gateway {
                     d = rx.recv() => match d {
                         Ok(d) => {
                             let Some(g) = gw.upgrade() else { return };
-                            let settled = match g.park(&d.body).await {
+                            let settled = match g.park(&d.body, &sump).await {
                                 Ok(()) => d.acker.ack().await,
                                 Err(e) => {
                                     warn!(error = %e, "cannot park a paused frame; it is redelivered");
@@ -518,22 +519,13 @@ impl Gateway {
     /// frame of a task this gateway's store does not know, goes to x-sump with the reason
     /// (one bad message costs that message, nothing else). `Err`: try again later (the store
     /// or the broker failed).
-    async fn park(&self, body: &[u8]) -> Result<(), ParkError> {
+    async fn park(&self, body: &[u8], sump: &QueueName) -> Result<(), ParkError> {
         let env = match Envelope::parse(body) {
             Ok(e) => e,
             Err(e) => {
-                let (reason, kind) = if e.is_parse() {
-                    (Reason::ParseError, "ParseError")
-                } else {
-                    (Reason::ValidationError, "ValidationError")
-                };
-                let error = ErrorInfo::new(
-                    kind,
-                    format!("an x-pause message that cannot be parked: {e}"),
-                );
-                return self
-                    .unparkable(body, raw_envelope(body, error.clone()), reason, error)
-                    .await;
+                let input = unparseable_envelope(body, &e);
+                let error = input.status.as_ref().and_then(|s| s.error.clone());
+                return self.unparkable(body, input, e.reason(), error, sump).await;
             }
         };
         let Some(id) = self
@@ -549,7 +541,7 @@ impl Gateway {
                 ),
             );
             return self
-                .unparkable(body, env, Reason::ValidationError, error)
+                .unparkable(body, env, Reason::ValidationError, Some(error), sump)
                 .await;
         };
         let meta = env.headers.value(HEADER_PAUSE).unwrap_or(Value::Null);
@@ -567,16 +559,18 @@ impl Gateway {
     }
 
     /// An x-pause message that cannot be parked, to x-sump: failed with `reason` and `error`,
-    /// the payload in the x-sump shape (SPEC §4), under a message id derived from the bytes (a
+    /// the payload in the x-sump shape (SPEC §5), under a message id derived from the bytes (a
     /// redelivered copy is deduplicated).
     async fn unparkable(
         &self,
         body: &[u8],
         mut env: Envelope,
         reason: Reason,
-        error: ErrorInfo,
+        error: Option<ErrorInfo>,
+        sump: &QueueName,
     ) -> Result<(), ParkError> {
-        warn!(envelope_id = %env.id, reason = reason.code(), error = %error.message, "an x-pause message cannot be parked; it goes to x-sump");
+        let message = error.as_ref().map_or("", |e| e.message.as_str());
+        warn!(envelope_id = %env.id, reason = reason.code(), error = message, "an x-pause message cannot be parked; it goes to x-sump");
         let now = now_rfc3339();
         let st = env.status_mut();
         st.phase = Some(Phase::Failed);
@@ -584,12 +578,11 @@ impl Gateway {
         st.actor = Some(PAUSE_QUEUE_ACTOR.to_owned());
         st.created_at.get_or_insert_with(|| now.clone());
         st.updated_at = Some(now);
-        st.error = Some(error.clone());
-        env.payload = sump_payload(reason.code(), Some(&error), &env.payload);
-        let queue = QueueName::new(&self.namespace, &self.sump).map_err(ParkError::NoSump)?;
+        st.error.clone_from(&error);
+        env.payload = sump_payload(reason.code(), error.as_ref(), &env.payload);
         self.transport
             .send(OutMessage {
-                queue,
+                queue: sump.clone(),
                 id: format!("{}:x-pause:sump", unparseable_envelope_id(body)),
                 body: Bytes::from(env.to_vec()),
             })
@@ -961,8 +954,6 @@ enum ParkError {
     Store(#[from] StoreError),
     #[error("cannot send it to x-sump: {0}")]
     Sump(TransportError),
-    #[error("no x-sump queue: {0}")]
-    NoSump(crate::queue::InvalidName),
 }
 
 /// The sibling queue where sidecars park paused frames (`asya-<ns>-x-pause`).

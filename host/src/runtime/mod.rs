@@ -209,6 +209,23 @@ async fn drive<F: std::future::Future>(
     }
 }
 
+/// A request to the runtime with its `Host` and a fresh `X-Request-Id`, built from constants
+/// rather than parsed by the request builder (one is on every delivery's path).
+fn runtime_request(method: hyper::Method, path: &'static str, body: Bytes) -> Request<Full<Bytes>> {
+    let mut id_text = uuid::Uuid::encode_buffer();
+    let request_id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text);
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = hyper::Uri::from_static(path);
+    let headers = req.headers_mut();
+    headers.insert(hyper::header::HOST, HeaderValue::from_static("localhost"));
+    headers.insert(
+        HeaderName::from_static(REQUEST_ID),
+        HeaderValue::from_str(request_id).expect("a uuid is a header value"),
+    );
+    req
+}
+
 /// Pool of keep-alive connections to one runtime socket.
 pub struct RuntimeClient {
     socket: PathBuf,
@@ -297,12 +314,14 @@ impl RuntimeClient {
         self.pool().clear();
     }
 
+    /// Send `req` (made by [`runtime_request`]) and read the answer's head; an answer that
+    /// echoes another `X-Request-Id` is refused.
     async fn request(
         &self,
         req: Request<Full<Bytes>>,
-        request_id: &str,
         deadline: Instant,
     ) -> Result<(hyper::Response<Incoming>, Conn), RuntimeError> {
+        let request_id = req.headers()[REQUEST_ID].clone();
         let timeout = deadline.saturating_duration_since(Instant::now());
         let fut = async {
             let mut c = self.checkout().await?;
@@ -314,10 +333,10 @@ impl RuntimeClient {
             .await
             .map_err(|_| RuntimeError::Timeout(timeout))??;
         if let Some(got) = resp.headers().get(REQUEST_ID) {
-            if got.as_bytes() != request_id.as_bytes() {
+            if got != request_id {
                 // A stale answer: this connection is out of step; drop it.
                 return Err(RuntimeError::RequestIdMismatch {
-                    expected: request_id.to_owned(),
+                    expected: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
                     got: String::from_utf8_lossy(got.as_bytes()).into_owned(),
                 });
             }
@@ -350,24 +369,12 @@ impl RuntimeClient {
 
     /// `POST /invoke` with the envelope bytes; answer within `deadline`.
     pub async fn invoke(&self, envelope: Bytes, deadline: Instant) -> Result<Reply, RuntimeError> {
-        // Built from constants, not parsed from strings by the request builder (a runtime
-        // call is on every delivery's path).
-        let mut id_text = uuid::Uuid::encode_buffer();
-        let request_id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text);
-        let mut req = Request::new(Full::new(envelope));
-        *req.method_mut() = hyper::Method::POST;
-        *req.uri_mut() = hyper::Uri::from_static("/invoke");
-        let headers = req.headers_mut();
-        headers.insert(hyper::header::HOST, HeaderValue::from_static("localhost"));
-        headers.insert(
+        let mut req = runtime_request(hyper::Method::POST, "/invoke", envelope);
+        req.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        headers.insert(
-            HeaderName::from_static(REQUEST_ID),
-            HeaderValue::from_str(request_id).expect("a uuid is a header value"),
-        );
-        let (resp, mut conn) = self.request(req, request_id, deadline).await?;
+        let (resp, mut conn) = self.request(req, deadline).await?;
         let status = resp.status();
         let is_sse = resp
             .headers()
@@ -416,14 +423,9 @@ impl RuntimeClient {
 
     /// `GET /healthz`: true when the runtime answers 200.
     pub async fn healthz(&self, timeout: Duration) -> bool {
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let req = Request::get("/healthz")
-            .header(hyper::header::HOST, "localhost")
-            .header(REQUEST_ID, &request_id)
-            .body(Full::new(Bytes::new()))
-            .expect("static request parts are valid");
+        let req = runtime_request(hyper::Method::GET, "/healthz", Bytes::new());
         let deadline = Instant::now() + timeout;
-        match self.request(req, &request_id, deadline).await {
+        match self.request(req, deadline).await {
             Ok((resp, mut conn)) => {
                 let ok = resp.status() == StatusCode::OK;
                 if self

@@ -99,7 +99,7 @@ async fn handle_in(s: &Shared, body: Bytes, attempt: u32, acker: &dyn Acker) -> 
     let mut log = HopLog::default();
     let (settle, report) = match Envelope::parse(&body) {
         Err(e) => {
-            let input = plan::unparseable_envelope(&body, &e);
+            let input = crate::envelope::unparseable_envelope(&body, &e);
             let hop = Hop {
                 rules: &s.rules,
                 input: &input,

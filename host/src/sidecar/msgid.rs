@@ -164,9 +164,10 @@ impl MsgId<'_> {
             Kind::OnError { hop } => (Some(hop), None, "on_error"),
             Kind::Canceled { hop } => (Some(hop), None, "canceled"),
         };
+        let mut digits = itoa::Buffer::new();
         for n in [hop, index].into_iter().flatten() {
             s.push(':');
-            push_decimal(&mut s, n);
+            s.push_str(digits.format(n));
         }
         if !suffix.is_empty() {
             s.push(':');
@@ -174,20 +175,6 @@ impl MsgId<'_> {
         }
         s
     }
-}
-
-fn push_decimal(s: &mut String, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    s.extend(digits[i..].iter().map(|&b| char::from(b)));
 }
 
 impl fmt::Display for MsgId<'_> {

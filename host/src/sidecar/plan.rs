@@ -16,8 +16,8 @@ use serde_json::Value;
 use super::msgid::{Digest, MsgId};
 use crate::config::{Resiliency, SidecarConfig};
 use crate::envelope::{
-    raw_envelope, sump_payload, Envelope, EnvelopeError, ErrorInfo, Frame, Phase, Reason,
-    RouteViolation, Status, HEADER_TRACEPARENT,
+    sump_payload, Envelope, EnvelopeError, ErrorInfo, Frame, Phase, Reason, RouteViolation, Status,
+    HEADER_TRACEPARENT,
 };
 use crate::metrics::{FailReason, MessageType};
 use crate::plugin::Decision;
@@ -271,17 +271,6 @@ impl Candidate {
     }
 }
 
-/// The x-sump envelope for bytes that are not an envelope: the raw body as a JSON string
-/// payload, the headers salvaged from a well-formed but invalid envelope, the parse error.
-pub(crate) fn unparseable_envelope(body: &[u8], e: &EnvelopeError) -> Envelope {
-    let kind = if e.is_parse() {
-        "ParseError"
-    } else {
-        "ValidationError"
-    };
-    raw_envelope(body, ErrorInfo::new(kind, e.to_string()))
-}
-
 /// A panic kept failing this delivery: `h.input` is [`raw_envelope`] of the bytes; it goes
 /// to x-sump (the panic is counted on its own metric, not as a failure reason).
 pub(crate) fn panicked(h: &Hop) -> Plan {
@@ -296,15 +285,16 @@ pub(crate) fn panicked(h: &Hop) -> Plan {
     plan
 }
 
-/// Step 1 failed: `h.input` is [`unparseable_envelope`] of the bytes; it goes to x-sump.
+/// Step 1 failed: `h.input` is [`crate::envelope::unparseable_envelope`] of the bytes; it goes
+/// to x-sump.
 pub(crate) fn unparseable(h: &Hop, e: &EnvelopeError) -> Plan {
-    let (fail, reason) = if e.is_parse() {
-        (FailReason::ParseError, Reason::ParseError)
+    let fail = if e.is_parse() {
+        FailReason::ParseError
     } else {
-        (FailReason::ValidationError, Reason::ValidationError)
+        FailReason::ValidationError
     };
     let why = Why {
-        reason,
+        reason: e.reason(),
         error: None,
         code: None,
     };

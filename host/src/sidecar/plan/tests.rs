@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::TimeZone;
 
 use super::*;
-use crate::envelope::{unparseable_envelope_id, Route, Status};
+use crate::envelope::{unparseable_envelope, unparseable_envelope_id, Route, Status};
 
 fn rules() -> Rules {
     let mut cfg = SidecarConfig::new("a", "ns", "/nonexistent");
