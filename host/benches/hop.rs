@@ -1,7 +1,9 @@
 //! One sidecar hop on the memory transport against an in-process Rust echo runtime on a Unix
 //! socket (1 KB payloads), beside the raw HTTP-over-UDS echo round trip measured in the same
 //! run. Run: `cargo bench -p asya-host --bench hop` (env: HOP_N samples per measurement,
-//! default 20000; HOP_RUNS consecutive runs, default 5, each printed with its ratios).
+//! default 20000; HOP_RUNS consecutive runs, default 5, each printed with its ratios;
+//! HOP_ONE_THREAD=1 runs the echo runtime on the bench's own thread, so that a hop costs its
+//! CPU work alone, without any wake-up — a diagnostic of how fast this machine executes).
 //!
 //! Printed:
 //! - raw round trip: a hand-written HTTP/1.1 request on one keep-alive Unix-socket
@@ -37,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
-use echo_runtime::spawn_echo_thread;
+use echo_runtime::{spawn_echo_task, spawn_echo_thread};
 
 fn envelope(id: &str, payload: &str) -> Vec<u8> {
     format!(
@@ -190,7 +192,12 @@ fn main() {
 async fn run(n: usize, runs: usize) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("asya-runtime.sock");
-    spawn_echo_thread(&sock);
+    if std::env::var_os("HOP_ONE_THREAD").is_some() {
+        println!("HOP_ONE_THREAD: the echo runtime runs on the bench's thread (no wake-ups)");
+        spawn_echo_task(&sock);
+    } else {
+        spawn_echo_thread(&sock);
+    }
     std::fs::write(dir.path().join("runtime-ready"), "ready").unwrap();
 
     // ~1 KB payload.

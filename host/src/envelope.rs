@@ -354,7 +354,11 @@ impl Envelope {
     }
 
     pub fn to_vec(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("envelope serialisation cannot fail")
+        // Sized for the payload and a typical rest (route, headers, status) at once: one
+        // allocation, not a series of doublings that copy the payload each time.
+        let mut out = Vec::with_capacity(self.payload.get().len() + 1024);
+        serde_json::to_writer(&mut out, self).expect("envelope serialisation cannot fail");
+        out
     }
 
     /// The `trace_id` header, or "" (a non-string one counts as absent).

@@ -80,6 +80,16 @@ async fn serve_echo(listener: UnixListener) {
     }
 }
 
+/// Serve the echo runtime on `path` as a task of the current (tokio) runtime: with the bench
+/// on a current-thread runtime, everything runs on one thread and a hop costs its work alone,
+/// without wake-ups (a diagnostic, not the deployed shape; `HOP_ONE_THREAD=1` in the hop
+/// bench — the other benches that include this module do not use it).
+#[allow(dead_code)]
+pub fn spawn_echo_task(path: &std::path::Path) {
+    let listener = UnixListener::bind(path).expect("bind the echo socket");
+    tokio::spawn(serve_echo(listener));
+}
+
 /// Serve the echo runtime on `path` from a thread of its own, with a runtime of its own (a
 /// handler runtime is a process of its own next to the sidecar: its scheduling is not the
 /// sidecar's). Returns once the socket accepts connections.

@@ -5,6 +5,7 @@
 //! stale response on a reused connection and is rejected (the connection is dropped).
 //! A broken or truncated response is an error, never a panic.
 
+mod http;
 mod sse;
 
 use std::path::{Path, PathBuf};
@@ -12,18 +13,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderName, HeaderValue};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use crate::envelope::{ErrorInfo, Frame};
+use http::{Conn, Request};
 pub use sse::{SseEvent, SseStream};
 
 /// What the sidecar needs from its runtime: [`RuntimeClient`] talks to a real one; tests of
@@ -69,8 +65,9 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// The connection failed before any byte of the answer (see [`RuntimeError::is_lost`]).
     #[error("runtime connection failed: {0}")]
-    Http(#[from] hyper::Error),
+    Connection(#[source] std::io::Error),
     #[error("runtime did not answer within {0:?}")]
     Timeout(Duration),
     #[error("runtime answered request {expected} with X-Request-Id {got}")]
@@ -98,7 +95,7 @@ impl RuntimeError {
     /// during the call — which a handler can cause, e.g. by running out of memory, so the
     /// sidecar bounds how often one envelope may meet it).
     pub fn is_lost(&self) -> bool {
-        matches!(self, RuntimeError::Http(e) if !e.is_parse() && !e.is_user() && !e.is_timeout())
+        matches!(self, RuntimeError::Connection(_))
     }
 
     /// The error `type` recorded on an envelope that failed this way.
@@ -158,74 +155,6 @@ impl ErrorBody {
     }
 }
 
-type Sender = SendRequest<Full<Bytes>>;
-type Connection = hyper::client::conn::http1::Connection<TokioIo<UnixStream>, Full<Bytes>>;
-
-/// One keep-alive connection. The connection future is driven by whoever uses the
-/// connection (see [`Conn::drive`]) rather than by a task of its own: a runtime call then
-/// costs no cross-task wake-ups, which is most of an HTTP client's overhead on a socket.
-pub(crate) struct Conn {
-    sender: Sender,
-    /// `None` once the connection ended: it is dropped at once, because hyper fails the
-    /// requests still waiting on a connection only when the connection is dropped — kept,
-    /// a request on a connection the runtime closed waited for ever (a dead runtime became
-    /// "did not answer within <timeout>").
-    conn: Option<std::pin::Pin<Box<Connection>>>,
-}
-
-impl Conn {
-    /// Await `fut` while polling the connection (reads, writes, keep-alive bookkeeping).
-    /// Once the connection has ended, `fut` still completes from what was already read (or
-    /// fails: the connection is gone).
-    pub(crate) async fn drive<F: std::future::Future>(&mut self, fut: F) -> F::Output {
-        drive(&mut self.conn, fut).await
-    }
-
-    fn is_closed(&self) -> bool {
-        self.conn.is_none() || self.sender.is_closed()
-    }
-
-    /// Wait until the connection can take a request; false when it cannot (it ended).
-    async fn ready(&mut self) -> bool {
-        let ok = drive(&mut self.conn, self.sender.ready()).await.is_ok();
-        ok && !self.is_closed()
-    }
-}
-
-async fn drive<F: std::future::Future>(
-    conn: &mut Option<std::pin::Pin<Box<Connection>>>,
-    fut: F,
-) -> F::Output {
-    tokio::pin!(fut);
-    loop {
-        let Some(c) = conn.as_mut() else {
-            return fut.await;
-        };
-        tokio::select! {
-            biased;
-            out = &mut fut => return out,
-            _ = c.as_mut() => *conn = None,
-        }
-    }
-}
-
-/// A request to the runtime with its `Host` and a fresh `X-Request-Id`, built from constants
-/// rather than parsed by the request builder (one is on every delivery's path).
-fn runtime_request(method: hyper::Method, path: &'static str, body: Bytes) -> Request<Full<Bytes>> {
-    let mut id_text = uuid::Uuid::encode_buffer();
-    let request_id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text);
-    let mut req = Request::new(Full::new(body));
-    *req.method_mut() = method;
-    *req.uri_mut() = hyper::Uri::from_static(path);
-    let headers = req.headers_mut();
-    headers.insert(hyper::header::HOST, HeaderValue::from_static("localhost"));
-    headers.insert(
-        HeaderName::from_static(REQUEST_ID),
-        HeaderValue::from_str(request_id).expect("a uuid is a header value"),
-    );
-    req
-}
-
 /// Pool of keep-alive connections to one runtime socket.
 pub struct RuntimeClient {
     socket: PathBuf,
@@ -269,32 +198,21 @@ impl RuntimeClient {
     }
 
     async fn connect(&self) -> Result<Conn, RuntimeError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| RuntimeError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        Ok(Conn {
-            sender,
-            conn: Some(Box::pin(conn)),
-        })
+        Conn::connect(&self.socket)
+            .await
+            .map_err(|source| RuntimeError::Connect {
+                path: self.socket.clone(),
+                source,
+            })
     }
 
-    /// A ready connection: a pooled one if any is still usable, else a new one.
+    /// A connection: a pooled one if any is still usable, else a new one.
     async fn checkout(&self) -> Result<Conn, RuntimeError> {
         loop {
             let pooled = self.pool().pop();
             match pooled {
                 Some(mut c) => {
-                    if c.is_closed() {
-                        continue;
-                    }
-                    if c.ready().await {
+                    if c.is_reusable() {
                         return Ok(c);
                     }
                 }
@@ -304,9 +222,7 @@ impl RuntimeClient {
     }
 
     fn checkin(&self, c: Conn) {
-        if !c.is_closed() {
-            self.pool().push(c);
-        }
+        self.pool().push(c);
     }
 
     /// Drop every pooled connection (after a timeout the runtime may still answer late).
@@ -314,108 +230,79 @@ impl RuntimeClient {
         self.pool().clear();
     }
 
-    /// Send `req` (made by [`runtime_request`]) and read the answer's head; an answer that
-    /// echoes another `X-Request-Id` is refused.
-    async fn request(
-        &self,
-        req: Request<Full<Bytes>>,
-        deadline: Instant,
-    ) -> Result<(hyper::Response<Incoming>, Conn), RuntimeError> {
-        let request_id = req.headers()[REQUEST_ID].clone();
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let fut = async {
-            let mut c = self.checkout().await?;
-            let sent = c.sender.send_request(req);
-            let resp = c.drive(sent).await?;
-            Ok::<_, RuntimeError>((resp, c))
-        };
-        let (resp, conn) = tokio::time::timeout_at(deadline, fut)
-            .await
-            .map_err(|_| RuntimeError::Timeout(timeout))??;
-        if let Some(got) = resp.headers().get(REQUEST_ID) {
-            if got != request_id {
-                // A stale answer: this connection is out of step; drop it.
+    /// Send `req` with a fresh `X-Request-Id` and read the answer's head; an answer that
+    /// echoes another id is refused (its connection is dropped: it is out of step).
+    async fn request(&self, req: &Request<'_>) -> Result<(http::Head, Conn), RuntimeError> {
+        let mut id_text = uuid::Uuid::encode_buffer();
+        let request_id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text);
+        let mut c = self.checkout().await?;
+        c.send(req, request_id).await?;
+        let head = c.read_head().await?;
+        if let Some(got) = &head.request_id {
+            if got != request_id.as_bytes() {
                 return Err(RuntimeError::RequestIdMismatch {
-                    expected: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
-                    got: String::from_utf8_lossy(got.as_bytes()).into_owned(),
+                    expected: request_id.to_owned(),
+                    got: String::from_utf8_lossy(got).into_owned(),
                 });
             }
         }
-        Ok((resp, conn))
+        Ok((head, c))
     }
 
-    async fn read_body(
-        &self,
-        conn: &mut Conn,
-        body: Incoming,
-        deadline: Instant,
-    ) -> Result<Bytes, RuntimeError> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let collect = Limited::new(body, self.max_body).collect();
-        let collected = tokio::time::timeout_at(deadline, conn.drive(collect))
-            .await
-            .map_err(|_| RuntimeError::Timeout(timeout))?;
-        match collected {
-            Ok(c) => Ok(c.to_bytes()),
-            Err(e) => {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    Err(RuntimeError::BodyTooLarge(self.max_body))
-                } else {
-                    Err(RuntimeError::Malformed(format!("body read failed: {e}")))
-                }
-            }
+    /// The whole body of `head`'s answer; the connection goes back to the pool when the
+    /// answer allows it.
+    async fn read_body(&self, head: &http::Head, mut c: Conn) -> Result<Bytes, RuntimeError> {
+        let (body, reusable) = c.read_body(head, self.max_body).await?;
+        if reusable {
+            self.checkin(c);
         }
+        Ok(body)
     }
 
     /// `POST /invoke` with the envelope bytes; answer within `deadline`.
     pub async fn invoke(&self, envelope: Bytes, deadline: Instant) -> Result<Reply, RuntimeError> {
-        let mut req = runtime_request(hyper::Method::POST, "/invoke", envelope);
-        req.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        let (resp, mut conn) = self.request(req, deadline).await?;
-        let status = resp.status();
-        let is_sse = resp
-            .headers()
-            .get(hyper::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if status == StatusCode::OK && is_sse {
-            return Ok(Reply::Stream(Box::new(SseStream::new(
-                resp.into_body(),
-                deadline,
-                self.max_body,
-                conn,
-            ))));
-        }
-        let body = self
-            .read_body(&mut conn, resp.into_body(), deadline)
-            .await?;
-        self.checkin(conn);
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let call = async {
+            let req = Request {
+                method: "POST",
+                path: "/invoke",
+                content_type: Some("application/json"),
+                body: &envelope,
+            };
+            let (head, conn) = self.request(&req).await?;
+            if head.status == 200 && head.event_stream {
+                let body = head.body();
+                return Ok(Err(SseStream::new(conn, body, deadline, self.max_body)));
+            }
+            let body = self.read_body(&head, conn).await?;
+            Ok(Ok((head.status, body)))
+        };
+        let (status, body) = match tokio::time::timeout_at(deadline, call).await {
+            Err(_) => return Err(RuntimeError::Timeout(timeout)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Err(stream))) => return Ok(Reply::Stream(Box::new(stream))),
+            Ok(Ok(Ok(answer))) => answer,
+        };
         match status {
-            StatusCode::OK => {
+            200 => {
                 let parsed: FramesBody = serde_json::from_slice(&body).map_err(|e| {
                     RuntimeError::Malformed(format!("200 body is not {{\"frames\": [...]}}: {e}"))
                 })?;
                 Ok(Reply::Frames(parsed.frames))
             }
-            StatusCode::NO_CONTENT => Ok(Reply::Abort),
-            StatusCode::BAD_REQUEST | StatusCode::INTERNAL_SERVER_ERROR => {
+            204 => Ok(Reply::Abort),
+            400 | 500 => {
                 let parsed: ErrorBody = serde_json::from_slice(&body).map_err(|e| {
-                    RuntimeError::Malformed(format!(
-                        "{} body is not an error object: {e}",
-                        status.as_u16()
-                    ))
+                    RuntimeError::Malformed(format!("{status} body is not an error object: {e}"))
                 })?;
-                if status == StatusCode::BAD_REQUEST {
+                if status == 400 {
                     Ok(Reply::BadRequest(parsed.into_info("MessageParsingError")))
                 } else {
                     Ok(Reply::HandlerError(parsed.into_info("ProcessingError")))
                 }
             }
             other => Err(RuntimeError::UnexpectedStatus {
-                status: other.as_u16(),
+                status: other,
                 body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
             }),
         }
@@ -423,22 +310,18 @@ impl RuntimeClient {
 
     /// `GET /healthz`: true when the runtime answers 200.
     pub async fn healthz(&self, timeout: Duration) -> bool {
-        let req = runtime_request(hyper::Method::GET, "/healthz", Bytes::new());
-        let deadline = Instant::now() + timeout;
-        match self.request(req, deadline).await {
-            Ok((resp, mut conn)) => {
-                let ok = resp.status() == StatusCode::OK;
-                if self
-                    .read_body(&mut conn, resp.into_body(), deadline)
-                    .await
-                    .is_ok()
-                {
-                    self.checkin(conn);
-                }
-                ok
-            }
-            Err(_) => false,
-        }
+        let call = async {
+            let req = Request {
+                method: "GET",
+                path: "/healthz",
+                content_type: None,
+                body: &[],
+            };
+            let (head, conn) = self.request(&req).await?;
+            self.read_body(&head, conn).await?;
+            Ok::<_, RuntimeError>(head.status == 200)
+        };
+        matches!(tokio::time::timeout(timeout, call).await, Ok(Ok(true)))
     }
 
     /// Wait until the socket exists, `ready_file` exists and a connection succeeds.

@@ -2,12 +2,11 @@
 //! (progress), `error` (the handler failed mid-stream), `done` (last).
 
 use bytes::{Buf, Bytes, BytesMut};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{Conn, ErrorBody, RuntimeError};
+use super::http::{Body, Conn};
+use super::{ErrorBody, RuntimeError};
 use crate::envelope::{ErrorInfo, Frame};
 
 /// One event of the stream.
@@ -21,12 +20,12 @@ pub enum SseEvent {
 
 /// An SSE response being read.
 pub struct SseStream {
-    body: Incoming,
+    body: Body,
     buf: BytesMut,
     deadline: Instant,
     max_event: usize,
     finished: bool,
-    // The connection the stream arrives on (driven while reading; not pooled again).
+    // The connection the stream arrives on (not pooled again).
     conn: Conn,
 }
 
@@ -39,7 +38,7 @@ impl std::fmt::Debug for SseStream {
 }
 
 impl SseStream {
-    pub(super) fn new(body: Incoming, deadline: Instant, max_event: usize, conn: Conn) -> Self {
+    pub(super) fn new(conn: Conn, body: Body, deadline: Instant, max_event: usize) -> Self {
         SseStream {
             body,
             buf: BytesMut::new(),
@@ -82,22 +81,17 @@ impl super::EventStream for SseStream {
                 return Err(RuntimeError::BodyTooLarge(self.max_event));
             }
             let timeout = self.deadline.saturating_duration_since(Instant::now());
-            let next = self.body.frame();
-            let frame = tokio::time::timeout_at(self.deadline, self.conn.drive(next))
+            let next = self.body.next(&mut self.conn);
+            let piece = tokio::time::timeout_at(self.deadline, next)
                 .await
-                .map_err(|_| RuntimeError::Timeout(timeout))?;
-            match frame {
+                .map_err(|_| RuntimeError::Timeout(timeout))??;
+            match piece {
                 None => {
                     return Err(RuntimeError::Malformed(
                         "event stream ended before the done event".into(),
                     ))
                 }
-                Some(Err(e)) => return Err(RuntimeError::Http(e)),
-                Some(Ok(f)) => {
-                    if let Ok(data) = f.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
+                Some(data) => self.buf.extend_from_slice(&data),
             }
         }
     }
