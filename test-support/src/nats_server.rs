@@ -49,8 +49,22 @@ impl NatsServer {
             store,
             bin: server_binary(),
         };
-        s.spawn();
-        s
+        // A free port can be taken by another test's process between `free_port` and the
+        // server's bind: then the server exits at once, and it starts again on new ports.
+        for _ in 0..5 {
+            match s.try_spawn() {
+                Ok(()) => return s,
+                Err(log) if log.contains("address already in use") => {
+                    s.port = free_port();
+                    s.monitor_port = free_port();
+                }
+                Err(log) => panic!("nats-server exited early: see {log}"),
+            }
+        }
+        panic!(
+            "nats-server found its ports taken five times: see {}",
+            s.log()
+        );
     }
 
     pub fn url(&self) -> String {
@@ -58,6 +72,13 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("nats-server exited early: see {log}");
+        }
+    }
+
+    /// Start the server and wait until it is ready; `Err` with its log when it exited.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self.store.path().join("server.log")).expect("log file");
         let child = Command::new(&self.bin)
             .args(["-js", "-a", "127.0.0.1", "-p"])
@@ -71,20 +92,22 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(20));
+        self.wait_ready(Duration::from_secs(20))
     }
 
-    /// Poll `/healthz?js-enabled-only=true` until 200 or the deadline.
-    fn wait_ready(&mut self, within: Duration) {
+    /// Poll `/healthz?js-enabled-only=true` until 200 or the deadline; `Err` with the
+    /// server's log when it exited.
+    fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("nats-server exited early ({status}): see {}", self.log());
+                    self.child = None;
+                    return Err(format!("({status}) {}", self.log()));
                 }
             }
             if self.healthy() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

@@ -5,10 +5,11 @@
 //!
 //! Why not hyper's client (which the host used before): one runtime call is on every
 //! envelope's path, and hyper's dispatcher, header map and body channel cost ~18 k
-//! instructions per call — on a slow 2-core VM ~15 µs, a third of the whole raw round trip
-//! (docs/NOTES.md, "where the hop's time goes"). The runtime protocol needs one request at a
-//! time per connection, a handful of headers and three body framings; this is that and
-//! nothing more. hyper still serves and calls everything else (admin, gateway).
+//! instructions per call (callgrind) — on a slow 2-core VM ~15–20 µs, a third of the whole
+//! raw round trip (docs/NOTES.md, "The runtime client without hyper"). The runtime protocol
+//! needs one request at a time per connection, a handful of headers and three body framings;
+//! this is that and nothing more. hyper still serves and calls everything else (admin,
+//! gateway).
 
 use std::task::{Context, Poll, Waker};
 
