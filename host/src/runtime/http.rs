@@ -106,36 +106,22 @@ impl Conn {
         }
     }
 
-    /// Write one request: `method path`, `Host`, the request id, and the body (with its
-    /// content type) when there is one.
-    pub async fn send(
+    /// Write `POST /invoke` with the envelope: `Host`, the request id, JSON content type and
+    /// length, the body — one buffer, one `write`.
+    pub async fn send_invoke(
         &mut self,
-        request: &Request<'_>,
+        envelope: &[u8],
         request_id: &str,
     ) -> Result<(), RuntimeError> {
         let out = &mut self.out;
         out.clear();
-        out.reserve(160 + request.body.len());
-        for part in [
-            request.method,
-            " ",
-            request.path,
-            " HTTP/1.1\r\nhost: localhost\r\n",
-        ] {
-            out.extend_from_slice(part.as_bytes());
-        }
-        out.extend_from_slice(b"x-request-id: ");
+        out.reserve(160 + envelope.len());
+        out.extend_from_slice(b"POST /invoke HTTP/1.1\r\nhost: localhost\r\nx-request-id: ");
         out.extend_from_slice(request_id.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        if let Some(ctype) = request.content_type {
-            out.extend_from_slice(b"content-type: ");
-            out.extend_from_slice(ctype.as_bytes());
-            out.extend_from_slice(b"\r\ncontent-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(request.body.len()).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(request.body);
+        out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(envelope.len()).as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(envelope);
         self.io.write_all(&self.out).await.map_err(lost)
     }
 
@@ -220,8 +206,8 @@ impl Conn {
             }
             body.extend_from_slice(&piece);
         }
-        let reusable = head.keep_alive && head.framing != Framing::Close && self.buf.is_empty();
-        Ok((body.freeze(), reusable))
+        // (`keep_alive` is false for a body delimited by the end of the connection.)
+        Ok((body.freeze(), head.keep_alive && self.buf.is_empty()))
     }
 }
 
@@ -233,15 +219,6 @@ fn mid_body_error(e: std::io::Error) -> RuntimeError {
     malformed(format!(
         "the connection failed in the middle of the response body: {e}"
     ))
-}
-
-/// A request to the runtime.
-pub(crate) struct Request<'a> {
-    pub method: &'static str,
-    pub path: &'static str,
-    /// `None` for a request without a body.
-    pub content_type: Option<&'static str>,
-    pub body: &'a [u8],
 }
 
 /// Parse a complete head at the start of `buf`: its length and what it says; `None` while
@@ -449,13 +426,7 @@ mod tests {
             }
         });
         let mut c = Conn::connect(&path).await.unwrap();
-        let req = Request {
-            method: "POST",
-            path: "/invoke",
-            content_type: Some("application/json"),
-            body: b"{}",
-        };
-        c.send(&req, "r1").await.unwrap();
+        c.send_invoke(b"{}", "r1").await.unwrap();
         (c, dir)
     }
 

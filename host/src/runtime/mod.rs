@@ -19,7 +19,7 @@ use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use crate::envelope::{ErrorInfo, Frame};
-use http::{Conn, Request};
+use http::Conn;
 pub use sse::{SseEvent, SseStream};
 
 /// What the sidecar needs from its runtime: [`RuntimeClient`] talks to a real one; tests of
@@ -230,13 +230,13 @@ impl RuntimeClient {
         self.pool().clear();
     }
 
-    /// Send `req` with a fresh `X-Request-Id` and read the answer's head; an answer that
-    /// echoes another id is refused (its connection is dropped: it is out of step).
-    async fn request(&self, req: &Request<'_>) -> Result<(http::Head, Conn), RuntimeError> {
+    /// Send `POST /invoke` with a fresh `X-Request-Id` and read the answer's head; an answer
+    /// that echoes another id is refused (its connection is dropped: it is out of step).
+    async fn request(&self, envelope: &[u8]) -> Result<(http::Head, Conn), RuntimeError> {
         let mut id_text = uuid::Uuid::encode_buffer();
         let request_id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text);
         let mut c = self.checkout().await?;
-        c.send(req, request_id).await?;
+        c.send_invoke(envelope, request_id).await?;
         let head = c.read_head().await?;
         if let Some(got) = &head.request_id {
             if got != request_id.as_bytes() {
@@ -263,13 +263,7 @@ impl RuntimeClient {
     pub async fn invoke(&self, envelope: Bytes, deadline: Instant) -> Result<Reply, RuntimeError> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let call = async {
-            let req = Request {
-                method: "POST",
-                path: "/invoke",
-                content_type: Some("application/json"),
-                body: &envelope,
-            };
-            let (head, conn) = self.request(&req).await?;
+            let (head, conn) = self.request(&envelope).await?;
             if head.status == 200 && head.event_stream {
                 let body = head.body();
                 return Ok(Err(SseStream::new(conn, body, deadline, self.max_body)));
@@ -306,22 +300,6 @@ impl RuntimeClient {
                 body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
             }),
         }
-    }
-
-    /// `GET /healthz`: true when the runtime answers 200.
-    pub async fn healthz(&self, timeout: Duration) -> bool {
-        let call = async {
-            let req = Request {
-                method: "GET",
-                path: "/healthz",
-                content_type: None,
-                body: &[],
-            };
-            let (head, conn) = self.request(&req).await?;
-            self.read_body(&head, conn).await?;
-            Ok::<_, RuntimeError>(head.status == 200)
-        };
-        matches!(tokio::time::timeout(timeout, call).await, Ok(Ok(true)))
     }
 
     /// Wait until the socket exists, `ready_file` exists and a connection succeeds.
