@@ -69,6 +69,19 @@ impl Harness {
         }
     }
 
+    /// Wait (at most 20 s) until the sidecar consumes. A test whose envelope carries a near
+    /// deadline builds it after this, so its clock does not run while the runtime starts.
+    pub async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !self.deps.readiness.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the sidecar is not consuming within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn queue(actor: &str) -> QueueName {
         QueueName::new(NS, actor).expect("valid test actor")
     }

@@ -153,12 +153,14 @@ async fn expired_deadline_goes_to_sink_as_failed_timeout_without_invoking() {
     h.stop().await;
 }
 
-/// An envelope whose deadline (300 ms away) is shorter than the actor timeout (30 s).
+/// An envelope whose deadline (1 s away) cuts its handler (3 s) and is shorter than the actor
+/// timeout (30 s). Built once the sidecar consumes ([`Harness::ready`]): the deadline's clock
+/// must not run while the runtime starts (a loaded machine took longer than 300 ms).
 fn slow_envelope_with_a_near_deadline() -> Vec<u8> {
-    let deadline = (chrono::Utc::now() + chrono::Duration::milliseconds(300))
+    let deadline = (chrono::Utc::now() + chrono::Duration::seconds(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let env = json!({"id": "slow", "route": {"prev": [], "curr": "a", "next": ["b"]},
-        "payload": {"op": "sleep", "s": 2}, "status": {"deadline_at": deadline}});
+        "payload": {"op": "sleep", "s": 3}, "status": {"deadline_at": deadline}});
     serde_json::to_vec(&env).unwrap()
 }
 
@@ -168,6 +170,7 @@ fn slow_envelope_with_a_near_deadline() -> Vec<u8> {
 async fn deadline_cutting_a_running_call_sumps_acks_and_crashes() {
     let mut h = Harness::start(|c| c.resiliency.actor_timeout = Duration::from_secs(30));
     let mut sump = h.consumer("x-sump").await;
+    h.ready().await;
     h.send_raw(slow_envelope_with_a_near_deadline()).await;
     let out = sump.next().await;
     assert_eq!(status(&out)["reason"], "Timeout");
@@ -189,12 +192,13 @@ async fn deadline_cutting_a_running_call_without_crash_on_timeout_keeps_serving(
     });
     let mut sump = h.consumer("x-sump").await;
     let mut b = h.consumer("b").await;
+    h.ready().await;
     h.send_raw(slow_envelope_with_a_near_deadline()).await;
     let out = sump.next().await;
     assert_eq!(status(&out)["reason"], "Timeout");
     assert_eq!(
         out["payload"]["original_payload"],
-        json!({"op": "sleep", "s": 2})
+        json!({"op": "sleep", "s": 3})
     );
     h.send("next", &["b"], json!({"op": "echo"})).await;
     assert_eq!(b.next().await["id"], "next");
