@@ -423,7 +423,7 @@ impl Envelope {
 
     /// Parse and validate bytes received from a queue.
     pub fn parse(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
-        let env: Envelope = serde_json::from_slice(bytes)?;
+        let env: Envelope = from_json_bytes(bytes)?;
         env.validate()?;
         Ok(env)
     }
@@ -530,6 +530,21 @@ impl Envelope {
     }
 }
 
+/// `serde_json::from_slice`, with the bytes checked as UTF-8 once, up front: parsed from a
+/// `&str`, serde_json takes the text as valid, while from bytes it validates every string
+/// and raw value on its own (a hop's 1 KB payload: once in the input, once in the runtime's
+/// frames; ~2 k instructions per hop, callgrind). Bytes that are not UTF-8 are not JSON
+/// either way.
+pub(crate) fn from_json_bytes<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        de::Error::custom(format!(
+            "not UTF-8 text (an invalid byte after {} valid ones)",
+            e.valid_up_to()
+        ))
+    })?;
+    serde_json::from_str(text)
+}
+
 /// Unknown fields of an envelope or its status: raw JSON text, written back unchanged.
 pub type RawMap = std::collections::BTreeMap<String, RawJson>;
 
@@ -562,6 +577,12 @@ impl Headers {
     /// a string.
     pub fn str(&self, key: &str) -> Option<Cow<'_, str>> {
         let raw = self.raw(key)?;
+        // Valid JSON text: between the quotes of a string without a backslash is the value.
+        if let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+            if !inner.contains('\\') {
+                return Some(Cow::Borrowed(inner));
+            }
+        }
         match serde_json::from_str::<&str>(raw) {
             Ok(s) => Some(Cow::Borrowed(s)),
             Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
@@ -872,6 +893,17 @@ mod tests {
             let by_serde = serde_json::to_string(&env).unwrap();
             assert_eq!(by_hand, by_serde, "from {text}");
         }
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_a_parse_error_that_says_so() {
+        let mut bytes = br#"{"id":"e","route":{"prev":[],"curr":"a","next":[]},"payload":"ab"}"#.to_vec();
+        let at = bytes.len() - 3;
+        bytes[at] = 0xff;
+        let err = Envelope::parse(&bytes).unwrap_err();
+        assert!(err.is_parse(), "{err}");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+        assert!(err.to_string().contains(&format!("after {at} valid")), "{err}");
     }
 
     #[test]

@@ -279,7 +279,7 @@ impl RuntimeClient {
         };
         match status {
             200 => {
-                let parsed: FramesBody = serde_json::from_slice(&body).map_err(|e| {
+                let parsed: FramesBody = crate::envelope::from_json_bytes(&body).map_err(|e| {
                     RuntimeError::Malformed(format!("200 body is not {{\"frames\": [...]}}: {e}"))
                 })?;
                 Ok(Reply::Frames(parsed.frames))
