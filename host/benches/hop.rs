@@ -236,11 +236,13 @@ async fn run(n: usize, runs: usize) {
             .map(|i| Bytes::from(envelope(&format!("{phase}{i}"), &payload)))
             .collect()
     };
+    // The actor's queue, named once: the harness's own work is not the host's.
+    let input_queue = QueueName::new("b", "a").unwrap();
     let send = |b: Bytes, _: usize| {
-        let t = &transport;
+        let (t, queue) = (&transport, input_queue.clone());
         async move {
             t.send(OutMessage {
-                queue: QueueName::new("b", "a").unwrap(),
+                queue,
                 id: String::new(),
                 body: b,
             })

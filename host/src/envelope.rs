@@ -235,25 +235,26 @@ impl Status {
             key(out, b"actor");
             json::string(out, v);
         }
-        if let Some(v) = self.attempt {
-            key(out, b"attempt");
-            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        let counts = [
+            (&b"attempt"[..], self.attempt),
+            (b"max_attempts", self.max_attempts),
+        ];
+        for (name, v) in counts {
+            if let Some(v) = v {
+                key(out, name);
+                out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+            }
         }
-        if let Some(v) = self.max_attempts {
-            key(out, b"max_attempts");
-            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
-        }
-        if let Some(v) = &self.created_at {
-            key(out, b"created_at");
-            json::string(out, v);
-        }
-        if let Some(v) = &self.updated_at {
-            key(out, b"updated_at");
-            json::string(out, v);
-        }
-        if let Some(v) = &self.deadline_at {
-            key(out, b"deadline_at");
-            json::string(out, v);
+        let times = [
+            (&b"created_at"[..], &self.created_at),
+            (b"updated_at", &self.updated_at),
+            (b"deadline_at", &self.deadline_at),
+        ];
+        for (name, v) in times {
+            if let Some(v) = v {
+                key(out, name);
+                json::string(out, v);
+            }
         }
         if let Some(v) = &self.error {
             key(out, b"error");
@@ -897,13 +898,17 @@ mod tests {
 
     #[test]
     fn bytes_that_are_not_utf8_are_a_parse_error_that_says_so() {
-        let mut bytes = br#"{"id":"e","route":{"prev":[],"curr":"a","next":[]},"payload":"ab"}"#.to_vec();
+        let mut bytes =
+            br#"{"id":"e","route":{"prev":[],"curr":"a","next":[]},"payload":"ab"}"#.to_vec();
         let at = bytes.len() - 3;
         bytes[at] = 0xff;
         let err = Envelope::parse(&bytes).unwrap_err();
         assert!(err.is_parse(), "{err}");
         assert!(err.to_string().contains("not UTF-8"), "{err}");
-        assert!(err.to_string().contains(&format!("after {at} valid")), "{err}");
+        assert!(
+            err.to_string().contains(&format!("after {at} valid")),
+            "{err}"
+        );
     }
 
     #[test]
