@@ -857,33 +857,9 @@ fn stamp_phase<'e>(h: &Hop, env: &'e mut Envelope, phase: Phase) -> &'e mut Stat
 }
 
 /// Every status time the sidecar writes: RFC 3339 UTC, milliseconds, `Z` (one format, so
-/// `created_at <= updated_at` holds as strings too) — what chrono's
-/// `to_rfc3339_opts(Millis, true)` writes, digit by digit here: chrono's formatter took
-/// ~0.7 k instructions, and a hop writes two. Years outside 0000–9999 and leap seconds are
-/// left to chrono.
-pub(crate) fn timestamp(t: DateTime<Utc>) -> String {
-    use chrono::{Datelike, Timelike};
-    let (year, nanos) = (t.year(), t.nanosecond());
-    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
-        return t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    }
-    let fields = [
-        (year as u32, 4, b'-'),
-        (t.month(), 2, b'-'),
-        (t.day(), 2, b'T'),
-        (t.hour(), 2, b':'),
-        (t.minute(), 2, b':'),
-        (t.second(), 2, b'.'),
-        (nanos / 1_000_000, 3, b'Z'),
-    ];
-    let mut out = String::with_capacity(24);
-    for (value, width, sep) in fields {
-        for place in (0..width).rev() {
-            out.push(char::from(b'0' + (value / 10u32.pow(place) % 10) as u8));
-        }
-        out.push(char::from(sep));
-    }
-    out
+/// `created_at <= updated_at` holds as strings too).
+fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// An output of this hop: carries the hop's `traceparent`.

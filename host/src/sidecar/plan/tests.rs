@@ -1080,31 +1080,3 @@ fn a_canceled_task_goes_to_sink_as_canceled_uncalled_with_the_payload_untouched(
     assert_eq!((st.phase, st.reason), (Some(Phase::Canceled), None));
     assert_eq!(st.actor.as_deref(), Some("a"));
 }
-
-/// The status times are written by hand; chrono's RFC 3339 writer is the reference.
-#[test]
-fn timestamps_are_what_chrono_writes() {
-    let reference = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let mut times = vec![
-        Utc.timestamp_opt(0, 0).unwrap(),
-        Utc.timestamp_opt(1, 999_999_999).unwrap(),
-        Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
-        Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap(),
-        Utc.with_ymd_and_hms(-1, 1, 1, 0, 0, 0).unwrap(),
-        // A leap second: chrono keeps it as nanoseconds past 1e9.
-        Utc.timestamp_opt(1_483_228_799, 1_500_000_000).unwrap(),
-        now(),
-    ];
-    // Spread over ~300 years, at odd offsets (every field takes many values).
-    let mut secs: i64 = -1_000_000_000;
-    while secs < 8_000_000_000 {
-        times.push(
-            Utc.timestamp_opt(secs, (secs.rem_euclid(1000) as u32) * 1_000_003)
-                .unwrap(),
-        );
-        secs += 7_777_777;
-    }
-    for t in times {
-        assert_eq!(timestamp(t), reference(t), "{t:?}");
-    }
-}
