@@ -216,23 +216,16 @@ impl Status {
     /// The JSON text `Serialize` gives, written directly ([`Envelope::to_vec`]).
     fn write_json(&self, out: &mut Vec<u8>) {
         let mut sep = b'{';
-        let mut key = |out: &mut Vec<u8>, name: &[u8]| {
-            out.push(sep);
-            sep = b',';
-            out.push(b'"');
-            out.extend_from_slice(name);
-            out.extend_from_slice(b"\":");
-        };
         if let Some(v) = &self.phase {
-            key(out, b"phase");
+            json::key(out, &mut sep, b"phase");
             json::serde(out, v);
         }
         if let Some(v) = &self.reason {
-            key(out, b"reason");
+            json::key(out, &mut sep, b"reason");
             json::serde(out, v);
         }
         if let Some(v) = &self.actor {
-            key(out, b"actor");
+            json::key(out, &mut sep, b"actor");
             json::string(out, v);
         }
         let counts = [
@@ -241,7 +234,7 @@ impl Status {
         ];
         for (name, v) in counts {
             if let Some(v) = v {
-                key(out, name);
+                json::key(out, &mut sep, name);
                 out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
             }
         }
@@ -252,29 +245,21 @@ impl Status {
         ];
         for (name, v) in times {
             if let Some(v) = v {
-                key(out, name);
+                json::key(out, &mut sep, name);
                 json::string(out, v);
             }
         }
         if let Some(v) = &self.error {
-            key(out, b"error");
+            json::key(out, &mut sep, b"error");
             json::serde(out, v);
         }
-        for (k, v) in &self.extra {
-            out.push(sep);
-            sep = b',';
-            json::string(out, k);
-            out.push(b':');
-            out.extend_from_slice(v.get().as_bytes());
-        }
-        if sep == b'{' {
-            out.push(b'{');
-        }
-        out.push(b'}');
+        json::raw_entries(out, &mut sep, &self.extra);
+        json::end_object(out, sep);
     }
 }
 
-/// Pieces of JSON text written straight into a buffer (the envelope writer's).
+/// Pieces of JSON text written straight into a buffer (the envelope writer's). An object
+/// is written with a separator that starts as `{` and becomes `,` after the first member.
 mod json {
     use super::RawMap;
 
@@ -302,23 +287,32 @@ mod json {
         out.push(b']');
     }
 
-    /// The entries of `map` as an object (`whole`), or appended to the object being
-    /// written, each after a comma (not `whole`: unknown top-level fields).
-    pub fn raw_map(out: &mut Vec<u8>, map: &RawMap, whole: bool) {
-        if whole {
-            out.push(b'{');
-        }
-        for (i, (k, v)) in map.iter().enumerate() {
-            if i > 0 || !whole {
-                out.push(b',');
-            }
+    /// `<sep>"name":` for a member whose name needs no escaping.
+    pub fn key(out: &mut Vec<u8>, sep: &mut u8, name: &[u8]) {
+        out.push(*sep);
+        *sep = b',';
+        out.push(b'"');
+        out.extend_from_slice(name);
+        out.extend_from_slice(b"\":");
+    }
+
+    /// `<sep>"name":<raw JSON>` for every entry of `map`.
+    pub fn raw_entries(out: &mut Vec<u8>, sep: &mut u8, map: &RawMap) {
+        for (k, v) in map {
+            out.push(*sep);
+            *sep = b',';
             string(out, k);
             out.push(b':');
             out.extend_from_slice(v.get().as_bytes());
         }
-        if whole {
-            out.push(b'}');
+    }
+
+    /// The end of an object begun with separator `{` (`{}` when no member was written).
+    pub fn end_object(out: &mut Vec<u8>, sep: u8) {
+        if sep == b'{' {
+            out.push(b'{');
         }
+        out.push(b'}');
     }
 
     /// Anything else, through serde_json (rare or tiny: enums, the error object).
@@ -497,7 +491,9 @@ impl Envelope {
         out.push(b'}');
         if !self.headers.is_empty() {
             out.extend_from_slice(b",\"headers\":");
-            json::raw_map(out, &self.headers.0, true);
+            let mut sep = b'{';
+            json::raw_entries(out, &mut sep, &self.headers.0);
+            json::end_object(out, sep);
         }
         out.extend_from_slice(b",\"payload\":");
         out.extend_from_slice(self.payload.get().as_bytes());
@@ -505,7 +501,7 @@ impl Envelope {
             out.extend_from_slice(b",\"status\":");
             st.write_json(out);
         }
-        json::raw_map(out, &self.extra, false);
+        json::raw_entries(out, &mut b',', &self.extra);
         out.push(b'}');
     }
 

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use builder::{Sidecar, SidecarBuilder};
+pub use settings::SidecarSettings;
 
 /// Every binary built from this crate — `asya-host`, its tests and its benches — allocates
 /// with mimalloc: with glibc's allocator, `malloc`/`free` were ~15 % of the instructions of
@@ -31,7 +32,6 @@ pub use builder::{Sidecar, SidecarBuilder};
 /// KB-sized buffers). docs/NOTES.md has the measurement.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-pub use settings::SidecarSettings;
 
 /// Why a standalone sidecar could not start.
 #[derive(Debug, thiserror::Error)]
