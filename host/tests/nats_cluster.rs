@@ -70,7 +70,23 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// A free port can be taken by another test's process between `free_port` and a
+    /// server's bind: that server exits at once, and the cluster starts again on new ports
+    /// (as `nats_server::NatsServer::start` does for one server).
     fn start() -> Self {
+        for _ in 0..5 {
+            match Cluster::try_start() {
+                Ok(c) => return c,
+                Err(logs) if logs.contains("address already in use") => continue,
+                Err(logs) => panic!("the cluster did not start:\n{logs}"),
+            }
+        }
+        panic!("the cluster found its ports taken five times");
+    }
+
+    /// Start three servers and wait until every one is healthy; `Err` with their logs when
+    /// one exits.
+    fn try_start() -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes = cluster_ports
@@ -106,18 +122,39 @@ impl Cluster {
                 child: Some(child),
             });
         }
-        let c = Cluster { nodes, dir };
+        let mut c = Cluster { nodes, dir };
         // Every server answers /healthz 200 once JetStream has a meta leader.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.nodes.iter().all(Node::healthy) {
+            let exited = c.nodes.iter_mut().any(|n| {
+                n.child
+                    .as_mut()
+                    .is_some_and(|ch| matches!(ch.try_wait(), Ok(Some(_))))
+            });
+            if exited {
+                return Err(c.logs());
+            }
             assert!(
                 Instant::now() < deadline,
-                "cluster not healthy within 30s: see {}",
-                c.dir.path().display()
+                "cluster not healthy within 30s:\n{}",
+                c.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        c
+        Ok(c)
+    }
+
+    /// Every server's log (the temp dir is gone once a failed test unwinds).
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", n.name)))
+                    .unwrap_or_default();
+                format!("== {}\n{log}", n.name)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn url(&self) -> String {
